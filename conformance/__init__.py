@@ -1,0 +1,1 @@
+"""Conformance suite: proves implementations of SPEC.md return identical placements."""

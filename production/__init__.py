@@ -1,0 +1,8 @@
+"""The torch path for expert-parallel serving.
+
+Same placements as ``eplb.reference`` (SPEC.md), fast: packing vectorized in
+numpy over all rows at once, one batched device-to-host copy of the load, weight
+rearrangement over ``torch.distributed``, and the serving-side state.
+
+Never imports JAX.
+"""
