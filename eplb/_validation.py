@@ -76,7 +76,9 @@ def validate_config(
             f"{num_experts} experts % num_groups={groups} != 0"
         )
     if gpus % nodes:
-        raise ValueError(f"num_nodes must divide num_gpus: num_gpus={gpus} % num_nodes={nodes} != 0")
+        raise ValueError(
+            f"num_nodes must divide num_gpus: num_gpus={gpus} % num_nodes={nodes} != 0"
+        )
     if replicas % gpus:
         raise ValueError(
             f"num_gpus must divide num_replicas: num_replicas={replicas} % num_gpus={gpus} != 0"

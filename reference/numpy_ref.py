@@ -170,11 +170,7 @@ def rebalance_experts_hierarchical(
     for row in range(num_layers * num_nodes):
         layer, node = divmod(row, num_nodes)
         for slot in range(slots_per_node):
-            phy = (
-                node * slots_per_node
-                + gpu_pack[row, slot] * slots_per_gpu
-                + gpu_rank[row, slot]
-            )
+            phy = node * slots_per_node + gpu_pack[row, slot] * slots_per_gpu + gpu_rank[row, slot]
             mlog = node * experts_per_node + phy2mlog[row, slot]
             phy2log[layer, phy] = mlog2log[layer, mlog]
             out_rank[layer, phy] = phyrank[row, slot]
@@ -212,7 +208,10 @@ def rebalance_experts(
     """
     weight64, config = validate_weight(
         np.asarray(weight) if not isinstance(weight, np.ndarray) else weight,
-        num_replicas, num_groups, num_nodes, num_gpus,
+        num_replicas,
+        num_groups,
+        num_nodes,
+        num_gpus,
     )
     groups, nodes = config.num_groups, config.num_nodes
     # Policy choice: the global policy is the hierarchy with one group and one node.

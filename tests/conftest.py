@@ -1,0 +1,25 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from eplb.loads import real_loads as _real_loads
+
+
+@pytest.fixture(scope="session")
+def real_loads() -> dict[str, np.ndarray]:
+    """The real DeepSeek-R1 loads ([58, 256] per workload).
+
+    Skips when ../shared/data is absent, unless EPLB_REQUIRE_DATA=1 (CI), where a
+    missing folder is an error rather than a silent skip.
+    """
+    loads = _real_loads()
+    if not loads:
+        if os.environ.get("EPLB_REQUIRE_DATA") == "1":
+            pytest.fail("real loads not found (EPLB_REQUIRE_DATA=1); set EPLB_DATA_DIR")
+        pytest.skip("real loads not found: put the data in ../shared/data or set EPLB_DATA_DIR")
+    return loads
