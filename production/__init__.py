@@ -6,3 +6,7 @@ rearrangement over ``torch.distributed``, and the serving-side state.
 
 Never imports JAX.
 """
+
+from .serving import BalancerStats, ExpertBalancer
+
+__all__ = ["BalancerStats", "ExpertBalancer"]

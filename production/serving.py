@@ -1,0 +1,505 @@
+"""Serving state: record the load in the forward pass, rebalance on schedule, never stall the GPU.
+
+A MoE serving engine holds one :class:`ExpertBalancer` per model and EP rank.
+In every MoE layer of the forward pass it calls :meth:`ExpertBalancer.route`,
+which turns the router's logical expert ids into physical slot ids and counts
+the tokens per logical expert. Once per engine step it calls
+:meth:`ExpertBalancer.step`, which keeps a sliding window of those counts and,
+every ``step_interval`` steps, moves to a placement balanced for the window's
+load (SPEC.md) without blocking the compute stream:
+
+1. step ``n`` (a multiple of ``step_interval``): a snapshot of the window's
+   total is queued on the compute stream; a side stream waits for it, sums it
+   over the EP group (``all_reduce``) and copies it into a pinned host buffer
+   (``non_blocking``, one event). A worker thread waits for that event and
+   computes the new placement. The host returns at once.
+2. step ``n + apply_delay``: every rank takes the worker's placement (waiting
+   only if the worker has not finished), moves the expert weights to it
+   (:func:`eplb.production.rearrange_expert_weights`, a collective) and
+   updates the maps in place, ordered on the compute stream after every
+   forward pass already queued.
+
+The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb._validation import check_count, validate_config
+from eplb.metrics import balancedness, gpu_loads
+
+__all__ = ["BalancerStats", "ExpertBalancer"]
+
+
+@dataclass
+class BalancerStats:
+    """What an :class:`ExpertBalancer` has done so far (host values, no device sync to read)."""
+
+    #: Calls of ``step()``.
+    steps: int = 0
+    #: Placements applied (weights moved and maps updated).
+    rebalances: int = 0
+    #: Intervals at which no rebalance was started because the balancer had failed.
+    skipped: int = 0
+    #: Applies that had to wait for the worker thread.
+    waits: int = 0
+    #: The step at which the last placement was applied (0: none yet).
+    last_rebalance_step: int = 0
+    #: Worker-thread seconds spent computing the last placement (off the critical path).
+    last_plan_seconds: float = 0.0
+    #: Host seconds the last apply spent inside ``step()``: waiting for the worker,
+    #: issuing the weight rearrangement and the map updates.
+    last_apply_seconds: float = 0.0
+    #: Mean over layers of SPEC.md's balancedness of the last rebalance's window load
+    #: under the placement it replaced (1.0 is perfect).
+    balancedness_before: float = float("nan")
+    #: The same under the new placement.
+    balancedness_after: float = float("nan")
+
+
+class _Plan(NamedTuple):
+    """A placement computed by the worker thread, ready to apply (host tensors)."""
+
+    phy2log: torch.Tensor  # [L, R] int64
+    log2phy: torch.Tensor  # [L, E, max_replicas] int64, -1 padded
+    logcnt: torch.Tensor  # [L, E] int64
+    balancedness_before: float
+    balancedness_after: float
+    seconds: float
+
+
+class ExpertBalancer:
+    """Per-model EPLB state of one EP rank: load statistics, maps, scheduled rebalancing.
+
+    Static device buffers (their ``data_ptr`` never changes, so CUDA graphs
+    captured against them stay valid; every update is an in-place ``copy_``):
+
+    - ``phy2log``: [layers, num_replicas] int64, the logical expert each slot holds.
+    - ``log2phy``: [layers, num_logical_experts, max_replicas] int64, the slots of
+      each expert, one per replica rank, -1 padded.
+    - ``logcnt``: [layers, num_logical_experts] int64, replicas of each expert.
+    - the load window: the tokens each logical expert received in each of the
+      last ``window_size`` steps on this rank (see :meth:`window_load`).
+
+    Initial placement: slot ``s`` holds expert ``s % num_logical_experts`` in
+    every layer: the checkpoint order when ``num_replicas == num_logical_experts``,
+    and with extra slots, a second replica of experts ``0 .. R-E-1`` (the layout
+    engines such as vLLM load redundant experts in). Call :meth:`reset` with
+    another phy2log if the weights were loaded in another placement.
+
+    Schedule: at every step ``n`` that is a multiple of ``step_interval`` the
+    window's load, summed over the EP group, goes to a worker thread that
+    computes the new placement; at step ``n + apply_delay`` every rank applies
+    it, waiting for the worker only if it is still running (counted in
+    ``stats.waits``). The placement is a deterministic function of the
+    all-reduced load, so every rank computes the same one, and applying it at a
+    fixed step makes every rank enter the rearrangement collective at the same
+    point. ``apply_delay < step_interval``, so a rebalance is never still
+    running at the next interval.
+
+    Failure: if the weight rearrangement raises (a rank died, a collective
+    timed out), ``step()`` re-raises it and the maps keep the old placement.
+    The rearrangement leaves the weights as they were or its error names the
+    layers it changed; the balancer cannot know which ranks got how far, so it
+    marks itself failed (``error``): routing goes on with the old maps, and
+    later intervals start no rebalance (counted in ``stats.skipped``) until
+    :meth:`reset` installs the placement the weights really have (e.g. after the
+    engine reloaded them). A placement computation that raises does the same,
+    with the weights untouched.
+
+    Every rank of ``group`` must create its balancer with the same arguments and
+    call :meth:`step` the same number of times.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_logical_experts: int,
+        num_replicas: int,
+        num_groups: int = 1,
+        num_nodes: int = 1,
+        *,
+        device: torch.device | str,
+        group: dist.ProcessGroup | None = None,
+        window_size: int = 1000,
+        step_interval: int = 3000,
+        apply_delay: int = 1,
+        max_replicas: int | None = None,
+    ) -> None:
+        """Allocate the buffers and install the initial placement.
+
+        num_layers, num_logical_experts, num_replicas, num_groups, num_nodes: the
+            model's MoE shape as in SPEC.md (L, E, R, G, N); num_gpus is the size
+            of ``group``.
+        device: where the buffers live (the device the forward pass runs on).
+        group: the EP process group; None is the default group, or a single
+            rank when torch.distributed is not initialized.
+        window_size: steps of load kept in the sliding window.
+        step_interval: steps between rebalances.
+        apply_delay: steps between computing a placement and applying it
+            (``1 <= apply_delay < step_interval``); the worker has this many
+            forward passes to finish.
+        max_replicas: replica ranks kept in ``log2phy`` (default and maximum
+            ``R - E + 1``, the most any placement can give one expert). With
+            less, replicas beyond it keep their weights but receive no tokens.
+        """
+        self.num_gpus = _group_size(group)
+        self.config = validate_config(
+            (num_layers, num_logical_experts), num_replicas, num_groups, num_nodes, self.num_gpus
+        )
+        self.window_size = check_count("window_size", window_size)
+        self.step_interval = check_count("step_interval", step_interval)
+        self.apply_delay = check_count("apply_delay", apply_delay)
+        if self.apply_delay >= self.step_interval:
+            raise ValueError(
+                f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
+                f"and step_interval={self.step_interval}"
+            )
+        largest = num_replicas - num_logical_experts + 1
+        self.max_replicas = (
+            largest if max_replicas is None else check_count("max_replicas", max_replicas)
+        )
+        if self.max_replicas > largest:
+            raise ValueError(
+                f"max_replicas must be <= num_replicas - num_logical_experts + 1 = {largest}, "
+                f"got {self.max_replicas}"
+            )
+        self.device = torch.device(device)
+        self.group = group
+        self.stats = BalancerStats()
+        #: The exception that failed the last rebalance, None while healthy.
+        self.error: BaseException | None = None
+
+        layers, experts = num_layers, num_logical_experts
+        dev = self.device
+        self.phy2log = torch.empty(layers, num_replicas, dtype=torch.int64, device=dev)
+        self.log2phy = torch.empty(
+            layers, experts, self.max_replicas, dtype=torch.int64, device=dev
+        )
+        self.logcnt = torch.empty(layers, experts, dtype=torch.int64, device=dev)
+        # route() adds into _step_load; step() rolls it into the window. int32
+        # halves the window's memory and holds any realistic per-step count; the
+        # running total, which step() keeps so an interval need not sum the
+        # whole window, is int64.
+        self._step_load = torch.zeros(layers, experts, dtype=torch.int32, device=dev)
+        self._window = torch.zeros(self.window_size, layers, experts, dtype=torch.int32, device=dev)
+        self._window_total = torch.zeros(layers, experts, dtype=torch.int64, device=dev)
+        self._window_pos = 0
+        # The interval's load: written on the compute stream, then reduced and
+        # copied to the host on the side stream while the next steps run.
+        self._snapshot = torch.zeros(layers, experts, dtype=torch.int64, device=dev)
+        self._one = torch.ones((), dtype=torch.int32, device=dev)
+
+        cuda = self.device.type == "cuda"
+        self._side_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._copied: torch.cuda.Event | None = None
+        self._host_load = (
+            torch.zeros(layers, experts, dtype=torch.int64, pin_memory=True)
+            if cuda
+            else self._snapshot
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
+        self._pending: Future[_Plan] | None = None
+        self._apply_at = 0
+
+        initial = np.tile(np.arange(num_replicas) % experts, (layers, 1))
+        self._host_phy2log = torch.from_numpy(initial)
+        self._host_logcnt = torch.empty(0, dtype=torch.int64)
+        self._install(*_maps_from_phy2log(initial, experts, self.max_replicas))
+
+    # ------------------------------------------------------------------ forward pass
+
+    def route(self, layer: int, topk_ids: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """Physical slots for the router's choices in ``layer``; counts the load.
+
+        layer: the MoE layer, a Python int (fixed when a CUDA graph is captured).
+        topk_ids: [tokens, k] int32/int64 on ``device``, the logical expert each
+            token chose in each of its k choices; values must lie in 0..E-1 (not
+            checked: that would need a host sync).
+        record: count these tokens in the load (False for warm-up and dummy
+            batches, e.g. those run while capturing CUDA graphs).
+
+        Returns [tokens, k], same dtype: the slot each choice goes to. Token
+        ``t``'s choice of expert ``e`` goes to replica ``t % logcnt[layer, e]``,
+        so an expert's tokens spread over its replicas deterministically.
+        Tensor ops only: no host sync, safe inside ``torch.cuda.graph`` capture.
+        """
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer must be an int, got {type(layer).__name__}")
+        if not 0 <= layer < self.config.num_layers:
+            raise ValueError(f"layer must be in 0..{self.config.num_layers - 1}, got {layer}")
+        if topk_ids.dim() != 2:
+            raise ValueError(f"topk_ids must be 2-D [tokens, k], got shape {tuple(topk_ids.shape)}")
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+        if topk_ids.device != self.device:
+            raise ValueError(f"topk_ids must be on {self.device}, got {topk_ids.device}")
+        if record:
+            flat = topk_ids.reshape(-1)
+            self._step_load[layer].index_add_(0, flat, self._one.expand(flat.numel()))
+        count = self.logcnt[layer][topk_ids]
+        if self.max_replicas < self.config.num_replicas - self.config.num_logical_experts + 1:
+            count.clamp_(max=self.max_replicas)
+        token = torch.arange(topk_ids.shape[0], device=self.device).unsqueeze(1)
+        return self.log2phy[layer][topk_ids, token % count].to(topk_ids.dtype)
+
+    def window_load(self) -> torch.Tensor:
+        """[layers, num_logical_experts] int64 on ``device``: this rank's tokens per
+        logical expert over the window, as of the last ``step()``. A live buffer:
+        read it, do not write it."""
+        return self._window_total
+
+    # ------------------------------------------------------------------ once per step
+
+    def step(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """End an engine step: roll its load into the window, rebalance on schedule.
+
+        expert_weights: per layer, this rank's expert weight tensors, each
+            [R / num_gpus, ...] (slot ``rank * R / num_gpus + i`` at index i); moved
+            in place when a placement is applied.
+
+        Returns True when this step applied a new placement. Raises what the
+        rearrangement or the placement computation raised (see the class
+        docstring); the balancer is then failed until :meth:`reset`.
+        """
+        self._roll_window()
+        self.stats.steps += 1
+        applied = False
+        if self._pending is not None and self.stats.steps >= self._apply_at:
+            self._apply(expert_weights)
+            applied = True
+        if self.stats.steps % self.step_interval == 0:
+            if self.error is None:
+                self._start_rebalance()
+            else:
+                self.stats.skipped += 1
+        return applied
+
+    def reset(self, phy2log: torch.Tensor | np.ndarray | None = None) -> None:
+        """Forget a failure and any placement not yet applied; optionally install one.
+
+        phy2log: [layers, num_replicas] int, the placement the expert weights
+            hold now (the maps are updated in place to it); None keeps the maps.
+            Every expert must appear at least once. The load window is kept.
+
+        Not a collective, but every rank must call it at the same step.
+        """
+        if phy2log is not None:
+            host = _as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
+            self._install(
+                *_maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
+            )
+        if self._pending is not None:
+            # Its result is dropped: it was planned against the old maps.
+            self._pending.exception()
+            self._pending = None
+        self.error = None
+
+    def close(self) -> None:
+        """Stop the worker thread (waits for a placement being computed)."""
+        self._executor.shutdown(wait=True)
+
+    @property
+    def failed(self) -> bool:
+        """True after a failed rebalance, until :meth:`reset`."""
+        return self.error is not None
+
+    # ------------------------------------------------------------------ internals
+
+    def _roll_window(self) -> None:
+        oldest = self._window[self._window_pos]
+        self._window_total.sub_(oldest).add_(self._step_load)
+        oldest.copy_(self._step_load)
+        self._step_load.zero_()
+        self._window_pos = (self._window_pos + 1) % self.window_size
+
+    def _start_rebalance(self) -> None:
+        self._snapshot.copy_(self._window_total)
+        multi_rank = self.num_gpus > 1
+        if self._side_stream is None:
+            if multi_rank:
+                dist.all_reduce(self._snapshot, group=self.group)
+        else:
+            ready = torch.cuda.Event()
+            ready.record()
+            # The reduction and the copy run on the side stream: the compute
+            # stream never waits for them, and the host does not either.
+            with torch.cuda.stream(self._side_stream):
+                self._side_stream.wait_event(ready)
+                if multi_rank:
+                    dist.all_reduce(self._snapshot, group=self.group)
+                self._host_load.copy_(self._snapshot, non_blocking=True)
+                self._copied = torch.cuda.Event()
+                self._copied.record()
+        self._pending = self._executor.submit(self._plan)
+        self._apply_at = self.stats.steps + self.apply_delay
+
+    def _plan(self) -> _Plan:
+        """Worker thread: wait for the load to reach the host, compute the placement."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        start = time.perf_counter()
+        load = self._host_load.numpy()
+        cfg = self.config
+        phy2log, log2phy, logcnt = _rebalance(
+            self._host_load, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
+        )
+        # Main thread changes the host maps only in _apply, after this returns.
+        before = balancedness(
+            gpu_loads(load, self._host_phy2log.numpy(), self._host_logcnt.numpy(), cfg.num_gpus)
+        )
+        after = balancedness(gpu_loads(load, phy2log.numpy(), logcnt.numpy(), cfg.num_gpus))
+        padded = _pad_replicas(log2phy.numpy(), self.max_replicas)
+        log2phy = torch.from_numpy(padded)
+        if self._side_stream is not None:
+            # Pinned, so that _install's host-to-device copies do not block.
+            phy2log, log2phy, logcnt = (
+                phy2log.pin_memory(),
+                log2phy.pin_memory(),
+                logcnt.pin_memory(),
+            )
+        seconds = time.perf_counter() - start
+        return _Plan(phy2log, log2phy, logcnt, float(before.mean()), float(after.mean()), seconds)
+
+    def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
+        _check_expert_weights(
+            expert_weights, self.config.num_layers, self.config.num_replicas // self.num_gpus
+        )
+        assert self._pending is not None
+        start = time.perf_counter()
+        if not self._pending.done():
+            self.stats.waits += 1
+        pending, self._pending = self._pending, None
+        try:
+            plan = pending.result()
+            _rearrange(self._host_phy2log, plan.phy2log, expert_weights, self.group)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self._install(plan.phy2log, plan.log2phy, plan.logcnt)
+        stats = self.stats
+        stats.rebalances += 1
+        stats.last_rebalance_step = stats.steps
+        stats.last_plan_seconds = plan.seconds
+        stats.balancedness_before = plan.balancedness_before
+        stats.balancedness_after = plan.balancedness_after
+        stats.last_apply_seconds = time.perf_counter() - start
+
+    def _install(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
+        """Copy host maps into the static buffers, ordered on the current stream."""
+        self.phy2log.copy_(phy2log, non_blocking=True)
+        self.log2phy.copy_(log2phy, non_blocking=True)
+        self.logcnt.copy_(logcnt, non_blocking=True)
+        self._host_phy2log, self._host_logcnt = phy2log, logcnt
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _rebalance(
+    load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SPEC.md's placement for load [L, E] (host): phy2log, log2phy, logcnt, CPU int64."""
+    from eplb.reference import rebalance_experts
+
+    phy2log, log2phy, logcnt = rebalance_experts(
+        load.numpy(), num_replicas, num_groups, num_nodes, num_gpus
+    )
+    return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
+
+
+def _rearrange(
+    old_phy2log: torch.Tensor,
+    new_phy2log: torch.Tensor,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    group: dist.ProcessGroup | None,
+) -> None:
+    """Move this rank's expert weights from the old placement to the new one (collective)."""
+    from eplb.production.rearrange import rearrange_expert_weights
+
+    rearrange_expert_weights(old_phy2log, new_phy2log, expert_weights, group=group)
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(group)
+    if group is not None:
+        raise ValueError("group was given but torch.distributed is not initialized")
+    return 1
+
+
+def _as_host_placement(phy2log: torch.Tensor | np.ndarray, layers: int, slots: int) -> np.ndarray:
+    """phy2log as a host int64 array, checked to be [layers, slots]."""
+    if isinstance(phy2log, torch.Tensor):
+        phy2log = phy2log.detach().cpu().numpy()
+    host = np.asarray(phy2log)
+    if host.shape != (layers, slots):
+        raise ValueError(f"phy2log must have shape [{layers}, {slots}], got {host.shape}")
+    if host.dtype.kind not in "iu":
+        raise TypeError(f"phy2log must hold integers, got dtype {host.dtype}")
+    return host.astype(np.int64)
+
+
+def _maps_from_phy2log(
+    phy2log: np.ndarray, num_experts: int, max_replicas: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """phy2log [L, R] (host) to host phy2log, log2phy [L, E, max_replicas] and logcnt [L, E].
+
+    Replica ranks follow slot order. Raises ValueError if an expert id is out
+    of range or an expert has no slot.
+    """
+    layers, slots = phy2log.shape
+    if phy2log.min() < 0 or phy2log.max() >= num_experts:
+        raise ValueError(f"phy2log values must lie in 0..{num_experts - 1}")
+    rows = np.repeat(np.arange(layers), slots)
+    logcnt = np.zeros((layers, num_experts), dtype=np.int64)
+    np.add.at(logcnt, (rows, phy2log.ravel()), 1)
+    if (logcnt == 0).any():
+        layer, expert = np.argwhere(logcnt == 0)[0]
+        raise ValueError(f"phy2log must hold every expert: layer {layer} has no slot of {expert}")
+    order = np.argsort(phy2log, axis=1, kind="stable")
+    experts = np.take_along_axis(phy2log, order, axis=1)
+    first = np.cumsum(logcnt, axis=1) - logcnt
+    replica = np.arange(slots) - np.take_along_axis(first, experts, axis=1)
+    log2phy = np.full((layers, num_experts, int(logcnt.max())), -1, dtype=np.int64)
+    log2phy[rows, experts.ravel(), replica.ravel()] = order.ravel()
+    padded = _pad_replicas(log2phy, max_replicas)
+    return torch.from_numpy(phy2log), torch.from_numpy(padded), torch.from_numpy(logcnt)
+
+
+def _pad_replicas(log2phy: np.ndarray, max_replicas: int) -> np.ndarray:
+    """log2phy [L, E, K] to [L, E, max_replicas]: -1 padded, or cut to the first ranks."""
+    out = np.full((*log2phy.shape[:2], max_replicas), -1, dtype=np.int64)
+    kept = min(max_replicas, log2phy.shape[2])
+    out[..., :kept] = log2phy[..., :kept]
+    return out
+
+
+def _check_expert_weights(
+    expert_weights: Sequence[Sequence[torch.Tensor]], layers: int, local_slots: int
+) -> None:
+    if len(expert_weights) != layers:
+        raise ValueError(
+            f"expert_weights must have one entry per layer ({layers}), got {len(expert_weights)}"
+        )
+    for layer, tensors in enumerate(expert_weights):
+        for i, tensor in enumerate(tensors):
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or tensor.dim() == 0
+                or (tensor.shape[0] != local_slots)
+            ):
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
+                raise ValueError(
+                    f"expert_weights[{layer}][{i}] must be a tensor with first dim "
+                    f"R / num_gpus = {local_slots}, got {shape!r}"
+                )

@@ -1,0 +1,365 @@
+"""ExpertBalancer: exact load counts, routing onto holding slots, in-place maps, weights moved
+right, on one rank, on two gloo ranks, in the end-to-end example, and in a CUDA graph."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import eplb.production.serving as serving
+from eplb.production.serving import ExpertBalancer
+from eplb.reference import rebalance_experts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small hierarchical shape: 3 layers, 8 experts in 2 groups, 12 slots.
+LAYERS, EXPERTS, SLOTS, GROUPS = 3, 8, 12, 2
+
+
+def _gather_rearrange(old_phy2log, new_phy2log, expert_weights, group=None):
+    """Test stand-in for rearrange_expert_weights: gather every slot, pick the new ones."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    for layer, tensors in enumerate(expert_weights):
+        local = tensors[0].shape[0]
+        mine = new_phy2log[layer, rank * local : (rank + 1) * local]
+        # First old slot holding each expert this rank must hold now.
+        source = (old_phy2log[layer][None, :] == mine[:, None]).int().argmax(1)
+        for tensor in tensors:
+            full = tensor
+            if world > 1:
+                parts = [torch.empty_like(tensor) for _ in range(world)]
+                dist.all_gather(parts, tensor, group=group)
+                full = torch.cat(parts)
+            tensor.copy_(full[source])
+
+
+def _use_rearrange_stand_in(monkeypatch=None):
+    if monkeypatch is not None:
+        monkeypatch.setattr(serving, "_rearrange", _gather_rearrange)
+    else:
+        serving._rearrange = _gather_rearrange
+
+
+@pytest.fixture(autouse=True)
+def _stand_in(monkeypatch):
+    _use_rearrange_stand_in(monkeypatch)
+
+
+def _skewed_ids(generator: torch.Generator, tokens: int, k: int, layer: int) -> torch.Tensor:
+    """[tokens, k] distinct expert ids per token, hot experts differing per layer."""
+    popularity = 1.0 / torch.arange(1, EXPERTS + 1, dtype=torch.float64) ** 1.5
+    popularity = popularity.roll(3 * layer)
+    return torch.multinomial(popularity.expand(tokens, -1), k, generator=generator)
+
+
+def _encoded_weights(phy2log: torch.Tensor, rank: int, world: int) -> list[list[torch.Tensor]]:
+    """Per layer, two tensors whose rows encode (layer, expert) of this rank's slots."""
+    local = SLOTS // world
+    weights = []
+    for layer in range(LAYERS):
+        experts = phy2log[layer, rank * local : (rank + 1) * local].to(torch.float32)
+        code = 100.0 * layer + experts
+        weights.append([code[:, None].repeat(1, 3), -code[:, None, None].repeat(1, 2, 2)])
+    return weights
+
+
+def _assert_weights_follow(weights, phy2log: torch.Tensor, rank: int, world: int) -> None:
+    expected = _encoded_weights(phy2log.cpu(), rank, world)
+    for got_layer, want_layer in zip(weights, expected, strict=True):
+        for got, want in zip(got_layer, want_layer, strict=True):
+            assert torch.equal(got, want)
+
+
+def _assert_maps_consistent(balancer: ExpertBalancer) -> None:
+    phy2log, log2phy, logcnt = (
+        t.cpu() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)
+    )
+    for layer in range(LAYERS):
+        counts = torch.bincount(phy2log[layer], minlength=EXPERTS)
+        assert torch.equal(counts, logcnt[layer])
+        for expert in range(EXPERTS):
+            slots = log2phy[layer, expert]
+            held = slots[: logcnt[layer, expert]]
+            assert torch.equal(phy2log[layer, held], torch.full_like(held, expert))
+            assert (slots[logcnt[layer, expert] :] == -1).all()
+
+
+def _assert_routes_to_holders(balancer: ExpertBalancer, ids: torch.Tensor, layer: int) -> None:
+    slots = balancer.route(layer, ids, record=False)
+    assert slots.shape == ids.shape and slots.dtype == ids.dtype
+    assert torch.equal(balancer.phy2log[layer][slots.long()], ids.long())
+    # Hot experts' tokens spread over all their replicas.
+    replicated = 0
+    for expert in ids.unique().tolist():
+        count = int(balancer.logcnt[layer, expert])
+        if count > 1 and (ids == expert).sum() >= 20:
+            assert len(slots[ids == expert].unique()) == count
+            replicated += 1
+    assert replicated > 0
+
+
+def _balancer(world: int = 1, **kwargs) -> ExpertBalancer:
+    kwargs = {"window_size": 4, "step_interval": 3, "device": "cpu", **kwargs}
+    return ExpertBalancer(LAYERS, EXPERTS, SLOTS, GROUPS, 1, **kwargs)
+
+
+def _run_until_rebalance(balancer, weights, generator, rank=0):
+    """Route skewed tokens for step_interval + apply_delay steps; return the expected total load.
+
+    The expected load is the sum of bincounts of what was routed in the window
+    the rebalance saw (this rank only).
+    """
+    per_step = []
+    for _ in range(balancer.step_interval + balancer.apply_delay):
+        counts = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+        for layer in range(LAYERS):
+            ids = _skewed_ids(generator, 40 + 7 * rank, 2, layer)
+            balancer.route(layer, ids)
+            counts[layer] = torch.bincount(ids.reshape(-1), minlength=EXPERTS)
+        per_step.append(counts)
+        applied = balancer.step(weights)
+        assert applied == (balancer.stats.steps == balancer.step_interval + balancer.apply_delay)
+    seen = per_step[: balancer.step_interval][-balancer.window_size :]
+    return torch.stack(seen).sum(0)
+
+
+def test_initial_placement_is_slot_mod_experts():
+    balancer = _balancer()
+    expected = torch.arange(SLOTS).remainder(EXPERTS).expand(LAYERS, -1)
+    assert torch.equal(balancer.phy2log, expected)
+    assert balancer.log2phy.shape == (LAYERS, EXPERTS, SLOTS - EXPERTS + 1)
+    _assert_maps_consistent(balancer)
+
+
+def test_counts_are_exact_and_the_window_slides():
+    balancer = _balancer(window_size=3, step_interval=100)
+    generator = torch.Generator().manual_seed(1)
+    history = []
+    for _ in range(5):
+        counts = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+        for layer in range(LAYERS):
+            for tokens in (5, 17):  # two calls per layer add up
+                ids = torch.randint(0, EXPERTS, (tokens, 3), generator=generator)
+                balancer.route(layer, ids.to(torch.int32))
+                counts[layer] += torch.bincount(ids.reshape(-1), minlength=EXPERTS)
+        balancer.route(0, ids, record=False)
+        history.append(counts)
+        balancer.step([])
+        assert torch.equal(balancer.window_load(), torch.stack(history[-3:]).sum(0))
+
+
+def test_rebalance_moves_weights_and_keeps_buffer_addresses():
+    balancer = _balancer(apply_delay=2, step_interval=4)
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    addresses = [t.data_ptr() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)]
+    load = _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(2))
+
+    expected = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, 1)
+    assert torch.equal(balancer.phy2log, torch.from_numpy(expected[0]))
+    assert torch.equal(balancer.logcnt, torch.from_numpy(expected[2]))
+    assert [t.data_ptr() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)] == (
+        addresses
+    )
+    _assert_maps_consistent(balancer)
+    _assert_weights_follow(weights, balancer.phy2log, 0, 1)
+    stats = balancer.stats
+    assert (stats.rebalances, stats.last_rebalance_step, stats.skipped) == (1, 6, 0)
+    # One rank: balancedness is 1 for any placement; the two-rank test checks it improves.
+    assert stats.balancedness_before == stats.balancedness_after == 1.0
+    ids = _skewed_ids(torch.Generator().manual_seed(3), 200, 2, 1)
+    _assert_routes_to_holders(balancer, ids, 1)
+    balancer.close()
+
+
+def test_max_replicas_keeps_only_the_first_replicas():
+    balancer = _balancer(max_replicas=1)
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(4))
+    assert int(balancer.logcnt.max()) > 1  # the placement replicated hot experts
+    ids = _skewed_ids(torch.Generator().manual_seed(5), 100, 2, 0)
+    slots = balancer.route(0, ids, record=False)
+    assert torch.equal(slots, balancer.log2phy[0][ids, 0])
+
+
+def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch):
+    balancer = _balancer()
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    before = balancer.phy2log.clone()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("rank 1 is gone")
+
+    monkeypatch.setattr(serving, "_rearrange", broken)
+    with pytest.raises(RuntimeError, match="rank 1 is gone"):
+        _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(6))
+    assert balancer.failed and torch.equal(balancer.phy2log, before)
+    for _ in range(3):
+        balancer.step(weights)
+    assert (balancer.stats.skipped, balancer.stats.rebalances) == (1, 0)
+
+    _use_rearrange_stand_in(monkeypatch)
+    shifted = before.roll(1, dims=1)
+    balancer.reset(shifted)
+    assert not balancer.failed and torch.equal(balancer.phy2log, shifted)
+    _assert_maps_consistent(balancer)
+    for _ in range(4):  # steps 8..11: the interval at 9 starts, 10 applies
+        balancer.step(_encoded_weights(shifted, 0, 1))
+    assert balancer.stats.rebalances == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"apply_delay": 3}, ValueError, "apply_delay must be < step_interval"),
+        ({"max_replicas": SLOTS - EXPERTS + 2}, ValueError, "max_replicas must be <="),
+        ({"window_size": 0}, ValueError, "window_size must be >= 1"),
+        ({"step_interval": 2.0}, TypeError, "step_interval must be an int"),
+        ({"group": object()}, ValueError, "not initialized"),
+    ],
+)
+def test_bad_configuration_is_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        _balancer(**kwargs)
+
+
+def test_bad_route_and_reset_arguments_are_refused():
+    balancer = _balancer()
+    ids = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="layer must be in"):
+        balancer.route(LAYERS, ids)
+    with pytest.raises(ValueError, match="2-D"):
+        balancer.route(0, ids.reshape(-1))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        balancer.route(0, ids.float())
+    missing = torch.zeros(LAYERS, SLOTS, dtype=torch.int64)
+    with pytest.raises(ValueError, match="every expert"):
+        balancer.reset(missing)
+    with pytest.raises(ValueError, match="shape"):
+        balancer.reset(missing[:, :-1])
+    with pytest.raises(ValueError, match="one entry per layer"):
+        for _ in range(4):
+            balancer.step([])
+    assert torch.equal(balancer.window_load().sum(), torch.tensor(0))  # nothing was recorded
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_rank_checks(rank: int, world: int, port: int) -> None:
+    """Runs in each spawned rank: one rebalance over gloo, checked from every side."""
+    _use_rearrange_stand_in()
+    torch.set_num_threads(1)  # one core per rank: more threads only contend
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        balancer = _balancer(world)
+        weights = _encoded_weights(balancer.phy2log, rank, world)
+        addresses = [t.data_ptr() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)]
+        load = _run_until_rebalance(
+            balancer, weights, torch.Generator().manual_seed(10 + rank), rank
+        )
+        dist.all_reduce(load)
+        phy2log, _, logcnt = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
+        assert torch.equal(balancer.phy2log, torch.from_numpy(phy2log))
+        assert torch.equal(balancer.logcnt, torch.from_numpy(logcnt))
+        assert [t.data_ptr() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)] == (
+            addresses
+        )
+        _assert_maps_consistent(balancer)
+        _assert_weights_follow(weights, balancer.phy2log, rank, world)
+        stats = balancer.stats
+        assert stats.balancedness_after > stats.balancedness_before
+        ids = _skewed_ids(torch.Generator().manual_seed(20 + rank), 300, 2, 2)
+        _assert_routes_to_holders(balancer, ids, 2)
+        balancer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_over_gloo():
+    mp.spawn(_two_rank_checks, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_example_runs_and_balancedness_improves():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "moe_ep_example.py"),
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--tokens",
+            "48",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"balancedness before ([\d.]+) after ([\d.]+)", result.stdout)
+    assert match, result.stdout
+    assert float(match[2]) > float(match[1])
+    assert "outputs match" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_route_in_a_cuda_graph_follows_in_place_rebalances():
+    balancer = _balancer(device="cuda")
+    weights = [[w.cuda() for w in layer] for layer in _encoded_weights(balancer.phy2log, 0, 1)]
+    generator = torch.Generator().manual_seed(30)
+    static_ids = _skewed_ids(generator, 64, 2, 0).cuda()
+    # Warm up on a side stream before capture, as torch.cuda.graphs requires.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        balancer.route(0, static_ids, record=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_slots = balancer.route(0, static_ids)
+
+    recorded = torch.zeros(EXPERTS, dtype=torch.int64)
+    for step in range(1, balancer.step_interval + balancer.apply_delay + 1):
+        ids = _skewed_ids(generator, 64, 2, 0)
+        static_ids.copy_(ids)
+        graph.replay()
+        if step <= balancer.step_interval:
+            recorded += torch.bincount(ids.reshape(-1), minlength=EXPERTS)
+        assert torch.equal(balancer.phy2log[0][static_slots], static_ids)
+        # A long kernel ahead of step(): if step() waited for the GPU (a host
+        # sync), the stream would be idle when it returns.
+        torch.cuda._sleep(1_000_000_000)
+        balancer.step(weights)
+        assert not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+    assert balancer.stats.rebalances == 1
+    expected = rebalance_experts(
+        torch.cat([recorded[None], torch.zeros(LAYERS - 1, EXPERTS, dtype=torch.int64)]).numpy(),
+        SLOTS,
+        GROUPS,
+        1,
+        1,
+    )
+    assert torch.equal(balancer.phy2log.cpu(), torch.from_numpy(expected[0]))
+    # The captured graph reads the updated maps.
+    static_ids.copy_(_skewed_ids(generator, 64, 2, 0))
+    graph.replay()
+    assert torch.equal(balancer.phy2log[0][static_slots], static_ids)
+    _assert_weights_follow([[w.cpu() for w in layer] for layer in weights], balancer.phy2log, 0, 1)
+    balancer.close()
