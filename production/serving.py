@@ -174,6 +174,9 @@ class ExpertBalancer:
                 f"got {self.max_replicas}"
             )
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # route() compares devices: "cuda" must match the tensors' "cuda:N".
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.group = group
         self.stats = BalancerStats()
         #: The exception that failed the last rebalance, None while healthy.
@@ -293,15 +296,17 @@ class ExpertBalancer:
 
         Not a collective, but every rank must call it at the same step.
         """
+        maps = None
         if phy2log is not None:
             host = _as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
-            self._install(
-                *_maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
-            )
+            maps = _maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
         if self._pending is not None:
-            # Its result is dropped: it was planned against the old maps.
+            # Dropped: it was planned against the old maps, which the worker
+            # reads until it returns.
             self._pending.exception()
             self._pending = None
+        if maps is not None:
+            self._install(*maps)
         self.error = None
 
     def close(self) -> None:
@@ -330,7 +335,7 @@ class ExpertBalancer:
                 dist.all_reduce(self._snapshot, group=self.group)
         else:
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))
             # The reduction and the copy run on the side stream: the compute
             # stream never waits for them, and the host does not either.
             with torch.cuda.stream(self._side_stream):

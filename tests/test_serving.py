@@ -343,10 +343,12 @@ def test_route_in_a_cuda_graph_follows_in_place_rebalances():
             recorded += torch.bincount(ids.reshape(-1), minlength=EXPERTS)
         assert torch.equal(balancer.phy2log[0][static_slots], static_ids)
         # A long kernel ahead of step(): if step() waited for the GPU (a host
-        # sync), the stream would be idle when it returns.
+        # sync), the stream would be idle when it returns. The apply step is
+        # left out: the weight rearrangement may sync.
         torch.cuda._sleep(1_000_000_000)
         balancer.step(weights)
-        assert not torch.cuda.current_stream().query()
+        if step != balancer.step_interval + balancer.apply_delay:
+            assert not torch.cuda.current_stream().query()
         torch.cuda.synchronize()
     assert balancer.stats.rebalances == 1
     expected = rebalance_experts(
