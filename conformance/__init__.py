@@ -1,1 +1,112 @@
-"""Conformance suite: proves implementations of SPEC.md return identical placements."""
+"""Conformance suite: proves implementations of SPEC.md return identical placements.
+
+What CI runs on every change, and what an engine author points at their own
+copy of the algorithm (``eplb conformance --impl my_module:my_function``).
+
+- ``strategies``: hypothesis strategies for valid inputs (``problems``,
+  ``configs``, ``loads``) and invalid ones (``invalid_problems``), and the
+  ``ci`` / ``thorough`` settings profiles.
+- ``invariants``: ``check_invariants``, SPEC.md's invariants of any placement.
+- ``agreement``: adapters for the three implementations, ``first_difference``,
+  ``check_agreement``, ``check_refusal``.
+- ``runner``: the hypothesis search behind the CLI (``check_candidate``,
+  ``check_project``).
+- ``workloads``: the benchmark configurations with real loads.
+
+Names are imported on first use, so ``import eplb.conformance`` (done by the
+``eplb`` command) needs neither hypothesis nor JAX nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .agreement import (
+        Difference,
+        check_agreement,
+        check_refusal,
+        first_difference,
+        jax_reference,
+        numpy_reference,
+        project_implementations,
+        torch_production,
+    )
+    from .invariants import check_invariants
+    from .runner import Failure, check_candidate, check_project
+    from .strategies import (
+        INVALID_RULES,
+        LOAD_KINDS,
+        InvalidProblem,
+        Problem,
+        configs,
+        invalid_problems,
+        loads,
+        problems,
+        register_profiles,
+    )
+    from .workloads import BENCHMARK_MODELS, Workload, benchmark_workloads
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "BENCHMARK_MODELS": "workloads",
+    "Difference": "agreement",
+    "Failure": "runner",
+    "INVALID_RULES": "strategies",
+    "InvalidProblem": "strategies",
+    "LOAD_KINDS": "strategies",
+    "Problem": "strategies",
+    "Workload": "workloads",
+    "benchmark_workloads": "workloads",
+    "check_agreement": "agreement",
+    "check_candidate": "runner",
+    "check_invariants": "invariants",
+    "check_project": "runner",
+    "check_refusal": "agreement",
+    "configs": "strategies",
+    "first_difference": "agreement",
+    "invalid_problems": "strategies",
+    "jax_reference": "agreement",
+    "loads": "strategies",
+    "numpy_reference": "agreement",
+    "problems": "strategies",
+    "project_implementations": "agreement",
+    "register_profiles": "strategies",
+    "torch_production": "agreement",
+}
+
+__all__ = [
+    "BENCHMARK_MODELS",
+    "INVALID_RULES",
+    "LOAD_KINDS",
+    "Difference",
+    "Failure",
+    "InvalidProblem",
+    "Problem",
+    "Workload",
+    "benchmark_workloads",
+    "check_agreement",
+    "check_candidate",
+    "check_invariants",
+    "check_project",
+    "check_refusal",
+    "configs",
+    "first_difference",
+    "invalid_problems",
+    "jax_reference",
+    "loads",
+    "numpy_reference",
+    "problems",
+    "project_implementations",
+    "register_profiles",
+    "torch_production",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -6,8 +6,15 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
+from eplb.conformance.strategies import register_profiles
 from eplb.loads import real_loads as _real_loads
+
+# Hypothesis profiles "ci" (derandomized, the default) and "thorough": select
+# with HYPOTHESIS_PROFILE=thorough or pytest --hypothesis-profile=thorough.
+register_profiles()
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,314 @@
+"""Hypothesis run programmatically: search for an input where an implementation disagrees.
+
+``check_candidate`` is what ``eplb conformance --impl`` runs for any callable;
+``check_project`` what plain ``eplb conformance`` runs for the project's
+three implementations. Each returns None when nothing was found, else a
+``Failure`` holding the smallest failing input hypothesis shrank to.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
+import hypothesis
+import numpy as np
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import strategies as st
+
+from eplb._validation import EplbConfig
+
+from .agreement import (
+    Difference,
+    Implementation,
+    Placement,
+    first_difference,
+    numpy_reference,
+    project_implementations,
+)
+from .cli import DEFAULT_EXAMPLES
+from .invariants import check_invariants
+from .strategies import InvalidProblem, Problem, invalid_problems, loads, problems
+
+__all__ = [
+    "DEFAULT_EXAMPLES",
+    "JAX_MENU",
+    "SPEC_EXAMPLE",
+    "SPEC_LOGCNT",
+    "SPEC_PHY2LOG",
+    "Failure",
+    "check_candidate",
+    "check_project",
+    "menu_problems",
+]
+
+#: SPEC.md's worked example (two layers, 12 experts, R=16, G=4, N=2, P=8).
+SPEC_EXAMPLE = Problem(
+    np.array(
+        [
+            [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+            [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
+        ],
+        dtype=np.float64,
+    ),
+    16,
+    4,
+    2,
+    8,
+    ("spec",),
+)
+#: SPEC.md's expected phy2log [2, 16] and logcnt [2, 12] for ``SPEC_EXAMPLE``.
+SPEC_PHY2LOG = np.array(
+    [
+        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
+        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
+    ]
+)
+SPEC_LOGCNT = np.array(
+    [
+        [1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
+        [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1],
+    ]
+)
+
+#: The shapes the JAX reference is checked on: JAX compiles once per shape
+#: and counts (seconds each), so it gets this fixed menu, one configuration
+#: per case of SPEC.md's hierarchy, while torch gets every drawn shape.
+JAX_MENU: tuple[EplbConfig, ...] = (
+    EplbConfig(2, 12, 16, 4, 2, 8),  # SPEC.md's worked example: hierarchical
+    EplbConfig(3, 8, 8, 4, 4, 8),  # G == N, R == E, one slot per GPU
+    EplbConfig(2, 18, 24, 3, 2, 4),  # global policy (G % N != 0)
+    EplbConfig(1, 6, 24, 2, 2, 2),  # one layer, P == N, four replicas per expert
+    EplbConfig(2, 40, 48, 4, 2, 8),  # groups of 10: summation order shows
+)
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The smallest input found on which an implementation does not conform.
+
+    phase: which check failed ("valid input", "invalid input", "SPEC.md example").
+    implementation: its name.
+    problem: the (shrunk) input.
+    message: what went wrong, one or more lines.
+    difference: the first differing entry, when outputs differ.
+    """
+
+    phase: str
+    implementation: str
+    problem: Problem | InvalidProblem
+    message: str
+    difference: Difference | None = None
+
+
+class _Nonconforming(Exception):
+    """Raised (from a single place, so hypothesis sees one bug) on a failing input."""
+
+
+def _search(
+    strategy: st.SearchStrategy[_T],
+    check: Callable[[_T], Failure | None],
+    examples: int,
+    seed: int | None,
+) -> Failure | None:
+    """Run ``check`` on ``examples`` draws; the shrunk failure, or None."""
+    found: list[Failure] = []
+
+    def probe(value: _T) -> None:
+        failure = check(value)
+        if failure is not None:
+            # Shrinking ends by replaying the smallest failing input: the
+            # last failure recorded is that one.
+            found[:] = [failure]
+            raise _Nonconforming(failure.message)
+
+    test = settings(
+        max_examples=examples,
+        derandomize=seed is None,
+        database=None,
+        deadline=None,
+        verbosity=Verbosity.quiet,
+        report_multiple_bugs=False,
+        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        suppress_health_check=list(HealthCheck),
+    )(given(strategy)(probe))
+    if seed is not None:
+        test = hypothesis.seed(seed)(test)
+    try:
+        test()
+    except _Nonconforming:
+        return found[-1]
+    return None
+
+
+@st.composite
+def menu_problems(draw: st.DrawFn, menu: tuple[EplbConfig, ...] = JAX_MENU) -> Problem:
+    """A valid input whose configuration (shape included) comes from ``menu``."""
+    config = draw(st.sampled_from(menu))
+    weight, kinds = draw(
+        loads(
+            config.num_layers,
+            config.num_logical_experts,
+            config.num_logical_experts // config.num_groups,
+        )
+    )
+    return Problem(weight, *config[2:], kinds=kinds)
+
+
+def _compare(
+    name: str, impl: Implementation, problem: Problem, phase: str = "valid input"
+) -> Failure | None:
+    """Compare ``impl`` with the numpy reference on one valid input."""
+    expected = numpy_reference(problem.weight.copy(), *problem.counts)
+    weight = problem.weight.copy()
+    try:
+        got = impl(weight, *problem.counts)
+    except Exception as exc:  # any exception on valid input is a finding, not a crash
+        return Failure(phase, name, problem, f"raised {type(exc).__name__} on valid input: {exc}")
+    lines = []
+    difference = first_difference(expected, got)
+    if difference is not None:
+        lines.append(f"first difference: {difference}")
+    if difference is None or difference.index is not None:
+        # Three arrays of the reference's shapes and dtype: the invariants apply.
+        phy2log, log2phy, logcnt = cast(Placement, got)
+        try:
+            check_invariants(phy2log, log2phy, logcnt, *problem.counts)
+        except AssertionError as exc:
+            lines.append(str(exc))
+    if not np.array_equal(weight, problem.weight, equal_nan=True):
+        lines.append("it modified its input weight")
+    if not lines:
+        return None
+    return Failure(phase, name, problem, "\n".join(lines), difference)
+
+
+def _refuses(
+    name: str, impl: Implementation, bad: InvalidProblem, *, same_type: bool
+) -> Failure | None:
+    """Check that ``impl`` refuses ``bad``: ValueError/TypeError, the expected one if same_type."""
+    try:
+        impl(bad.weight, *bad.counts)
+    except (ValueError, TypeError) as exc:
+        if same_type and type(exc) is not bad.error:
+            return Failure(
+                "invalid input",
+                name,
+                bad,
+                f"raised {type(exc).__name__} ({exc}), the reference raises {bad.error.__name__}",
+            )
+        return None
+    except Exception as exc:
+        return Failure(
+            "invalid input",
+            name,
+            bad,
+            f"raised {type(exc).__name__} ({exc}), expected ValueError or TypeError",
+        )
+    return Failure("invalid input", name, bad, f"accepted an input that breaks '{bad.rule}'")
+
+
+def _invalid_examples(examples: int) -> int:
+    # The rules are few: a third of the budget visits each of them many times.
+    return max(20, examples // 3)
+
+
+def _check_all(
+    impls: dict[str, Implementation],
+    *,
+    examples: int,
+    seed: int | None,
+    same_type: bool,
+    progress: Callable[[str], None],
+) -> Failure | None:
+    """Valid inputs, invalid inputs, then SPEC.md's example, for each implementation.
+
+    The JAX reference (a name starting with "jax") is drawn on ``JAX_MENU``
+    shapes only, a quarter as many times: each new shape compiles.
+    """
+    for name, impl in impls.items():
+        jax = name.startswith("jax")
+        count = max(10, examples // 4) if jax else examples
+        strategy = menu_problems() if jax else problems()
+        failure = _search(strategy, functools.partial(_compare, name, impl), count, seed)
+        if failure is not None:
+            return failure
+        progress(f"valid input: {name} gives the reference's placement on {count} drawn inputs")
+    invalid = _invalid_examples(examples)
+    refused_as = "the reference's exception type" if same_type else "ValueError/TypeError"
+    for name, impl in impls.items():
+        failure = _search(
+            invalid_problems(),
+            functools.partial(_refuses, name, impl, same_type=same_type),
+            invalid,
+            seed,
+        )
+        if failure is not None:
+            return failure
+        progress(f"invalid input: {name} refuses {invalid} drawn inputs with {refused_as}")
+    # The figures are facts: a reference that lost them fails every candidate.
+    phy2log, _, logcnt = numpy_reference(SPEC_EXAMPLE.weight, *SPEC_EXAMPLE.counts)
+    for output, got, want in (("phy2log", phy2log, SPEC_PHY2LOG), ("logcnt", logcnt, SPEC_LOGCNT)):
+        if not np.array_equal(got, want):
+            message = f"the numpy reference's {output} is not SPEC.md's: {got.tolist()}"
+            return Failure("SPEC.md example", "numpy reference", SPEC_EXAMPLE, message)
+    for name, impl in impls.items():
+        failure = _compare(name, impl, SPEC_EXAMPLE, "SPEC.md example")
+        if failure is not None:
+            return failure
+    progress("SPEC.md worked example: SPEC.md's placement")
+    return None
+
+
+def check_candidate(
+    candidate: Implementation,
+    *,
+    name: str = "candidate",
+    examples: int = DEFAULT_EXAMPLES,
+    seed: int | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Failure | None:
+    """Check any implementation against the numpy reference (``eplb conformance --impl``).
+
+    candidate: called as ``candidate(weight, R, G, N, P)`` with a float64
+        numpy ``weight`` [L, E]; its outputs may be anything numpy.asarray converts.
+    examples: inputs drawn for the valid-input check (a third as many invalid ones).
+    seed: hypothesis seed; None runs derandomized (the same inputs every time).
+    progress: called with one line per finished check.
+
+    Checks, in order: equal outputs and SPEC.md's invariants on ``examples``
+    drawn valid inputs; a ValueError or TypeError on drawn invalid inputs;
+    SPEC.md's worked example (last, so that a failure found by the search is
+    reported shrunk, not as the worked example).
+    """
+    return _check_all(
+        {name: candidate}, examples=examples, seed=seed, same_type=False, progress=progress
+    )
+
+
+def check_project(
+    *,
+    examples: int = DEFAULT_EXAMPLES,
+    seed: int | None = None,
+    cuda: bool | None = None,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Failure | None:
+    """Check the project's implementations against the numpy reference (``eplb conformance``).
+
+    torch production (CPU, and CUDA when available or ``cuda`` is True) on
+    ``examples`` drawn inputs of every shape; the JAX reference on a quarter
+    as many, drawn on the shapes of ``JAX_MENU``; all of them on drawn invalid
+    inputs, which each must refuse with the reference's exception type, and
+    on SPEC.md's worked example.
+    """
+    return _check_all(
+        project_implementations(cuda=cuda),
+        examples=examples,
+        seed=seed,
+        same_type=True,
+        progress=progress,
+    )
