@@ -2,16 +2,18 @@
 
 Same step functions and the same integers as the numpy reference
 (``eplb.reference``, whose docstring holds the glossary), for every valid
-input. Each step is a ``lax.fori_loop``/``lax.scan`` over items, ``vmap``-ed
-over rows, and jit-compiled with the counts static: a repeated call with the
-same shape and counts reuses the compiled program.
+input. Each step is a ``lax.scan`` over items, ``vmap``-ed over rows, and
+jit-compiled with the counts static: a repeated call with the same shape and
+counts reuses the compiled program.
 
 float64: every public function here runs inside ``with jax.enable_x64(True):``
 and casts its load to float64 first. That context manager is thread-local and
 restores the previous value on exit, so the caller's ``jax_enable_x64``
 setting is never changed (no global flag is flipped); only the returned
-arrays are 64-bit (int64), whatever the caller's setting. Inside your own
-``jit`` the step functions follow your trace: enable x64 there yourself.
+arrays are 64-bit (int64), whatever the caller's setting. The step functions
+can also be traced inside your own ``jit``/``vmap``, but only with x64 on
+for that trace (else they raise TypeError): a trace begun in 32 bits cannot
+switch.
 
 ``K`` (the last axis of ``log2phy``) is data-dependent, which ``jit`` cannot
 express; the compiled program fills a ``-1``-padded map with the static bound
@@ -50,8 +52,15 @@ def _in_float64(fn: Callable[_P, _T]) -> Callable[_P, _T]:
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        weight, *rest = args
+        # A trace begun with x64 off has already fixed 32-bit types; switching
+        # x64 on inside it mixes widths and fails deep in lax, so say why here.
+        if isinstance(weight, jax.core.Tracer) and not jax.enable_x64.value:
+            raise TypeError(
+                f"{fn.__name__} computes in float64: inside jit/vmap, trace it under "
+                "`with jax.enable_x64(True):`"
+            )
         with jax.enable_x64(True):
-            weight, *rest = args
             return fn(jnp.asarray(weight, dtype=jnp.float64), *rest, **kwargs)  # type: ignore[arg-type]
 
     return wrapper
@@ -61,34 +70,30 @@ def _pack_row(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.Array]:
     """balanced_packing for one row: weight [n] float64 -> pack [n], rank [n] int64."""
     num_items = weight.shape[0]
     items_per_pack = num_items // num_packs
+    pack_index = jnp.arange(num_packs)
     # lax.sort treats -0.0 and 0.0 as equal, like Python's sort in the numpy reference.
     order = jnp.argsort(-weight, stable=True)
 
     def arrive(
-        i: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        totals, counts, pack, rank = state
-        item = order[i]
+        state: tuple[jax.Array, jax.Array], item_weight: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+        totals, counts = state
         is_open = counts < items_per_pack
         # The first open pack reaching the smallest open total: lowest index wins
         # ties. Comparing with the minimum (not masking with inf) stays right when
         # totals overflow to inf.
         smallest = jnp.min(jnp.where(is_open, totals, jnp.inf))
         best = jnp.argmax(is_open & (totals == smallest))
-        return (
-            totals.at[best].add(weight[item]),
-            counts.at[best].add(1),
-            pack.at[item].set(best),
-            rank.at[item].set(counts[best]),
-        )
+        chosen = pack_index == best
+        # Adding 0.0 to the other totals leaves them bit for bit as they were.
+        totals = totals + jnp.where(chosen, item_weight, 0.0)
+        return (totals, counts + chosen), (best, counts[best])
 
-    start = (
-        jnp.zeros(num_packs, jnp.float64),
-        jnp.zeros(num_packs, jnp.int64),
-        jnp.zeros(num_items, jnp.int64),
-        jnp.zeros(num_items, jnp.int64),
-    )
-    _, _, pack, rank = lax.fori_loop(0, num_items, arrive, start)
+    start = (jnp.zeros(num_packs, jnp.float64), jnp.zeros(num_packs, jnp.int64))
+    _, (pack_sorted, rank_sorted) = lax.scan(arrive, start, weight[order])
+    # The scan went in sorted order; put each result back at its item.
+    pack = jnp.zeros(num_items, jnp.int64).at[order].set(pack_sorted)
+    rank = jnp.zeros(num_items, jnp.int64).at[order].set(rank_sorted)
     return pack, rank
 
 
@@ -115,21 +120,19 @@ def balanced_packing(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.
 def _replicate_row(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """replicate_experts for one row: weight [n] float64 -> phy2log, rank [num_phy], logcnt [n]."""
     num_log = weight.shape[0]
+    expert = jnp.arange(num_log, dtype=jnp.int64)
 
-    def add_slot(
-        slot: jax.Array, state: tuple[jax.Array, jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        phy2log, rank, count = state
+    def add_slot(count: jax.Array, _: None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         # argmax returns the first maximum: lowest expert index among equal loads.
         best = jnp.argmax(weight / count.astype(jnp.float64))
-        return phy2log.at[slot].set(best), rank.at[slot].set(count[best]), count.at[best].add(1)
+        return count + (expert == best), (best, count[best])
 
-    start = (
-        jnp.zeros(num_phy, jnp.int64).at[:num_log].set(jnp.arange(num_log, dtype=jnp.int64)),
-        jnp.zeros(num_phy, jnp.int64),
-        jnp.ones(num_log, jnp.int64),
+    count, (extra, extra_rank) = lax.scan(
+        add_slot, jnp.ones(num_log, jnp.int64), None, length=num_phy - num_log
     )
-    return lax.fori_loop(num_log, num_phy, add_slot, start)
+    phy2log = jnp.concatenate([expert, extra.astype(jnp.int64)])
+    rank = jnp.concatenate([jnp.zeros(num_log, jnp.int64), extra_rank])
+    return phy2log, rank, count
 
 
 @_in_float64

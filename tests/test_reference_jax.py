@@ -114,10 +114,23 @@ def test_steps_agree_with_numpy():
     _assert_same(
         jax_ref.replicate_experts(_as_jax(weight), 20), numpy_ref.replicate_experts(weight, 20)
     )
-    _assert_same(
-        jax_ref.rebalance_experts_hierarchical(_as_jax(weight), 24, 4, 2, 8),
-        numpy_ref.rebalance_experts_hierarchical(weight, 24, 4, 2, 8),
-    )
+
+
+def test_hierarchy_traces_inside_jit_and_vmap_with_x64_on():
+    batch = np.random.default_rng(4).integers(0, 3, (2, 6, 12)).astype(np.float64)
+
+    def place(weight: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return jax_ref.rebalance_experts_hierarchical(weight, 24, 4, 2, 8)
+
+    with jax.enable_x64(False), pytest.raises(TypeError, match="enable_x64"):
+        jax.jit(place)(jnp.asarray(batch[0]))
+    with jax.enable_x64(True):
+        got = jax.jit(jax.vmap(place))(jnp.asarray(batch))
+    for index, weight in enumerate(batch):
+        _assert_same(
+            tuple(out[index] for out in got),
+            numpy_ref.rebalance_experts_hierarchical(weight, 24, 4, 2, 8),
+        )
 
 
 @pytest.mark.parametrize("caller_x64", [False, True])
