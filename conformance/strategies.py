@@ -12,7 +12,8 @@ heavy ties (sort stability, tie-breaking), all-equal and zero rows (lowest
 index among equal totals), decimals ``0.1 * k`` and groups that are
 permutations of one multiset (summation order), integers near ``2**24`` and
 ``2**53`` (float32 arithmetic: distinct in float64, equal in float32), rare
-huge spikes, continuous floats and float32-representable floats. The values
+huge spikes, loads near the float64 maximum whose sums overflow to inf,
+continuous floats and float32-representable floats. The values
 come from a numpy generator seeded by a drawn integer, so that layers of
 hundreds of experts cost one draw; hypothesis still shrinks the
 configuration, the kinds and the seed.
@@ -70,7 +71,7 @@ class _Sizes(NamedTuple):
 # realistic class is drawn about one time in ten (and shrinks to small); it
 # has no "many" redundancy, which no deployment uses at that size and which
 # would cost the reference seconds per example.
-_SMALL = _Sizes(3, 48, (1, 2, 3, 4), (1, 2, 3, 4), ("some", "none", "many"))
+_SMALL = _Sizes(3, 64, (1, 2, 3, 4), (1, 2, 3, 4), ("some", "none", "many"))
 _LARGE = _Sizes(32, 384, (1, 2, 4, 8), (1, 2, 4, 8), ("some", "none"))
 
 
@@ -198,7 +199,13 @@ def configs(
         num_groups = num_nodes * draw(st.sampled_from((1, 2, 1, 3, 4)))
     else:
         num_groups = num_nodes * draw(st.integers(0, 2)) + draw(st.integers(1, num_nodes - 1))
-    group_size = draw(st.integers(1, max(1, max_experts // num_groups)))
+    widest = max(1, max_experts // num_groups)
+    if widest >= 9 and hierarchical and num_groups >= 2 and draw(st.booleans()):
+        # Groups of 9 or more experts: where numpy's pairwise summation starts
+        # to differ from adding left to right.
+        group_size = draw(st.integers(9, widest))
+    else:
+        group_size = draw(st.integers(1, widest))
     num_experts = num_groups * group_size
 
     spare = draw(st.sampled_from(redundancy))
@@ -255,10 +262,16 @@ def _decimals(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
 
 
 def _permuted_groups(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
-    # Every group holds the same decimals in another order: the group loads
-    # are equal in exact arithmetic and differ only by rounding, so the group
-    # ranking is decided by the order of addition alone.
-    base = 0.1 * rng.integers(1, 10, group_size)
+    # Every group holds the same values in another order: the group loads are
+    # equal in exact arithmetic and differ only by rounding, so the group
+    # ranking is decided by the order of addition alone. The values: decimals
+    # (last-bit rounding), or one 2**53 among small integers, which absorbs
+    # each 1 added after it but not those added before.
+    if rng.random() < 0.5:
+        base = 0.1 * rng.integers(1, 10, group_size)
+    else:
+        base = rng.integers(1, 3, group_size).astype(np.float64)
+        base[0] = 2.0**53
     return np.concatenate([rng.permutation(base) for _ in range(n // group_size)])
 
 
@@ -268,6 +281,12 @@ def _near_float_limits(rng: np.random.Generator, n: int, group_size: int) -> np.
     # near 2**53 round in float64 as well.
     top = rng.choice([2.0**24 + 8, 2.0**53])
     return top - rng.integers(0, 16, n)
+
+
+def _overflow(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
+    # Finite loads whose sums overflow to inf: pack totals tie at inf, and a
+    # "mask full packs with inf" shortcut then picks a full pack.
+    return rng.choice([0.0, 1.0, 1e308, np.finfo(np.float64).max], n)
 
 
 def _floats(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
@@ -287,6 +306,7 @@ _KINDS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "decimals": _decimals,
     "permuted_groups": _permuted_groups,
     "near_float_limits": _near_float_limits,
+    "overflow": _overflow,
     "floats": _floats,
     "float32": _float32,
 }
@@ -307,8 +327,11 @@ def loads(
     group_size: experts per group, for the ``permuted_groups`` kind.
     kinds: the kinds to draw from (default: all of ``LOAD_KINDS``).
     """
+    # Permuted groups twice as often as the other kinds: they alone expose
+    # the order of addition, and only where groups are wide and G/N > 1.
+    weighted = kinds + tuple(k for k in kinds if k == "permuted_groups")
     row_kinds = tuple(
-        draw(st.lists(st.sampled_from(kinds), min_size=num_layers, max_size=num_layers))
+        draw(st.lists(st.sampled_from(weighted), min_size=num_layers, max_size=num_layers))
     )
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     weight = np.stack([_KINDS[kind](rng, num_experts, group_size) for kind in row_kinds])
@@ -379,7 +402,8 @@ def invalid_problems(draw: st.DrawFn) -> InvalidProblem:
     boolean or non-numeric dtype; a count that is zero, negative, a float or
     a bool; ``E % G != 0``; ``P % N != 0``; ``R % P != 0``; ``R < E``.
     """
-    base = draw(problems(large=False))
+    # No "overflow" loads: a float32 or int64 copy of them would break a second rule.
+    base = draw(problems(large=False, kinds=tuple(k for k in LOAD_KINDS if k != "overflow")))
     weight = base.weight.copy()
     counts: list[object] = list(base.counts)
     num_layers, num_experts = weight.shape
