@@ -80,6 +80,12 @@ class _Plan(NamedTuple):
 class ExpertBalancer:
     """Per-model EPLB state of one EP rank: load statistics, maps, scheduled rebalancing.
 
+    Use::
+
+        balancer = ExpertBalancer(58, 256, 288, 8, 4, device="cuda", group=ep_group)
+        slots = balancer.route(layer, topk_ids)  # in each MoE layer, graph-capturable
+        balancer.step(expert_weights)  # once per engine step, after the forward pass
+
     Static device buffers (their ``data_ptr`` never changes, so CUDA graphs
     captured against them stay valid; every update is an in-place ``copy_``):
 
@@ -113,8 +119,10 @@ class ExpertBalancer:
     marks itself failed (``error``): routing goes on with the old maps, and
     later intervals start no rebalance (counted in ``stats.skipped``) until
     :meth:`reset` installs the placement the weights really have (e.g. after the
-    engine reloaded them). A placement computation that raises does the same,
-    with the weights untouched.
+    engine reloaded them). A placement computation that raises, or a
+    rearrangement that refuses its input (TypeError/ValueError, raised on every
+    rank before any weight is touched), fails it the same way with the weights
+    untouched: ``reset()`` without a placement resumes.
 
     Every rank of ``group`` must create its balancer with the same arguments and
     call :meth:`step` the same number of times.
