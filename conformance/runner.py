@@ -78,11 +78,10 @@ SPEC_LOGCNT = np.array(
 #: and counts (seconds each), so it gets this fixed menu, one configuration
 #: per case of SPEC.md's hierarchy, while torch gets every drawn shape.
 JAX_MENU: tuple[EplbConfig, ...] = (
-    EplbConfig(2, 12, 16, 4, 2, 8),  # SPEC.md's worked example: hierarchical
+    EplbConfig(2, 12, 16, 4, 2, 8),  # SPEC.md's worked example: hierarchical, G/N = 2
     EplbConfig(3, 8, 8, 4, 4, 8),  # G == N, R == E, one slot per GPU
-    EplbConfig(2, 18, 24, 3, 2, 4),  # global policy (G % N != 0)
-    EplbConfig(1, 6, 24, 2, 2, 2),  # one layer, P == N, four replicas per expert
-    EplbConfig(2, 40, 48, 4, 2, 8),  # groups of 10: summation order shows
+    EplbConfig(1, 18, 72, 3, 2, 2),  # global (G % N != 0), one layer, P == N, R = 4E
+    EplbConfig(2, 40, 48, 4, 2, 8),  # groups of 10: the order of addition shows
 )
 
 _T = TypeVar("_T")

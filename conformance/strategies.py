@@ -209,14 +209,15 @@ def configs(
     num_experts = num_groups * group_size
 
     spare = draw(st.sampled_from(redundancy))
-    if spare == "none":
-        # R == E needs E to be a multiple of both G and P.
-        step = math.lcm(num_groups, num_gpus)
-        num_experts = step * draw(st.integers(1, max(1, max_experts // step)))
+    # R == E needs E to be a multiple of both G and P; where that is too many
+    # experts, a little redundancy instead.
+    step = math.lcm(num_groups, num_gpus)
+    if spare == "none" and step <= max_experts:
+        num_experts = step * draw(st.integers(1, max_experts // step))
         num_replicas = num_experts
     else:
         min_per_gpu = -(-num_experts // num_gpus)
-        if spare == "some":
+        if spare != "many":
             per_gpu = min_per_gpu + draw(st.integers(0, 2))
         else:
             # Many replicas per expert: a few hot experts take most slots.
