@@ -248,32 +248,6 @@ def _placement(
     return phy2log, log2phy.at[layer, phy2log, phyrank].set(slot), logcnt
 
 
-def _rebalance_rows(
-    weight: object,
-    rows: np.ndarray,
-    num_replicas: object,
-    num_groups: object,
-    num_nodes: object,
-    num_gpus: object,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Validate host rows [X, E], place them, slice log2phy to K; device follows ``weight``."""
-    weight64, config = validate_weight(rows, num_replicas, num_groups, num_nodes, num_gpus)
-    groups, nodes = config.num_groups, config.num_nodes
-    # Policy choice: the global policy is the hierarchy with one group and one node.
-    if not config.hierarchical:
-        groups, nodes = 1, 1
-    with jax.enable_x64(True):
-        # The host copy is the float64 that validation checked; it goes back to
-        # the caller's device (the default one for numpy input or a sharded array).
-        devices = weight.devices() if isinstance(weight, jax.Array) else set()
-        target = next(iter(devices)) if len(devices) == 1 else None
-        device_weight = jax.device_put(weight64, target)
-        phy2log, log2phy, logcnt = _placement(
-            device_weight, config.num_replicas, groups, nodes, config.num_gpus
-        )
-        return phy2log, log2phy[:, :, : int(logcnt.max())], logcnt
-
-
 def rebalance_experts(
     weight: jax.Array,
     num_replicas: int,
@@ -300,10 +274,26 @@ def rebalance_experts(
     the rules and exception types of the numpy reference. Not traceable: the
     load is validated on the host (use rebalance_experts_hierarchical under jit).
     """
-    # Step 1: validate a host copy (same rules as numpy); Step 2: policy choice;
-    # Step 3: the compiled hierarchy and padded log2phy; Step 4: slice to K.
-    rows = weight if isinstance(weight, np.ndarray) else np.asarray(weight)
-    return _rebalance_rows(weight, rows, num_replicas, num_groups, num_nodes, num_gpus)
+    # Step 1: validate a host copy, with the numpy reference's rules.
+    host = weight if isinstance(weight, np.ndarray) else np.asarray(weight)
+    weight64, config = validate_weight(host, num_replicas, num_groups, num_nodes, num_gpus)
+
+    # Step 2: policy choice; the global policy is the hierarchy with one group and one node.
+    groups, nodes = config.num_groups, config.num_nodes
+    if not config.hierarchical:
+        groups, nodes = 1, 1
+
+    with jax.enable_x64(True):
+        # Step 3: the validated float64 goes back to the caller's device (the
+        # default one for numpy input or a sharded array) for the compiled hierarchy.
+        devices = weight.devices() if isinstance(weight, jax.Array) else set()
+        target = next(iter(devices)) if len(devices) == 1 else None
+        phy2log, log2phy, logcnt = _placement(
+            jax.device_put(weight64, target), config.num_replicas, groups, nodes, config.num_gpus
+        )
+
+        # Step 4: cut the padded log2phy to K, known only now.
+        return phy2log, log2phy[:, :, : int(logcnt.max())], logcnt
 
 
 def rebalance_experts_batched(
@@ -323,15 +313,21 @@ def rebalance_experts_batched(
     Returns phy2log [B, L, R], log2phy [B, L, E, K], logcnt [B, L, E], int64.
     Error messages about a load give its [row, expert] in the flattened [B*L, E].
     """
-    host = weight if isinstance(weight, np.ndarray) else np.asarray(weight)
-    if host.ndim != 3 or host.shape[0] < 1:
+    shape = tuple(np.shape(weight))
+    if len(shape) != 3 or shape[0] < 1:
         raise ValueError(
             f"weight must be 3-D [batch, layers, num_logical_experts] with batch >= 1, "
-            f"got shape {tuple(host.shape)}"
+            f"got shape {shape}"
         )
-    batch, layers, experts = host.shape
-    phy2log, log2phy, logcnt = _rebalance_rows(
-        weight, host.reshape(batch * layers, experts), num_replicas, num_groups, num_nodes, num_gpus
+    batch, layers, experts = shape
+    if isinstance(weight, jax.Array):
+        # Reshaped on its device; with x64 on, so a float64 load stays float64.
+        with jax.enable_x64(True):
+            rows = weight.reshape(batch * layers, experts)
+    else:
+        rows = np.reshape(np.asarray(weight), (batch * layers, experts))
+    phy2log, log2phy, logcnt = rebalance_experts(
+        rows, num_replicas, num_groups, num_nodes, num_gpus
     )
     return (
         phy2log.reshape(batch, layers, -1),

@@ -79,14 +79,6 @@ def test_agrees_with_numpy(name):
     )
 
 
-def test_one_layer():
-    weight = np.random.default_rng(5).integers(0, 3, (1, 16))
-    _assert_same(
-        jax_ref.rebalance_experts(_as_jax(weight), 24, 4, 2, 8),
-        numpy_ref.rebalance_experts(weight, 24, 4, 2, 8),
-    )
-
-
 def test_numpy_input_and_batch_share_the_compiled_program():
     """A numpy load and a batch of the same rows give what one matrix does."""
     num_experts, *counts = CONFIGS["hierarchical"]
@@ -135,6 +127,7 @@ def test_hierarchy_traces_inside_jit_and_vmap_with_x64_on():
 
 @pytest.mark.parametrize("caller_x64", [False, True])
 def test_float64_whatever_the_caller_setting(caller_x64):
+    """Also the one-layer case (a shape of its own: one compile for both settings)."""
     # 2**24 + 1 is not a float32: in float32 the two experts tie and the spare
     # slot would go to expert 0; in float64 it goes to expert 1.
     weight = np.array([[2**24, 2**24 + 1]])
