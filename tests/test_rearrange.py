@@ -1,0 +1,614 @@
+"""Weight rearrangement: the planner alone, then real gloo groups of 2, 4 and 8 processes.
+
+Spawning torch processes costs seconds each on a 2-core CI box, so one group of
+8 is spawned once per session; it forms sub-groups of 2 ranks (global 0-1) and
+4 ranks (global 2-5) and runs every scenario in its group, writing what it saw
+to files that the tests below check. The content of a slot is a pure function
+of (scenario, layer, expert, tensor), so the expected weights are recomputed
+here without trusting the worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb.production import rearrange as rearrange_module
+from eplb.production.rearrange import (
+    RearrangePlan,
+    batch_layers,
+    plan_rearrangement,
+    rearrange_expert_weights,
+)
+
+# (slot shape, dtype, stored transposed) of each tensor of a layer: several
+# widths, bit patterns that are NaN as floats, 0-d slots and a non-contiguous view.
+TENSORS = (
+    ((3, 5), torch.float32, True),
+    ((7,), torch.bfloat16, False),
+    ((2, 3), torch.uint8, False),
+    ((4,), torch.float8_e4m3fn, False),
+    ((), torch.int8, False),
+)
+GROUPS = {2: [0, 1], 4: [2, 3, 4, 5], 8: list(range(8))}
+WORLD = 8
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _slot_bytes(seed: int, layer: int, expert: int, tensor: int) -> np.ndarray:
+    """The raw bytes of one slot of one tensor of ``expert``: a pure function of its key."""
+    shape, dtype, _ = TENSORS[tensor]
+    nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+    return np.random.default_rng([seed, layer, expert, tensor]).integers(
+        0, 256, size=nbytes, dtype=np.uint8
+    )
+
+
+def _expected(seed: int, phy2log: np.ndarray, slots: range) -> list[list[np.ndarray]]:
+    """[layer][tensor] -> [slots, nbytes] uint8: what the given slots hold under ``phy2log``."""
+    return [
+        [
+            np.stack([_slot_bytes(seed, layer, int(phy2log[layer, s]), t) for s in slots])
+            for t in range(len(TENSORS))
+        ]
+        for layer in range(phy2log.shape[0])
+    ]
+
+
+def _weights(expected: list[list[np.ndarray]], device: str) -> list[list[torch.Tensor]]:
+    """Tensors of the TENSORS layout holding ``expected`` bytes (some stored transposed)."""
+    layers = []
+    for per_tensor in expected:
+        tensors = []
+        for raw, (shape, dtype, transposed) in zip(per_tensor, TENSORS, strict=True):
+            value = torch.from_numpy(raw.copy()).view(dtype).view(len(raw), *shape)
+            if transposed:  # same values, strided storage
+                storage = torch.empty(len(raw), *shape[::-1], dtype=dtype, device=device)
+                tensor = storage.transpose(1, 2)
+                tensor.copy_(value)
+                assert not tensor.is_contiguous()
+            else:
+                tensor = value.to(device)
+            tensors.append(tensor)
+        layers.append(tensors)
+    return layers
+
+
+def _raw(weights: list[list[torch.Tensor]]) -> list[list[np.ndarray]]:
+    """[layer][tensor] -> [slots, nbytes] uint8 of the tensors' current bits."""
+    return [
+        [t.cpu().contiguous().view(torch.uint8).reshape(t.shape[0], -1).numpy() for t in layer]
+        for layer in weights
+    ]
+
+
+def _random_placement(
+    rng: np.random.Generator, layers: int, experts: int, slots: int
+) -> np.ndarray:
+    """[layers, slots]: every expert at least once, extra replicas anywhere, shuffled."""
+    rows = []
+    for _ in range(layers):
+        row = np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)])
+        rows.append(rng.permutation(row))
+    return np.stack(rows)
+
+
+def _stacked_placement(
+    rng: np.random.Generator, layers: int, experts: int, slots: int, stack: int = 3
+) -> np.ndarray:
+    """Like _random_placement, but slots 0..stack-1 hold one expert ``stack`` times."""
+    rows = []
+    for _ in range(layers):
+        rest = np.concatenate(
+            [np.arange(experts), rng.integers(0, experts, slots - stack - experts)]
+        )
+        rows.append(np.concatenate([np.full(stack, rng.integers(experts)), rng.permutation(rest)]))
+    return np.stack(rows)
+
+
+# ------------------------------------------------------ planner, no processes
+
+
+def _simulate(plan: RearrangePlan, old: np.ndarray) -> np.ndarray:
+    """Apply a plan to expert ids per slot, checking each step reads what it claims."""
+    per_rank = plan.slots_per_rank
+    after = old.copy()
+    written = np.zeros(old.shape, dtype=int)
+    for layer, expert, src_rank, src_slot, dst_rank, dst_slot in plan.transfers:
+        assert src_rank != dst_rank
+        assert src_slot // per_rank == src_rank and dst_slot // per_rank == dst_rank
+        assert old[layer, src_slot] == expert  # reads the old placement, before any write
+        after[layer, dst_slot] = expert
+        written[layer, dst_slot] += 1
+    for layer, src, dst in plan.local_copies:
+        assert src // per_rank == dst // per_rank
+        after[layer, dst] = old[layer, src]
+        written[layer, dst] += 1
+    for layer, src, dst in plan.post_copies:
+        assert src // per_rank == dst // per_rank
+        # the source was filled by a transfer of this plan
+        assert ((plan.transfers[:, 0] == layer) & (plan.transfers[:, 5] == src)).sum() == 1
+        after[layer, dst] = after[layer, src]
+        written[layer, dst] += 1
+    assert written.max(initial=0) <= 1, "a slot is written twice"
+    np.testing.assert_array_equal(written == 1, old != after)
+    return after
+
+
+def _check_plan(old: np.ndarray, new: np.ndarray, ranks: int) -> RearrangePlan:
+    plan = plan_rearrangement(old, new, ranks)
+    np.testing.assert_array_equal(_simulate(plan, old), new)
+    per_rank = plan.slots_per_rank
+    t = plan.transfers
+    # Each (layer, expert) is received at most once per rank ...
+    keys = {(int(a), int(b), int(c)) for a, b, c in t[:, [0, 1, 4]]}
+    assert len(keys) == len(t)
+    # ... and never when the rank already had it.
+    for layer, expert, _, _, dst_rank, _ in t:
+        assert expert not in old[layer, dst_rank * per_rank : (dst_rank + 1) * per_rank]
+    # The fixed message order: (layer, src_rank, dst_rank, expert).
+    order = np.lexsort((t[:, 1], t[:, 4], t[:, 2], t[:, 0]))
+    np.testing.assert_array_equal(order, np.arange(len(t)))
+    return plan
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    layers=st.integers(1, 4),
+    ranks=st.sampled_from([1, 2, 3, 4, 8]),
+    per_rank=st.integers(1, 6),
+    spare=st.integers(0, 5),
+)
+def test_plan_moves_every_slot_to_its_new_expert(seed, layers, ranks, per_rank, spare):
+    rng = np.random.default_rng(seed)
+    slots = ranks * per_rank
+    experts = max(1, slots - spare)
+    old = _random_placement(rng, layers, experts, slots)
+    new = _random_placement(rng, layers, experts, slots)
+    _check_plan(old, new, ranks)
+
+
+def test_plan_of_no_change_is_empty():
+    old = _random_placement(np.random.default_rng(0), 3, 10, 16)
+    plan = _check_plan(old, old, 4)
+    assert plan.transfers.size == plan.local_copies.size == plan.post_copies.size == 0
+
+
+def test_plan_receives_once_then_copies_locally():
+    # Rank 1 needs expert 0 in all four of its slots: one receive, three post copies.
+    old = np.array([[0, 1, 2, 3, 1, 2, 3, 1]])
+    new = np.array([[0, 1, 2, 3, 0, 0, 0, 0]])
+    plan = _check_plan(old, new, 2)
+    assert plan.transfers[:, [0, 1, 2, 4, 5]].tolist() == [[0, 0, 0, 1, 4]]
+    assert plan.post_copies.tolist() == [[0, 4, 5], [0, 4, 6], [0, 4, 7]]
+
+
+def test_plan_copies_local_experts_and_sends_nothing_for_them():
+    # Each rank's experts only change slots within the rank.
+    old = np.array([[0, 1, 2, 3, 4, 5]])
+    new = np.array([[2, 0, 1, 5, 5, 3]])
+    plan = _check_plan(old, new, 2)
+    assert plan.transfers.size == 0
+    assert plan.local_copies.tolist() == [
+        [0, 2, 0],
+        [0, 0, 1],
+        [0, 1, 2],
+        [0, 5, 3],
+        [0, 5, 4],
+        [0, 3, 5],
+    ]
+
+
+@pytest.mark.parametrize("ranks", [3, 5, 8])
+def test_plan_spreads_senders_over_replica_holders(ranks):
+    # Ranks 0..P-2 hold the same experts 0..S-1; the last rank needs all of them.
+    per_rank, layers = 12, 3
+    base = np.tile(np.arange(per_rank), ranks - 1)
+    old = np.tile(np.concatenate([base, np.arange(per_rank, 2 * per_rank)]), (layers, 1))
+    new = np.tile(np.concatenate([base, np.arange(per_rank)]), (layers, 1))
+    plan = _check_plan(old, new, ranks)
+    for layer in range(layers):
+        senders = plan.transfers[plan.transfers[:, 0] == layer, 2]
+        counts = np.bincount(senders, minlength=ranks)[: ranks - 1]
+        assert counts.max() - counts.min() <= 1, counts
+    # Over all layers too: ties rotate instead of always picking the lowest rank.
+    totals = np.bincount(plan.transfers[:, 2], minlength=ranks)[: ranks - 1]
+    assert totals.max() - totals.min() <= 1, totals
+
+
+def test_plan_is_a_function_of_the_maps_only():
+    rng = np.random.default_rng(3)
+    old = _random_placement(rng, 5, 20, 32)
+    new = _random_placement(rng, 5, 20, 32)
+    reference = plan_rearrangement(old, new, 4)
+    variants = [
+        (old.astype(np.int32), new.astype(np.uint16)),
+        (torch.from_numpy(old), torch.from_numpy(new).to(torch.int32)),
+        (np.asfortranarray(old), new[:, ::-1].copy()[:, ::-1]),
+    ]
+    for a, b in variants:
+        other = plan_rearrangement(a, b, 4)
+        for name in ("transfers", "local_copies", "post_copies"):
+            np.testing.assert_array_equal(getattr(other, name), getattr(reference, name))
+    # What rank a sends to rank b is, row for row, what b expects from a.
+    t = reference.transfers
+    for a in range(4):
+        for b in range(4):
+            sent = t[t[:, 2] == a]
+            received = t[t[:, 4] == b]
+            np.testing.assert_array_equal(sent[sent[:, 4] == b], received[received[:, 2] == a])
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "ranks", "error", "match"),
+    [
+        ([[0, 1, 2, 3]], [[0, 1, 2, 4]], 2, ValueError, "no rank can provide"),
+        ([[0, 1, 2, 3]], [[0, 1, 2]], 2, ValueError, "same shape"),
+        ([[0, 1, 2, 3]], [[0, 1, 2, -1]], 2, ValueError, ">= 0"),
+        ([[0, 1, 2, 3]], [[0, 1, 2, 3]], 3, ValueError, "divide"),
+        ([0, 1, 2, 3], [0, 1, 2, 3], 2, ValueError, "2-D"),
+        ([[0.0, 1.0]], [[0, 1]], 2, TypeError, "integers"),
+    ],
+)
+def test_plan_refuses_bad_maps(old, new, ranks, error, match):
+    with pytest.raises(error, match=match):
+        plan_rearrangement(np.array(old), np.array(new), ranks)
+
+
+def test_batches_follow_the_budget():
+    rng = np.random.default_rng(0)
+    staging = rng.integers(0, 100, size=(20, 4))
+    assert batch_layers(staging, 1) == [(i, i + 1) for i in range(20)]
+    assert batch_layers(staging, 10**9) == [(0, 20)]
+    budget = 250
+    batches = batch_layers(staging, budget)
+    assert batches[0][0] == 0 and batches[-1][1] == 20
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(batches))
+    for lo, hi in batches:
+        need = staging[lo:hi].sum(axis=0).max()
+        assert need <= budget or hi == lo + 1
+        if hi < 20:  # greedy: the next layer did not fit
+            assert staging[lo : hi + 1].sum(axis=0).max() > budget
+
+
+# ----------------------------------------------------- one rank, no process group
+
+
+def test_single_rank_moves_locally_bit_for_bit():
+    rng = np.random.default_rng(5)
+    old = _random_placement(rng, 3, 6, 8)
+    new = _random_placement(rng, 3, 6, 8)
+    weights = _weights(_expected(9, old, range(8)), "cpu")
+    # Model parameters (leaves that require grad) are rewritten in place as well.
+    weights[1] = [torch.nn.Parameter(t, requires_grad=t.is_floating_point()) for t in weights[1]]
+    stats = rearrange_expert_weights(torch.from_numpy(old), torch.from_numpy(new), weights)
+    for got, want in zip(_raw(weights), _expected(9, new, range(8)), strict=True):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    assert stats.bytes_sent == stats.bytes_received == stats.messages_sent == 0
+    assert stats.local_copies == int((old != new).sum())
+
+
+def _bad_calls(old: np.ndarray, new: np.ndarray, weights: list) -> list[tuple[str, dict, type]]:
+    """(rule, keyword arguments of a refused call, exception type)."""
+    good = {
+        "old_phy2log": torch.from_numpy(old),
+        "new_phy2log": torch.from_numpy(new),
+        "expert_weights": weights,
+    }
+    wrong_first_dim = [list(layer) for layer in weights]
+    wrong_first_dim[1][2] = torch.zeros(5, 2, 3, dtype=torch.uint8)
+    other_dtype = [list(layer) for layer in weights]
+    other_dtype[2][1] = other_dtype[2][1].float()
+    missing = new.copy()
+    missing[0, 0] = 99
+    return [
+        ("missing expert", {**good, "new_phy2log": torch.from_numpy(missing)}, ValueError),
+        ("negative id", {**good, "old_phy2log": torch.from_numpy(old - 1)}, ValueError),
+        ("float map", {**good, "old_phy2log": torch.from_numpy(old).float()}, TypeError),
+        ("shape mismatch", {**good, "new_phy2log": torch.from_numpy(new[:, :4])}, ValueError),
+        ("layer count", {**good, "expert_weights": weights[:2]}, ValueError),
+        ("first dimension", {**good, "expert_weights": wrong_first_dim}, ValueError),
+        ("dtype differs between layers", {**good, "expert_weights": other_dtype}, ValueError),
+        ("not a list", {**good, "expert_weights": weights[0][0]}, TypeError),
+        ("budget", {**good, "max_batch_bytes": 0}, ValueError),
+    ]
+
+
+def test_single_rank_refuses_bad_input_and_touches_nothing():
+    rng = np.random.default_rng(6)
+    old = _random_placement(rng, 3, 6, 8)
+    new = _random_placement(rng, 3, 6, 8)
+    weights = _weights(_expected(1, old, range(8)), "cpu")
+    before = _raw(weights)
+    for rule, kwargs, error in _bad_calls(old, new, weights):
+        with pytest.raises(error):
+            rearrange_expert_weights(**kwargs)
+        for got, want in zip(_raw(weights), before, strict=True):
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w, err_msg=rule)
+
+
+# ------------------------------------------------ multi-process gloo scenarios
+
+
+@dataclass
+class Scenario:
+    """One call of rearrange_expert_weights in one group; ``fault`` breaks it on purpose."""
+
+    name: str
+    ranks: int
+    old: np.ndarray
+    new: np.ndarray
+    seed: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    fault: str = ""
+
+
+def _scenarios() -> list[Scenario]:
+    found = []
+    for ranks in (2, 4, 8):
+        rng = np.random.default_rng(ranks)
+        per_rank, layers = 6, 4
+        slots = ranks * per_rank
+        experts = slots - ranks - 1
+        # Several replicas of one expert on one rank, before (rank 0) and after (rank 1).
+        old = _stacked_placement(rng, layers, experts, slots)
+        new = np.roll(_stacked_placement(rng, layers, experts, slots), per_rank, axis=1)
+        stacked = _random_placement(rng, layers, experts, slots)
+        permuted = np.stack([rng.permutation(row) for row in old])
+        found += [
+            Scenario(f"random-{ranks}", ranks, old, new, seed=ranks),
+            Scenario(f"unchanged-{ranks}", ranks, old, old.copy(), seed=ranks + 1),
+            Scenario(f"permutation-{ranks}", ranks, old, permuted, seed=ranks + 2),
+            Scenario(f"rotate-{ranks}", ranks, old, np.roll(old, per_rank, axis=1), seed=3),
+            Scenario(
+                f"tiny-budget-{ranks}", ranks, stacked, new, ranks + 4, {"max_batch_bytes": 1}
+            ),
+            Scenario(f"missing-expert-{ranks}", ranks, old, new, 5, fault="missing expert"),
+            Scenario(f"first-dim-one-rank-{ranks}", ranks, old, new, 6, fault="first dim"),
+            Scenario(f"maps-differ-{ranks}", ranks, old, new, 7, fault="maps differ"),
+            Scenario(f"fails-midway-{ranks}", ranks, old, new, 8, {"max_batch_bytes": 1}, "midway"),
+        ]
+    return found
+
+
+SCENARIOS = {s.name: s for s in _scenarios()}
+
+
+def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dict[str, Any]:
+    """Run one scenario on this rank (group rank ``rank``) and report what happened."""
+    per_rank = scenario.old.shape[1] // scenario.ranks
+    mine = range(rank * per_rank, (rank + 1) * per_rank)
+    weights = _weights(_expected(scenario.seed, scenario.old, mine), device)
+    old, new = scenario.old.copy(), scenario.new.copy()
+    if scenario.fault == "missing expert":
+        new[2, 0] = old.max() + 1
+    if scenario.fault == "first dim" and rank == 1:
+        weights[3][0] = torch.zeros(per_rank + 1, 3, 5, device=device)
+    if scenario.fault == "maps differ" and rank == scenario.ranks - 1:
+        new[1] = old[1]
+    result: dict[str, Any] = {"error": None, "stats": None}
+    original = rearrange_module._start
+    if scenario.fault == "midway":
+        calls = []
+
+        def failing(*args, **kwargs):
+            # Every rank fails once the second batch's messages are posted and
+            # its local copies written, before anything received is written. The
+            # messages in flight are drained first, so the group stays usable.
+            started = original(*args, **kwargs)
+            calls.append(started)
+            if len(calls) == 2:
+                for _, works, _, _ in calls:
+                    for work in works:
+                        work.wait()
+                raise RuntimeError("injected transport failure")
+            return started
+
+        rearrange_module._start = failing
+    try:
+        stats = rearrange_expert_weights(
+            torch.from_numpy(old).to(device),
+            torch.from_numpy(new),
+            weights,
+            group,
+            **scenario.kwargs,
+        )
+        result["stats"] = stats.__dict__
+    except Exception as exc:
+        result["error"] = (type(exc).__name__, str(exc))
+    finally:
+        rearrange_module._start = original
+    result["weights"] = _raw(weights)
+    return result
+
+
+def _worker(rank: int, store_path: str, out_dir: str, backend: str, names: list[str]) -> None:
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    world = len(GROUPS[max(GROUPS)]) if backend == "gloo" else 2
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    # Every rank creates every group, in the same order, as new_group requires.
+    groups = {n: dist.new_group(r) if n < world else None for n, r in GROUPS.items() if n <= world}
+    results = {}
+    for name in names:
+        scenario = SCENARIOS[name]
+        members = GROUPS[scenario.ranks]
+        if rank in members:
+            group = groups[scenario.ranks]
+            results[name] = _run_scenario(scenario, group, members.index(rank), device)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(tmp: Path, backend: str, names: list[str], nprocs: int) -> dict[str, dict[int, Any]]:
+    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp), backend, names), nprocs=nprocs, join=True)
+    by_scenario: dict[str, dict[int, Any]] = {}
+    for rank in range(nprocs):
+        for name, result in torch.load(tmp / f"rank{rank}.pt", weights_only=False).items():
+            members = GROUPS[SCENARIOS[name].ranks]
+            by_scenario.setdefault(name, {})[members.index(rank)] = result
+    return by_scenario
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory) -> dict[str, dict[int, Any]]:
+    """Every scenario, run once in one spawned group of 8 (sub-groups of 2 and 4)."""
+    return _spawn(tmp_path_factory.mktemp("gloo"), "gloo", list(SCENARIOS), WORLD)
+
+
+def _assert_holds(scenario: Scenario, results: dict[int, Any], phy2log: np.ndarray) -> None:
+    per_rank = phy2log.shape[1] // scenario.ranks
+    for rank in range(scenario.ranks):
+        want = _expected(scenario.seed, phy2log, range(rank * per_rank, (rank + 1) * per_rank))
+        got = results[rank]["weights"]
+        for layer in range(phy2log.shape[0]):
+            for tensor in range(len(TENSORS)):
+                np.testing.assert_array_equal(
+                    got[layer][tensor], want[layer][tensor], err_msg=f"rank {rank} layer {layer}"
+                )
+
+
+GOOD = [n for n, s in SCENARIOS.items() if not s.fault]
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_every_slot_holds_its_new_expert_bit_for_bit(gloo_results, name):
+    scenario = SCENARIOS[name]
+    results = gloo_results[name]
+    assert [results[r]["error"] for r in range(scenario.ranks)] == [None] * scenario.ranks
+    _assert_holds(scenario, results, scenario.new)
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_stats_match_the_plan(gloo_results, name):
+    scenario = SCENARIOS[name]
+    plan = plan_rearrangement(scenario.old, scenario.new, scenario.ranks)
+    stats = [gloo_results[name][r]["stats"] for r in range(scenario.ranks)]
+    t = plan.transfers
+    per_rank = plan.slots_per_rank
+    for rank, s in enumerate(stats):
+        assert s["experts_sent"] == (t[:, 2] == rank).sum()
+        assert s["experts_received"] == (t[:, 4] == rank).sum()
+        copies = np.concatenate([plan.local_copies[:, 2], plan.post_copies[:, 2]])
+        assert s["local_copies"] == (copies // per_rank == rank).sum()
+        # At most one message per peer per batch, and none to itself.
+        peers_per_batch = s["batches"] * (scenario.ranks - 1)
+        assert s["messages_sent"] <= peers_per_batch and s["messages_received"] <= peers_per_batch
+    assert sum(s["bytes_sent"] for s in stats) == sum(s["bytes_received"] for s in stats)
+    assert sum(s["messages_sent"] for s in stats) == sum(s["messages_received"] for s in stats)
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_no_change_moves_nothing(gloo_results, ranks):
+    for result in gloo_results[f"unchanged-{ranks}"].values():
+        stats = result["stats"]
+        assert stats["bytes_sent"] == stats["bytes_received"] == stats["local_copies"] == 0
+        assert stats["messages_sent"] == stats["messages_received"] == 0
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_rotation_receives_exactly_what_is_missing(gloo_results, ranks):
+    # Every rank takes over its left neighbour's slots: it receives, once each, the
+    # neighbour's experts it did not hold, all from that neighbour (the only holder
+    # unless replicas elsewhere share the work).
+    scenario = SCENARIOS[f"rotate-{ranks}"]
+    per_rank = scenario.old.shape[1] // ranks
+    for rank, result in gloo_results[scenario.name].items():
+        missing = 0
+        for row in scenario.old:
+            held = set(row[rank * per_rank : (rank + 1) * per_rank].tolist())
+            left = (rank - 1) % ranks
+            wanted = set(row[left * per_rank : (left + 1) * per_rank].tolist())
+            missing += len(wanted - held)
+        assert result["stats"]["experts_received"] == missing
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_tiny_budget_gives_one_batch_per_layer(gloo_results, ranks):
+    for result in gloo_results[f"tiny-budget-{ranks}"].values():
+        assert result["stats"]["batches"] == SCENARIOS[f"tiny-budget-{ranks}"].old.shape[0]
+        assert result["error"] is None
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+@pytest.mark.parametrize(
+    ("fault", "faulty_rank", "own_match", "others_match"),
+    [
+        ("missing-expert", None, "no rank can provide", "no rank can provide"),
+        ("first-dim-one-rank", 1, "first dimension", r"rank\(s\) \[1\] .* refused"),
+        ("maps-differ", None, "differ", "differ"),
+    ],
+)
+def test_bad_input_is_refused_everywhere_and_touches_nothing(
+    gloo_results, ranks, fault, faulty_rank, own_match, others_match
+):
+    scenario = SCENARIOS[f"{fault}-{ranks}"]
+    results = gloo_results[scenario.name]
+    for rank in range(ranks):
+        kind, message = results[rank]["error"]
+        assert kind == "ValueError"
+        assert re.search(own_match if rank == faulty_rank else others_match, message), message
+    _assert_untouched(scenario, results)
+
+
+def _assert_untouched(scenario: Scenario, results: dict[int, Any]) -> None:
+    per_rank = scenario.old.shape[1] // scenario.ranks
+    for rank in range(scenario.ranks):
+        want = _expected(scenario.seed, scenario.old, range(rank * per_rank, (rank + 1) * per_rank))
+        for layer, tensors in enumerate(results[rank]["weights"]):
+            for tensor, got in enumerate(tensors):
+                if got.shape == want[layer][tensor].shape:  # the faulty rank's extra tensor
+                    np.testing.assert_array_equal(got, want[layer][tensor])
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_failure_midway_names_the_changed_layers(gloo_results, ranks):
+    scenario = SCENARIOS[f"fails-midway-{ranks}"]
+    per_rank = scenario.old.shape[1] // ranks
+    for rank, result in gloo_results[scenario.name].items():
+        kind, message = result["error"]
+        assert kind == "RuntimeError" and "injected transport failure" in message
+        found = re.search(r"Layers \[([\d, ]*)\] .* layers \[([\d, ]*)\] are unchanged", message)
+        assert found, message
+        unchanged = [int(x) for x in found.group(2).split(",") if x.strip()]
+        # One layer per batch: the failure came before layers 2 and 3 were started.
+        assert {2, 3} <= set(unchanged)
+        mine = range(rank * per_rank, (rank + 1) * per_rank)
+        want = _expected(scenario.seed, scenario.old, mine)
+        for layer in unchanged:
+            for tensor, got in enumerate(result["weights"][layer]):
+                np.testing.assert_array_equal(got, want[layer][tensor])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_two_gpus(tmp_path):
+    names = [n for n in SCENARIOS if n.endswith("-2") and "first-dim" not in n]
+    results = _spawn(tmp_path, "nccl", names, 2)
+    for name in names:
+        scenario = SCENARIOS[name]
+        if scenario.fault in ("", "midway"):
+            continue
+        assert all(results[name][r]["error"] for r in range(2))
+    for name in (n for n in names if not SCENARIOS[n].fault):
+        _assert_holds(SCENARIOS[name], results[name], SCENARIOS[name].new)
