@@ -7,6 +7,14 @@ rearrangement over ``torch.distributed``, and the serving-side state.
 Never imports JAX.
 """
 
+from .rearrange import RearrangePlan, RearrangeStats, plan_rearrangement, rearrange_expert_weights
 from .serving import BalancerStats, ExpertBalancer
 
-__all__ = ["BalancerStats", "ExpertBalancer"]
+__all__ = [
+    "BalancerStats",
+    "ExpertBalancer",
+    "RearrangePlan",
+    "RearrangeStats",
+    "plan_rearrangement",
+    "rearrange_expert_weights",
+]
