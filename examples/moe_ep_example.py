@@ -35,8 +35,7 @@ import torch.multiprocessing as mp
 
 from eplb.loads import DATA_ENV_VAR, real_loads, synthetic_load
 from eplb.metrics import balancedness
-from eplb.production.rearrange import rearrange_expert_weights
-from eplb.production.serving import ExpertBalancer
+from eplb.production import ExpertBalancer, rearrange_expert_weights
 from eplb.reference import rebalance_experts
 
 

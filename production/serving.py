@@ -37,6 +37,8 @@ import torch.distributed as dist
 from eplb._validation import check_count, validate_config
 from eplb.metrics import balancedness, gpu_loads
 
+from .rearrange import RearrangeStats, _rank_and_size, rearrange_expert_weights
+
 __all__ = ["BalancerStats", "ExpertBalancer"]
 
 
@@ -64,6 +66,8 @@ class BalancerStats:
     balancedness_before: float = float("nan")
     #: The same under the new placement.
     balancedness_after: float = float("nan")
+    #: What the last weight rearrangement moved (bytes, experts, messages, seconds).
+    last_rearrange: RearrangeStats | None = None
 
 
 class _Plan(NamedTuple):
@@ -160,7 +164,7 @@ class ExpertBalancer:
             ``R - E + 1``, the most any placement can give one expert). With
             less, replicas beyond it keep their weights but receive no tokens.
         """
-        self.num_gpus = _group_size(group)
+        _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(
             (num_layers, num_logical_experts), num_replicas, num_groups, num_nodes, self.num_gpus
         )
@@ -384,9 +388,6 @@ class ExpertBalancer:
         return _Plan(phy2log, log2phy, logcnt, float(before.mean()), float(after.mean()), seconds)
 
     def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
-        _check_expert_weights(
-            expert_weights, self.config.num_layers, self.config.num_replicas // self.num_gpus
-        )
         assert self._pending is not None
         start = time.perf_counter()
         if not self._pending.done():
@@ -394,7 +395,9 @@ class ExpertBalancer:
         pending, self._pending = self._pending, None
         try:
             plan = pending.result()
-            _rearrange(self._host_phy2log, plan.phy2log, expert_weights, self.group)
+            moved = rearrange_expert_weights(
+                self._host_phy2log, plan.phy2log, expert_weights, self.group
+            )
         except BaseException as exc:
             self.error = exc
             raise
@@ -405,6 +408,7 @@ class ExpertBalancer:
         stats.last_plan_seconds = plan.seconds
         stats.balancedness_before = plan.balancedness_before
         stats.balancedness_after = plan.balancedness_after
+        stats.last_rearrange = moved
         stats.last_apply_seconds = time.perf_counter() - start
 
     def _install(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
@@ -422,32 +426,11 @@ def _rebalance(
     load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md's placement for load [L, E] (host): phy2log, log2phy, logcnt, CPU int64."""
+    # Until eplb.production.rebalance_experts lands: the reference gives the same integers.
     from eplb.reference import rebalance_experts
 
-    phy2log, log2phy, logcnt = rebalance_experts(
-        load.numpy(), num_replicas, num_groups, num_nodes, num_gpus
-    )
-    return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(logcnt)
-
-
-def _rearrange(
-    old_phy2log: torch.Tensor,
-    new_phy2log: torch.Tensor,
-    expert_weights: Sequence[Sequence[torch.Tensor]],
-    group: dist.ProcessGroup | None,
-) -> None:
-    """Move this rank's expert weights from the old placement to the new one (collective)."""
-    from eplb.production.rearrange import rearrange_expert_weights
-
-    rearrange_expert_weights(old_phy2log, new_phy2log, expert_weights, group=group)
-
-
-def _group_size(group: dist.ProcessGroup | None) -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(group)
-    if group is not None:
-        raise ValueError("group was given but torch.distributed is not initialized")
-    return 1
+    maps = rebalance_experts(load.numpy(), num_replicas, num_groups, num_nodes, num_gpus)
+    return torch.from_numpy(maps[0]), torch.from_numpy(maps[1]), torch.from_numpy(maps[2])
 
 
 def _as_host_placement(phy2log: torch.Tensor | np.ndarray, layers: int, slots: int) -> np.ndarray:
@@ -495,24 +478,3 @@ def _pad_replicas(log2phy: np.ndarray, max_replicas: int) -> np.ndarray:
     kept = min(max_replicas, log2phy.shape[2])
     out[..., :kept] = log2phy[..., :kept]
     return out
-
-
-def _check_expert_weights(
-    expert_weights: Sequence[Sequence[torch.Tensor]], layers: int, local_slots: int
-) -> None:
-    if len(expert_weights) != layers:
-        raise ValueError(
-            f"expert_weights must have one entry per layer ({layers}), got {len(expert_weights)}"
-        )
-    for layer, tensors in enumerate(expert_weights):
-        for i, tensor in enumerate(tensors):
-            if (
-                not isinstance(tensor, torch.Tensor)
-                or tensor.dim() == 0
-                or (tensor.shape[0] != local_slots)
-            ):
-                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tensor
-                raise ValueError(
-                    f"expert_weights[{layer}][{i}] must be a tensor with first dim "
-                    f"R / num_gpus = {local_slots}, got {shape!r}"
-                )

@@ -24,36 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS, EXPERTS, SLOTS, GROUPS = 3, 8, 12, 2
 
 
-def _gather_rearrange(old_phy2log, new_phy2log, expert_weights, group=None):
-    """Test stand-in for rearrange_expert_weights: gather every slot, pick the new ones."""
-    world = dist.get_world_size(group) if dist.is_initialized() else 1
-    rank = dist.get_rank(group) if dist.is_initialized() else 0
-    for layer, tensors in enumerate(expert_weights):
-        local = tensors[0].shape[0]
-        mine = new_phy2log[layer, rank * local : (rank + 1) * local]
-        # First old slot holding each expert this rank must hold now.
-        source = (old_phy2log[layer][None, :] == mine[:, None]).int().argmax(1)
-        for tensor in tensors:
-            full = tensor
-            if world > 1:
-                parts = [torch.empty_like(tensor) for _ in range(world)]
-                dist.all_gather(parts, tensor, group=group)
-                full = torch.cat(parts)
-            tensor.copy_(full[source])
-
-
-def _use_rearrange_stand_in(monkeypatch=None):
-    if monkeypatch is not None:
-        monkeypatch.setattr(serving, "_rearrange", _gather_rearrange)
-    else:
-        serving._rearrange = _gather_rearrange
-
-
-@pytest.fixture(autouse=True)
-def _stand_in(monkeypatch):
-    _use_rearrange_stand_in(monkeypatch)
-
-
 def _skewed_ids(generator: torch.Generator, tokens: int, k: int, layer: int) -> torch.Tensor:
     """[tokens, k] distinct expert ids per token, hot experts differing per layer."""
     popularity = 1.0 / torch.arange(1, EXPERTS + 1, dtype=torch.float64) ** 1.5
@@ -198,7 +168,7 @@ def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("rank 1 is gone")
 
-    monkeypatch.setattr(serving, "_rearrange", broken)
+    monkeypatch.setattr(serving, "rearrange_expert_weights", broken)
     with pytest.raises(RuntimeError, match="rank 1 is gone"):
         _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(6))
     assert balancer.failed and torch.equal(balancer.phy2log, before)
@@ -206,7 +176,7 @@ def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch
         balancer.step(weights)
     assert (balancer.stats.skipped, balancer.stats.rebalances) == (1, 0)
 
-    _use_rearrange_stand_in(monkeypatch)
+    monkeypatch.undo()
     shifted = before.roll(1, dims=1)
     balancer.reset(shifted)
     assert not balancer.failed and torch.equal(balancer.phy2log, shifted)
@@ -259,7 +229,6 @@ def _free_port() -> int:
 
 def _two_rank_checks(rank: int, world: int, port: int) -> None:
     """Runs in each spawned rank: one rebalance over gloo, checked from every side."""
-    _use_rearrange_stand_in()
     torch.set_num_threads(1)  # one core per rank: more threads only contend
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
