@@ -185,6 +185,8 @@ class ExpertBalancer:
                 f"max_replicas must be <= num_replicas - num_logical_experts + 1 = {largest}, "
                 f"got {self.max_replicas}"
             )
+        # route() must not pick a replica rank that log2phy does not keep.
+        self._truncated = self.max_replicas < largest
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             # route() compares devices: "cuda" must match the tensors' "cuda:N".
@@ -262,7 +264,7 @@ class ExpertBalancer:
             flat = topk_ids.reshape(-1)
             self._step_load[layer].index_add_(0, flat, self._one.expand(flat.numel()))
         count = self.logcnt[layer][topk_ids]
-        if self.max_replicas < self.config.num_replicas - self.config.num_logical_experts + 1:
+        if self._truncated:
             count.clamp_(max=self.max_replicas)
         token = torch.arange(topk_ids.shape[0], device=self.device).unsqueeze(1)
         return self.log2phy[layer][topk_ids, token % count].to(topk_ids.dtype)
