@@ -3,6 +3,8 @@
 What CI runs on every change, and what an engine author points at their own
 copy of the algorithm (``eplb conformance --impl my_module:my_function``).
 
+- ``cases``: the problem types, load kinds, SPEC.md's worked example and a
+  menu of configurations (numpy only).
 - ``strategies``: hypothesis strategies for valid inputs (``problems``,
   ``configs``, ``loads``) and invalid ones (``invalid_problems``), and the
   ``ci`` / ``thorough`` settings profiles.
@@ -12,6 +14,8 @@ copy of the algorithm (``eplb conformance --impl my_module:my_function``).
 - ``runner``: the hypothesis search behind the CLI (``check_candidate``,
   ``check_project``).
 - ``workloads``: the benchmark configurations with real loads.
+- ``device_check``: a hypothesis-free agreement run on a given torch device
+  (``python -m eplb.conformance.device_check --device cuda``).
 
 Names are imported on first use, so ``import eplb.conformance`` (done by the
 ``eplb`` command) needs neither hypothesis nor JAX nor torch.
@@ -33,13 +37,11 @@ if TYPE_CHECKING:
         project_implementations,
         torch_production,
     )
+    from .cases import LOAD_KINDS, SHAPE_MENU, SPEC_EXAMPLE, InvalidProblem, Problem, make_load
     from .invariants import check_invariants
     from .runner import Failure, check_candidate, check_project
     from .strategies import (
         INVALID_RULES,
-        LOAD_KINDS,
-        InvalidProblem,
-        Problem,
         configs,
         invalid_problems,
         loads,
@@ -54,9 +56,12 @@ _EXPORTS = {
     "Difference": "agreement",
     "Failure": "runner",
     "INVALID_RULES": "strategies",
-    "InvalidProblem": "strategies",
-    "LOAD_KINDS": "strategies",
-    "Problem": "strategies",
+    "InvalidProblem": "cases",
+    "LOAD_KINDS": "cases",
+    "Problem": "cases",
+    "SHAPE_MENU": "cases",
+    "SPEC_EXAMPLE": "cases",
+    "make_load": "cases",
     "Workload": "workloads",
     "benchmark_workloads": "workloads",
     "check_agreement": "agreement",
@@ -80,6 +85,8 @@ __all__ = [
     "BENCHMARK_MODELS",
     "INVALID_RULES",
     "LOAD_KINDS",
+    "SHAPE_MENU",
+    "SPEC_EXAMPLE",
     "Difference",
     "Failure",
     "InvalidProblem",
@@ -96,6 +103,7 @@ __all__ = [
     "invalid_problems",
     "jax_reference",
     "loads",
+    "make_load",
     "numpy_reference",
     "problems",
     "project_implementations",

@@ -29,60 +29,18 @@ from .agreement import (
     numpy_reference,
     project_implementations,
 )
+from .cases import SHAPE_MENU, SPEC_EXAMPLE, SPEC_LOGCNT, SPEC_PHY2LOG, InvalidProblem, Problem
 from .cli import DEFAULT_EXAMPLES
 from .invariants import check_invariants
-from .strategies import InvalidProblem, Problem, invalid_problems, loads, problems
+from .strategies import invalid_problems, loads, problems
 
 __all__ = [
     "DEFAULT_EXAMPLES",
-    "JAX_MENU",
-    "SPEC_EXAMPLE",
-    "SPEC_LOGCNT",
-    "SPEC_PHY2LOG",
     "Failure",
     "check_candidate",
     "check_project",
     "menu_problems",
 ]
-
-#: SPEC.md's worked example (two layers, 12 experts, R=16, G=4, N=2, P=8).
-SPEC_EXAMPLE = Problem(
-    np.array(
-        [
-            [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-            [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-        ],
-        dtype=np.float64,
-    ),
-    16,
-    4,
-    2,
-    8,
-    ("spec",),
-)
-#: SPEC.md's expected phy2log [2, 16] and logcnt [2, 12] for ``SPEC_EXAMPLE``.
-SPEC_PHY2LOG = np.array(
-    [
-        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-    ]
-)
-SPEC_LOGCNT = np.array(
-    [
-        [1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
-        [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1],
-    ]
-)
-
-#: The shapes the JAX reference is checked on: JAX compiles once per shape
-#: and counts (seconds each), so it gets this fixed menu, one configuration
-#: per case of SPEC.md's hierarchy, while torch gets every drawn shape.
-JAX_MENU: tuple[EplbConfig, ...] = (
-    EplbConfig(2, 12, 16, 4, 2, 8),  # SPEC.md's worked example: hierarchical, G/N = 2
-    EplbConfig(3, 8, 8, 4, 4, 8),  # G == N, R == E, one slot per GPU
-    EplbConfig(1, 18, 72, 3, 2, 2),  # global (G % N != 0), one layer, P == N, R = 4E
-    EplbConfig(2, 40, 48, 4, 2, 8),  # groups of 10: the order of addition shows
-)
 
 _T = TypeVar("_T")
 
@@ -150,7 +108,7 @@ def _search(
 
 
 @st.composite
-def menu_problems(draw: st.DrawFn, menu: tuple[EplbConfig, ...] = JAX_MENU) -> Problem:
+def menu_problems(draw: st.DrawFn, menu: tuple[EplbConfig, ...] = SHAPE_MENU) -> Problem:
     """A valid input whose configuration (shape included) comes from ``menu``."""
     config = draw(st.sampled_from(menu))
     weight, kinds = draw(
@@ -231,7 +189,7 @@ def _check_all(
 ) -> Failure | None:
     """Valid inputs, invalid inputs, then SPEC.md's example, for each implementation.
 
-    The JAX reference (a name starting with "jax") is drawn on ``JAX_MENU``
+    The JAX reference (a name starting with "jax") is drawn on ``SHAPE_MENU``
     shapes only, a quarter as many times: each new shape compiles.
     """
     for name, impl in impls.items():
@@ -305,7 +263,7 @@ def check_project(
 
     torch production (CPU, and CUDA when available or ``cuda`` is True) on
     ``examples`` drawn inputs of every shape; the JAX reference on a quarter
-    as many, drawn on the shapes of ``JAX_MENU``; all of them on drawn invalid
+    as many, drawn on the shapes of ``SHAPE_MENU``; all of them on drawn invalid
     inputs, which each must refuse with the reference's exception type, and
     on SPEC.md's worked example.
     """
