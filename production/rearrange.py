@@ -24,10 +24,11 @@ How it keeps the link busy and the result exact:
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -87,8 +88,6 @@ class RearrangeStats:
 class _Layout:
     """The per-layer tensor list as this module moves it: integer views, one slot each."""
 
-    slot_shapes: tuple[tuple[int, ...], ...]  # shape of one slot of each tensor (int view)
-    int_dtypes: tuple[torch.dtype, ...]
     slot_nbytes: tuple[int, ...]
     signature: str  # shapes and dtypes as given, for the cross-rank check
     device: torch.device | None
@@ -102,49 +101,31 @@ class _Layout:
         return sum(self.region(t, n) for n in counts for t in range(len(self.slot_nbytes)))
 
 
-class _IndexPool:
-    """Slot indices of the whole call, gathered on the host, sent to the device in one copy."""
-
-    def __init__(self) -> None:
-        self._chunks: list[np.ndarray] = []
-        self._size = 0
-        self._on_device = torch.zeros(0, dtype=torch.int64)
-
-    def add(self, slots: np.ndarray) -> slice:
-        self._chunks.append(slots)
-        self._size += slots.size
-        return slice(self._size - slots.size, self._size)
-
-    def upload(self, device: torch.device) -> None:
-        if self._chunks:
-            self._on_device = torch.from_numpy(np.concatenate(self._chunks)).to(device)
-
-    def __getitem__(self, where: slice) -> torch.Tensor:
-        return self._on_device[where]
-
-
 @dataclass
 class _Message:
-    """One message to or from a peer (group rank) and where its bytes go.
+    """One message to or from a peer (group rank), or the local staging buffer of a batch.
 
-    parts: (layer, tensor, byte offset, local slots) per region, in message order.
+    parts: (layer, tensor, byte offset, local slots) per region, in message order:
+        the region holds that tensor's slots of those slots, one after another.
+    targets: for local staging only, per part the local slots its rows go to.
     """
 
     peer: int
     nbytes: int
     experts: int
-    parts: list[tuple[int, int, int, slice]]
+    parts: list[tuple[int, int, int, list[int]]]
+    targets: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class _Batch:
-    """This rank's share of one batch of layers. Copies: (layer, src slots, dst slots)."""
+    """This rank's share of one batch of layers."""
 
     layers: range
     sends: list[_Message]
     recvs: list[_Message]
-    local: list[tuple[int, slice, slice]]
-    post: list[tuple[int, slice, slice]]
+    local: _Message  # staged local copies: sources in parts, destinations in targets
+    post: list[tuple[int, list[int], list[int]]]  # (layer, source slots, destination slots)
 
 
 def rearrange_expert_weights(
@@ -203,27 +184,21 @@ def rearrange_expert_weights(
     if error is not None:
         raise error
     assert layout is not None
-    pool = _IndexPool()
-    batches = _program(plan, layout, rank, max_batch_bytes, pool)
-    pool.upload(device)
+    batches = _program(plan, layout, rank, max_batch_bytes)
     with torch.no_grad(), _on_device(device):
-        views = [[_int_view(t) for t in layer] for layer in expert_weights]
-        _run(batches, views, layout, pool, group, rank)
+        views = [[_bit_view(t) for t in layer] for layer in expert_weights]
+        _run(batches, views, device, group, rank)
     return RearrangeStats(
         bytes_sent=sum(m.nbytes for b in batches for m in b.sends),
         bytes_received=sum(m.nbytes for b in batches for m in b.recvs),
         experts_sent=sum(m.experts for b in batches for m in b.sends),
         experts_received=sum(m.experts for b in batches for m in b.recvs),
-        local_copies=sum(_count(c) for b in batches for c in (*b.local, *b.post)),
+        local_copies=sum(b.local.experts + sum(len(t) for _, _, t in b.post) for b in batches),
         messages_sent=sum(len(b.sends) for b in batches),
         messages_received=sum(len(b.recvs) for b in batches),
         batches=len(batches),
         seconds=time.perf_counter() - start,
     )
-
-
-def _count(copy: tuple[int, slice, slice]) -> int:
-    return copy[2].stop - copy[2].start
 
 
 def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -263,11 +238,29 @@ def _maps_to_host(old_phy2log: object, new_phy2log: object) -> tuple[np.ndarray,
     return check_maps(old, new, 1)
 
 
-def _int_view(tensor: torch.Tensor) -> torch.Tensor:
-    """The same memory as integers of the same width (complex: as pairs of them)."""
+def _bit_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as ``[slots, ...]`` integers, as wide as the memory layout allows.
+
+    A slot stored as one contiguous block becomes one row of 8-byte (else 4, 2)
+    integers, so copies move wide words; otherwise each element becomes an
+    integer of its own width (complex: a pair). Both read the slot's bytes in
+    the same (row-major, element by element) order, so ranks whose tensors
+    differ in strides still agree on every message's bytes.
+    """
     if tensor.is_complex():
         tensor = torch.view_as_real(tensor)
-    return tensor.view(_INT_OF_SIZE[tensor.element_size()])
+    bits = tensor.view(_INT_OF_SIZE[tensor.element_size()])
+    try:
+        rows = bits.view(bits.shape[0], -1).view(torch.uint8)
+    except RuntimeError:  # the slot is not one dense block
+        return bits
+    for width in (8, 4, 2):
+        if rows.shape[1] % width == 0:
+            try:
+                return rows.view(_INT_OF_SIZE[width])
+            except RuntimeError:  # misaligned offset or row stride: try narrower words
+                continue
+    return rows
 
 
 def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_size: int) -> _Layout:
@@ -313,7 +306,7 @@ def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_siz
                     f"expert_weights[0][0] on {device}"
                 )
             try:
-                _int_view(tensor)
+                _bit_view(tensor)
             except (KeyError, RuntimeError) as exc:
                 raise TypeError(
                     f"{where} has dtype {tensor.dtype}, which cannot be moved as bits"
@@ -327,13 +320,11 @@ def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_siz
                 f"[{layer}] has {_describe(signature)}, expert_weights[0] has {_describe(template)}"
             )
     template = template or []
-    int_views = [
-        _int_view(torch.empty(shape, dtype=dtype, device="meta")) for shape, dtype in template
-    ]
     return _Layout(
-        slot_shapes=tuple(tuple(v.shape[1:]) for v in int_views),
-        int_dtypes=tuple(v.dtype for v in int_views),
-        slot_nbytes=tuple(v[0].numel() * v.element_size() for v in int_views),
+        slot_nbytes=tuple(
+            math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+            for shape, dtype in template
+        ),
         signature=_describe(template),
         device=device,
     )
@@ -411,107 +402,158 @@ class _on_device:
             self._inner.__exit__(*exc)
 
 
-def _program(
-    plan: RearrangePlan, layout: _Layout, rank: int, max_batch_bytes: int, pool: _IndexPool
-) -> list[_Batch]:
-    """This rank's batches: its messages with their byte layout, its local and post copies."""
+def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_batch_bytes: int) -> list[_Batch]:
+    """This rank's batches: its messages with their byte layout, its local and post copies.
+
+    Slots are local here (0 .. R/P - 1).
+    """
     per_rank = plan.slots_per_rank
     base = rank * per_rank
     bounds = batch_layers(plan.staging_slots() * sum(layout.slot_nbytes), max_batch_bytes)
-    sends = plan.transfers[plan.transfers[:, 2] == rank]
-    recvs = plan.transfers[plan.transfers[:, 4] == rank]
-    local = plan.local_copies[plan.local_copies[:, 2] // per_rank == rank]
-    post = plan.post_copies[plan.post_copies[:, 2] // per_rank == rank]
+    t = plan.transfers
+    # (layer, peer, local slot) per expert sent / received, and (layer, src, dst) per copy.
+    sends = np.stack([t[:, 0], t[:, 4], t[:, 3] - base], axis=1)[t[:, 2] == rank]
+    recvs = np.stack([t[:, 0], t[:, 2], t[:, 5] - base], axis=1)[t[:, 4] == rank]
+    local = plan.local_copies[plan.local_copies[:, 2] // per_rank == rank] - [0, base, base]
+    post = plan.post_copies[plan.post_copies[:, 2] // per_rank == rank] - [0, base, base]
     batches = []
     for lo, hi in bounds:
-
-        def rows_of(table: np.ndarray, lo: int = lo, hi: int = hi) -> np.ndarray:
-            return table[(table[:, 0] >= lo) & (table[:, 0] < hi)]
-
+        sent, received, copied, posted = (
+            table[(table[:, 0] >= lo) & (table[:, 0] < hi)] for table in (sends, recvs, local, post)
+        )
+        staging = _layout_message(-1, copied[:, 0], copied[:, 1], layout)
+        staging.targets = [
+            copied[copied[:, 0] == layer, 2].tolist() for layer, _, _, _ in staging.parts
+        ]
         batches.append(
             _Batch(
                 layers=range(lo, hi),
-                sends=_messages(rows_of(sends), 4, 3, base, layout, pool),
-                recvs=_messages(rows_of(recvs), 2, 5, base, layout, pool),
-                local=_copies(rows_of(local), base, pool),
-                post=_copies(rows_of(post), base, pool),
+                sends=_messages(sent, layout),
+                recvs=_messages(received, layout),
+                local=staging,
+                post=[
+                    (int(layer), *(posted[posted[:, 0] == layer, 1:].T.tolist()))
+                    for layer in np.unique(posted[:, 0])
+                ],
             )
         )
     return batches
 
 
-def _messages(
-    rows: np.ndarray,
-    peer_column: int,
-    slot_column: int,
-    base: int,
-    layout: _Layout,
-    pool: _IndexPool,
-) -> list[_Message]:
-    """One message per peer from plan rows (sorted by layer, then expert, per peer).
-
-    A message holds, layer by layer and tensor by tensor, one region of that
-    tensor's slots for the layer's experts, in plan order: both sides lay it out alike.
-    """
+def _messages(rows: np.ndarray, layout: _Layout) -> list[_Message]:
+    """One message per peer from (layer, peer, local slot) rows in plan order."""
     found = []
-    for peer in np.unique(rows[:, peer_column]):
-        mine = rows[rows[:, peer_column] == peer]
-        parts = []
-        position = 0
-        for layer in np.unique(mine[:, 0]):
-            slots = pool.add(mine[mine[:, 0] == layer, slot_column] - base)
-            count = slots.stop - slots.start
-            for tensor in range(len(layout.slot_nbytes)):
-                parts.append((int(layer), tensor, position, slots))
-                position += layout.region(tensor, count)
-        if position:  # all tensors empty: nothing to ship
-            found.append(_Message(int(peer), position, len(mine), parts))
+    for peer in np.unique(rows[:, 1]):
+        mine = rows[rows[:, 1] == peer]
+        message = _layout_message(int(peer), mine[:, 0], mine[:, 2], layout)
+        if message.nbytes:  # all tensors empty: nothing to ship
+            found.append(message)
     return found
 
 
-def _copies(rows: np.ndarray, base: int, pool: _IndexPool) -> list[tuple[int, slice, slice]]:
-    """Per layer: (layer, source local slots, destination local slots)."""
-    return [
-        (
-            int(layer),
-            pool.add(rows[rows[:, 0] == layer, 1] - base),
-            pool.add(rows[rows[:, 0] == layer, 2] - base),
-        )
-        for layer in np.unique(rows[:, 0])
-    ]
+def _layout_message(peer: int, layers: np.ndarray, slots: np.ndarray, layout: _Layout) -> _Message:
+    """Lay out the given (layer, local slot) experts: layer by layer, tensor by tensor.
+
+    layers, slots: [experts] int, in message order (layers ascending). Both sides
+    of a message call this with the same layers in the same order.
+    """
+    parts = []
+    position = 0
+    for layer in np.unique(layers):
+        mine = slots[layers == layer].tolist()
+        for tensor in range(len(layout.slot_nbytes)):
+            parts.append((int(layer), tensor, position, mine))
+            position += layout.region(tensor, len(mine))
+    return _Message(peer, position, len(slots), parts)
 
 
-def _region(
-    buffer: torch.Tensor, layout: _Layout, tensor: int, offset: int, count: int
-) -> torch.Tensor:
-    """``count`` slots of one tensor inside a message buffer, as that tensor's integer view."""
-    nbytes = count * layout.slot_nbytes[tensor]
-    return (
-        buffer[offset : offset + nbytes]
-        .view(layout.int_dtypes[tensor])
-        .view(count, *layout.slot_shapes[tensor])
-    )
+def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    """``count`` slots shaped like ``view``'s (its bit view) inside a message buffer."""
+    nbytes = count * view[0].numel() * view.element_size()
+    return buffer[offset : offset + nbytes].view(view.dtype).view(count, *view.shape[1:])
+
+
+class _Copies:
+    """Slot-to-slot copies, queued and then issued in as few launches as possible.
+
+    ``torch._foreach_copy_`` copies a whole list at once: on CUDA a few fused
+    kernels for all same-dtype dense pairs, on the CPU one memcpy per pair without
+    Python in between. Index kernels (index_select / index_copy_) were slower:
+    on the CPU up to 100x for wide rows.
+    """
+
+    def __init__(self) -> None:
+        self._pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def add(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+        """Queue ``destinations[i] <- sources[i]``; all of one call share one dtype."""
+        if len(destinations) != len(sources):
+            raise AssertionError("copy lists differ in length")  # a bug, never bad input
+        if destinations:
+            into, out_of = self._pairs.setdefault(destinations[0].dtype, ([], []))
+            into.extend(destinations)
+            out_of.extend(sources)
+
+    def run(self) -> None:
+        for destinations, sources in self._pairs.values():
+            _foreach_copy(destinations, sources)
+        self._pairs.clear()
+
+
+def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    copy_all = getattr(torch, "_foreach_copy_", None)  # torch >= 2.2
+    if copy_all is not None:
+        copy_all(destinations, sources)
+        return
+    for destination, source in zip(destinations, sources, strict=True):  # pragma: no cover
+        destination.copy_(source)
+
+
+class _SlotViews:
+    """``views[layer][tensor]`` split into one view per slot, made once per tensor."""
+
+    def __init__(self, views: list[list[torch.Tensor]]) -> None:
+        self._views = views
+        self._split: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, layer: int, tensor: int, slots: list[int]) -> list[torch.Tensor]:
+        """The views of the given local slots of one tensor of one layer."""
+        key = (layer, tensor)
+        if key not in self._split:
+            self._split[key] = self._views[layer][tensor].unbind(0)
+        split = self._split[key]
+        return [split[s] for s in slots]
+
+    def count(self, layer: int) -> int:
+        """Tensors per layer."""
+        return len(self._views[layer])
+
+    def region_rows(
+        self, buffer: torch.Tensor, layer: int, tensor: int, offset: int, count: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The rows of one region of ``buffer``, each shaped like one slot."""
+        return _region(buffer, self._views[layer][tensor], offset, count).unbind(0)
 
 
 def _run(
     batches: list[_Batch],
     views: list[list[torch.Tensor]],
-    layout: _Layout,
-    pool: _IndexPool,
+    device: torch.device,
     group: dist.ProcessGroup | None,
     rank: int,
 ) -> None:
     """Move every batch, packing and sending batch k+1 while batch k is unpacked."""
     touched: set[int] = set()
-    pending: tuple[_Batch, list, list[torch.Tensor], list[torch.Tensor]] | None = None
+    slots = _SlotViews(views)
+    pending: _InFlight | None = None
     try:
         for batch in batches:
-            started = _start(batch, views, layout, pool, group, touched)
+            started = _start(batch, slots, device, group, touched)
             if pending is not None:
-                _finish(*pending, views, layout, pool, touched)
+                _finish(pending, slots, touched)
             pending = started
         if pending is not None:
-            _finish(*pending, views, layout, pool, touched)
+            _finish(pending, slots, touched)
     except Exception as exc:
         changed = sorted(touched)
         unchanged = sorted(set(range(len(views))) - touched)
@@ -523,31 +565,45 @@ def _run(
         ) from exc
 
 
+@dataclass
+class _InFlight:
+    """A started batch: its messages in flight and the buffers they use."""
+
+    batch: _Batch
+    works: list
+    send_buffers: list[torch.Tensor]
+    recv_buffers: list[torch.Tensor]
+
+
 def _start(
     batch: _Batch,
-    views: list[list[torch.Tensor]],
-    layout: _Layout,
-    pool: _IndexPool,
+    slots: _SlotViews,
+    device: torch.device,
     group: dist.ProcessGroup | None,
     touched: set[int],
-) -> tuple[_Batch, list, list[torch.Tensor], list[torch.Tensor]]:
+) -> _InFlight:
     """Pack and stage the batch's reads, start its messages, then write its local copies.
 
     Every read of the batch's old weights (packing, local staging) is issued
     before its first write, so nothing is overwritten before it is sent.
     """
-    device = layout.device
+    reads = _Copies()
     send_buffers = []
     for message in batch.sends:
         buffer = torch.empty(message.nbytes, dtype=torch.uint8, device=device)
-        for layer, tensor, offset, slots in message.parts:
-            out = _region(buffer, layout, tensor, offset, slots.stop - slots.start)
-            torch.index_select(views[layer][tensor], 0, pool[slots], out=out)
+        for layer, tensor, offset, mine in message.parts:
+            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
+            reads.add(rows, slots(layer, tensor, mine))
         send_buffers.append(buffer)
-    staged = [
-        (layer, [view.index_select(0, pool[src]) for view in views[layer]], dst)
-        for layer, src, dst in batch.local
-    ]
+    writes = _Copies()
+    staging = torch.empty(batch.local.nbytes, dtype=torch.uint8, device=device)
+    for (layer, tensor, offset, mine), targets in zip(
+        batch.local.parts, batch.local.targets, strict=True
+    ):
+        rows = slots.region_rows(staging, layer, tensor, offset, len(mine))
+        reads.add(rows, slots(layer, tensor, mine))
+        writes.add(slots(layer, tensor, targets), rows)
+    reads.run()
     recv_buffers = [
         torch.empty(message.nbytes, dtype=torch.uint8, device=device) for message in batch.recvs
     ]
@@ -559,36 +615,28 @@ def _start(
         for message, buffer in zip(batch.recvs, recv_buffers, strict=True)
     ]
     works = dist.batch_isend_irecv(ops) if ops else []
-    for layer, sources, dst in staged:
-        touched.add(layer)
-        for view, source in zip(views[layer], sources, strict=True):
-            view.index_copy_(0, pool[dst], source)
-    return batch, works, send_buffers, recv_buffers
+    touched.update(layer for layer, _, _, _ in batch.local.parts)
+    writes.run()
+    return _InFlight(batch, works, send_buffers, recv_buffers)
 
 
-def _finish(
-    batch: _Batch,
-    works: list,
-    send_buffers: list[torch.Tensor],
-    recv_buffers: list[torch.Tensor],
-    views: list[list[torch.Tensor]],
-    layout: _Layout,
-    pool: _IndexPool,
-    touched: set[int],
-) -> None:
+def _finish(flight: _InFlight, slots: _SlotViews, touched: set[int]) -> None:
     """Wait for the batch's messages, write what arrived, then the post copies."""
-    for work in works:
+    for work in flight.works:
         work.wait()
-    del send_buffers  # free to reuse once sent (stream-ordered on CUDA)
-    for message, buffer in zip(batch.recvs, recv_buffers, strict=True):
-        for layer, tensor, offset, slots in message.parts:
+    flight.send_buffers.clear()  # free to reuse once sent (stream-ordered on CUDA)
+    writes = _Copies()
+    for message, buffer in zip(flight.batch.recvs, flight.recv_buffers, strict=True):
+        for layer, tensor, offset, mine in message.parts:
             touched.add(layer)
-            region = _region(buffer, layout, tensor, offset, slots.stop - slots.start)
-            views[layer][tensor].index_copy_(0, pool[slots], region)
-    for layer, src, dst in batch.post:
+            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
+            writes.add(slots(layer, tensor, mine), rows)
+    writes.run()
+    for layer, sources, targets in flight.batch.post:
         touched.add(layer)
-        for view in views[layer]:
-            view.index_copy_(0, pool[dst], view.index_select(0, pool[src]))
+        for tensor in range(slots.count(layer)):
+            writes.add(slots(layer, tensor, targets), slots(layer, tensor, sources))
+    writes.run()
 
 
 def _global_rank(group: dist.ProcessGroup | None, peer: int) -> int:
