@@ -19,6 +19,9 @@ How it keeps the link busy and the result exact:
   before any of its slots is written, so nothing is overwritten before it is sent.
 - Batches overlap: batch k+1 is packed and sent while batch k is unpacked.
   Layers never share memory, so this is safe; at most two batches are in flight.
+- Bits move through integer views (8-byte words where a slot is one dense
+  block), so every dtype ships exactly; slot copies are issued as lists through
+  ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ class RearrangeStats:
 
 @dataclass(frozen=True)
 class _Layout:
-    """The per-layer tensor list as this module moves it: integer views, one slot each."""
+    """What every layer's tensor list looks like: bytes per slot of each tensor, and where."""
 
     slot_nbytes: tuple[int, ...]
     signature: str  # shapes and dtypes as given, for the cross-rank check
@@ -95,10 +98,6 @@ class _Layout:
     def region(self, tensor: int, count: int) -> int:
         """Bytes one tensor's ``count`` slots take in a message, padded to _ALIGN."""
         return -(-count * self.slot_nbytes[tensor] // _ALIGN) * _ALIGN
-
-    def message_bytes(self, counts: Sequence[int]) -> int:
-        """Bytes of a message carrying ``counts[i]`` experts of the i-th layer it covers."""
-        return sum(self.region(t, n) for n in counts for t in range(len(self.slot_nbytes)))
 
 
 @dataclass

@@ -330,6 +330,7 @@ def _bad_calls(old: np.ndarray, new: np.ndarray, weights: list) -> list[tuple[st
         ("dtype differs between layers", {**good, "expert_weights": other_dtype}, ValueError),
         ("not a list", {**good, "expert_weights": weights[0][0]}, TypeError),
         ("budget", {**good, "max_batch_bytes": 0}, ValueError),
+        ("group without torch.distributed", {**good, "group": object()}, ValueError),
     ]
 
 
@@ -345,6 +346,25 @@ def test_single_rank_refuses_bad_input_and_touches_nothing():
         for got, want in zip(_raw(weights), before, strict=True):
             for g, w in zip(got, want, strict=True):
                 np.testing.assert_array_equal(g, w, err_msg=rule)
+
+
+def test_single_rank_handles_odd_offsets_and_strides():
+    # Slots that start at odd byte offsets or are not dense still move exactly.
+    rng = np.random.default_rng(8)
+    old = _random_placement(rng, 2, 5, 6)
+    new = _random_placement(rng, 2, 5, 6)
+    storage = torch.from_numpy(rng.integers(0, 256, size=(2, 6 * 10 + 1), dtype=np.uint8))
+    odd = [storage[layer, 1:].view(6, 10) for layer in range(2)]  # offset 1: no wide words
+    wide = torch.from_numpy(rng.integers(-(2**31), 2**31, size=(2, 6, 8), dtype=np.int32))
+    every_other = [wide[layer, :, ::2] for layer in range(2)]  # not dense
+    weights = [[odd[layer], every_other[layer]] for layer in range(2)]
+    before = [[t.clone() for t in layer] for layer in weights]
+    rearrange_expert_weights(old, new, weights)
+    for layer in range(2):
+        for t in range(2):
+            for slot in range(6):
+                source = int(np.nonzero(old[layer] == new[layer, slot])[0][0])
+                assert torch.equal(weights[layer][t][slot], before[layer][t][source])
 
 
 # ------------------------------------------------ multi-process gloo scenarios
@@ -615,28 +635,10 @@ def test_nccl_two_gpus(tmp_path):
     names = [n for n in SCENARIOS if n.endswith("-2") and "first-dim" not in n]
     results = _spawn(tmp_path, "nccl", names, 2)
     for name in names:
-        scenario = SCENARIOS[name]
-        if scenario.fault in ("", "midway"):
-            continue
-        assert all(results[name][r]["error"] for r in range(2))
+        errors = [results[name][r]["error"] for r in range(2)]
+        if SCENARIOS[name].fault == "midway":
+            assert [kind for kind, _ in errors] == ["RuntimeError"] * 2
+        elif SCENARIOS[name].fault:
+            assert [kind for kind, _ in errors] == ["ValueError"] * 2
     for name in (n for n in names if not SCENARIOS[n].fault):
         _assert_holds(SCENARIOS[name], results[name], SCENARIOS[name].new)
-
-
-def test_single_rank_handles_odd_offsets_and_strides():
-    # Slots that start at odd byte offsets or are not dense still move exactly.
-    rng = np.random.default_rng(8)
-    old = _random_placement(rng, 2, 5, 6)
-    new = _random_placement(rng, 2, 5, 6)
-    storage = torch.from_numpy(rng.integers(0, 256, size=(2, 6 * 10 + 1), dtype=np.uint8))
-    odd = [storage[layer, 1:].view(6, 10) for layer in range(2)]  # offset 1: no wide words
-    wide = torch.from_numpy(rng.integers(-(2**31), 2**31, size=(2, 6, 8), dtype=np.int32))
-    every_other = [wide[layer, :, ::2] for layer in range(2)]  # not dense
-    weights = [[odd[layer], every_other[layer]] for layer in range(2)]
-    before = [[t.clone() for t in layer] for layer in weights]
-    rearrange_expert_weights(old, new, weights)
-    for layer in range(2):
-        for t in range(2):
-            for slot in range(6):
-                source = int(np.nonzero(old[layer] == new[layer, slot])[0][0])
-                assert torch.equal(weights[layer][t][slot], before[layer][t][source])
