@@ -165,26 +165,21 @@ def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int
     layers, slots = old.shape
     ranks = int(world_size)
     per_rank = slots // ranks
-    num_experts = int(max(old.max(), new.max())) + 1
-    slot = np.arange(slots)
-    rank_of = slot // per_rank
-    layer_of = np.repeat(np.arange(layers), slots)
-
-    # Lowest old slot of each expert on each rank; `slots` where the rank lacks it.
-    first = np.full((layers, ranks, num_experts), slots, dtype=np.int64)
-    np.minimum.at(first, (layer_of, np.tile(rank_of, layers), old.ravel()), np.tile(slot, layers))
+    holdings = _Holdings(old, ranks)
+    rank_of = np.arange(slots) // per_rank
+    layer_of = np.arange(layers)[:, None]
 
     changed = new != old
-    local_src = first[np.arange(layers)[:, None], rank_of[None, :], new]
-    is_local = changed & (local_src < slots)
+    local_src = holdings.lowest_slot(layer_of, rank_of[None, :], new)
+    is_local = changed & (local_src >= 0)
     copy_layer, copy_dst = np.nonzero(is_local)
     local_copies = np.stack([copy_layer, local_src[copy_layer, copy_dst], copy_dst], axis=1)
 
     # Slots whose expert is nowhere on their rank: one receive per (layer, rank, expert).
-    need_layer, need_slot = np.nonzero(changed & (local_src == slots))
+    need_layer, need_slot = np.nonzero(changed & (local_src < 0))
     need_rank = rank_of[need_slot]
     need_expert = new[need_layer, need_slot]
-    key = (need_layer * ranks + need_rank) * num_experts + need_expert
+    key = (need_layer * ranks + need_rank) * holdings.num_experts + need_expert
     # np.nonzero walks (layer, slot) in order, so each key's first occurrence is its lowest slot.
     _, first_index, inverse = np.unique(key, return_index=True, return_inverse=True)
     req_layer = need_layer[first_index]
@@ -194,17 +189,17 @@ def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int
     is_post = np.ones(key.size, dtype=bool)
     is_post[first_index] = False
     post_copies = np.stack(
-        [need_layer[is_post], req_slot[inverse[is_post]], need_slot[is_post]], axis=1
+        [need_layer[is_post], req_slot[inverse.ravel()[is_post]], need_slot[is_post]], axis=1
     )
     post_copies = post_copies[np.lexsort((post_copies[:, 2], post_copies[:, 0]))]
 
-    src_rank = _choose_senders(first[req_layer, :, req_expert] < slots, req_layer, layers)
+    src_rank = _choose_senders(holdings, req_layer, req_expert, layers)
     transfers = np.stack(
         [
             req_layer,
             req_expert,
             src_rank,
-            first[req_layer, src_rank, req_expert],
+            holdings.lowest_slot(req_layer, src_rank, req_expert),
             req_rank,
             req_slot,
         ],
@@ -231,32 +226,82 @@ def _frozen(table: np.ndarray, width: int) -> np.ndarray:
     return table
 
 
-def _choose_senders(holders: np.ndarray, req_layer: np.ndarray, num_layers: int) -> np.ndarray:
-    """The sending rank of each request.
+class _Holdings:
+    """Who holds what under the old placement, as sorted keys (no dense [L, P, E] array).
 
-    holders: [requests, P] bool, which ranks hold the requested expert.
-    req_layer: [requests] int, the layer of each request (ascending).
+    old: [layers, R] int64, the old phy2log.
+    """
+
+    def __init__(self, old: np.ndarray, ranks: int) -> None:
+        layers, slots = old.shape
+        self.ranks = ranks
+        self.num_experts = int(old.max()) + 1
+        slot = np.tile(np.arange(slots), layers)
+        layer = np.repeat(np.arange(layers), slots)
+        rank = slot // (slots // ranks)
+        # Keys ordered (layer, rank, expert); walking slots layer by layer in
+        # order, each key's first occurrence is its lowest slot on that rank.
+        key = (layer * ranks + rank) * self.num_experts + old.ravel()
+        self._keys, first = np.unique(key, return_index=True)
+        self._lowest = slot[first]
+        # The same holdings ordered (layer, expert, rank): the holders of one
+        # expert are one contiguous run.
+        held_rank = (self._keys // self.num_experts) % ranks
+        expert_key = (self._keys // (self.num_experts * ranks)) * self.num_experts + (
+            self._keys % self.num_experts
+        )
+        order = np.lexsort((held_rank, expert_key))
+        self._expert_keys = expert_key[order]
+        self._holder = held_rank[order]
+
+    def lowest_slot(self, layer: np.ndarray, rank: np.ndarray, expert: np.ndarray) -> np.ndarray:
+        """Lowest old slot of ``expert`` on ``rank`` in ``layer`` (broadcast), -1 if none."""
+        query = (layer * self.ranks + rank) * self.num_experts + expert
+        inside = expert < self.num_experts  # ids only the new map has are held nowhere
+        pos = np.minimum(np.searchsorted(self._keys, query), self._keys.size - 1)
+        found = inside & (self._keys[pos] == query)
+        return np.where(found, self._lowest[pos], -1)
+
+    def holders(self, layer: np.ndarray, expert: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the holders of each (layer, expert) start in :attr:`holder` and how many."""
+        query = layer * self.num_experts + expert
+        start = np.searchsorted(self._expert_keys, query, side="left")
+        stop = np.searchsorted(self._expert_keys, query, side="right")
+        return start, stop - start
+
+    @property
+    def holder(self) -> np.ndarray:
+        """[holdings] int64: ranks holding each expert, grouped by (layer, expert)."""
+        return self._holder
+
+
+def _choose_senders(
+    holdings: _Holdings, req_layer: np.ndarray, req_expert: np.ndarray, num_layers: int
+) -> np.ndarray:
+    """The sending rank of each request (layer, expert), requests sorted by layer.
 
     Returns [requests] int64. Greedy per layer: forced requests (one holder)
     first, then the rest, fewest holders first, each to the holder with the
     fewest sends in this layer, then over all layers so far, then the lowest rank.
     """
-    num_holders = holders.sum(axis=1)
-    src = np.argmax(holders, axis=1).astype(np.int64)  # the only holder where forced
-    ranks = holders.shape[1]
-    total = np.zeros(ranks, dtype=np.int64)
+    start, count = holdings.holders(req_layer, req_expert)
+    src = holdings.holder[start].copy()  # the only holder where forced
+    ranks = holdings.ranks
+    total = [0] * ranks
     bounds = np.searchsorted(req_layer, np.arange(num_layers + 1))
+    holder = holdings.holder.tolist()
     for layer in range(num_layers):
         lo, hi = bounds[layer], bounds[layer + 1]
-        count = np.bincount(src[lo:hi][num_holders[lo:hi] == 1], minlength=ranks)
-        free = lo + np.nonzero(num_holders[lo:hi] > 1)[0]
+        sent = np.bincount(src[lo:hi][count[lo:hi] == 1], minlength=ranks).tolist()
+        free = lo + np.nonzero(count[lo:hi] > 1)[0]
         # Stable: among equally constrained requests, the plan order (rank, expert) decides.
-        for request in free[np.argsort(num_holders[free], kind="stable")]:
-            candidates = np.nonzero(holders[request])[0]
-            best = candidates[np.lexsort((candidates, total[candidates], count[candidates]))[0]]
+        for request in free[np.argsort(count[free], kind="stable")].tolist():
+            first = int(start[request])
+            candidates = holder[first : first + int(count[request])]
+            best = min(candidates, key=lambda r: (sent[r], total[r], r))
             src[request] = best
-            count[best] += 1
-        total += count
+            sent[best] += 1
+        total = [t + c for t, c in zip(total, sent, strict=True)]
     return src
 
 

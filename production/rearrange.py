@@ -421,9 +421,9 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_batch_bytes: i
             table[(table[:, 0] >= lo) & (table[:, 0] < hi)] for table in (sends, recvs, local, post)
         )
         staging = _layout_message(-1, copied[:, 0], copied[:, 1], layout)
-        staging.targets = [
-            copied[copied[:, 0] == layer, 2].tolist() for layer, _, _, _ in staging.parts
-        ]
+        # Same layout over the destinations: part i's rows go to these slots.
+        destinations = _layout_message(-1, copied[:, 0], copied[:, 2], layout)
+        staging.targets = [targets for _, _, _, targets in destinations.parts]
         batches.append(
             _Batch(
                 layers=range(lo, hi),
@@ -441,10 +441,11 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_batch_bytes: i
 
 def _messages(rows: np.ndarray, layout: _Layout) -> list[_Message]:
     """One message per peer from (layer, peer, local slot) rows in plan order."""
+    rows = rows[np.argsort(rows[:, 1], kind="stable")]  # by peer; (layer, expert) order kept
+    cuts = np.flatnonzero(np.diff(rows[:, 1])) + 1
     found = []
-    for peer in np.unique(rows[:, 1]):
-        mine = rows[rows[:, 1] == peer]
-        message = _layout_message(int(peer), mine[:, 0], mine[:, 2], layout)
+    for mine in np.split(rows, cuts) if rows.size else []:
+        message = _layout_message(int(mine[0, 1]), mine[:, 0], mine[:, 2], layout)
         if message.nbytes:  # all tensors empty: nothing to ship
             found.append(message)
     return found
@@ -458,11 +459,16 @@ def _layout_message(peer: int, layers: np.ndarray, slots: np.ndarray, layout: _L
     """
     parts = []
     position = 0
-    for layer in np.unique(layers):
-        mine = slots[layers == layer].tolist()
+    cuts = np.flatnonzero(np.diff(layers)) + 1
+    for layer, mine in zip(
+        layers[np.concatenate(([0], cuts))].tolist() if layers.size else [],
+        np.split(slots, cuts) if layers.size else [],
+        strict=True,
+    ):
+        mine_list = mine.tolist()
         for tensor in range(len(layout.slot_nbytes)):
-            parts.append((int(layer), tensor, position, mine))
-            position += layout.region(tensor, len(mine))
+            parts.append((layer, tensor, position, mine_list))
+            position += layout.region(tensor, len(mine_list))
     return _Message(peer, position, len(slots), parts)
 
 
