@@ -181,6 +181,16 @@ def blocking_rebalance(model: ToyMoE) -> None:
     balancer.reset(new)
 
 
+def warm_up_transfers(args: argparse.Namespace, rank: int) -> None:
+    """Move dummy weights between the ranks once: the first point-to-point messages
+    open connections (slow with NCCL and gloo), which neither timed run should pay."""
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
+    old = torch.arange(args.slots).remainder(args.experts).expand(args.layers, -1)
+    new = old.roll(args.slots // args.world_size, dims=1)  # every slot from another rank
+    shape = (args.slots // args.world_size, args.hidden, args.ffn)
+    rearrange_expert_weights(old, new, [[torch.zeros(shape, device=device)] for _ in old])
+
+
 class Run(NamedTuple):
     """One run's model, step durations (ms) and the check batch's (output, slots) before/after."""
 
@@ -275,6 +285,7 @@ def _check_and_report(args: argparse.Namespace, rank: int) -> None:
         f"{args.slots} slots, top-{args.topk}, hidden {args.hidden}, "
         f"{args.tokens} tokens/rank/step, rebalance after {args.steps} steps"
     )
+    warm_up_transfers(args, rank)
     ours = run(args, rank, blocking=False)
     stats = ours.model.balancer.stats
     say(
