@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from eplb.loads import find_data_dir, read_load, synthetic_load
-from eplb.production.rebalance import rebalance_experts
+from eplb.production import rebalance_experts
 
 _CONFIG = (288, 8, 4, 32)  # DeepSeek-V3: R, G, N, P
 

@@ -130,7 +130,7 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from eplb.production.rebalance import rebalance_experts
+    from eplb.production import rebalance_experts
 
     start = time.perf_counter()
     maps = rebalance_experts(

@@ -8,6 +8,7 @@ Never imports JAX.
 """
 
 from .rearrange import RearrangePlan, RearrangeStats, plan_rearrangement, rearrange_expert_weights
+from .rebalance import rebalance_experts
 from .serving import BalancerStats, ExpertBalancer
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "RearrangeStats",
     "plan_rearrangement",
     "rearrange_expert_weights",
+    "rebalance_experts",
 ]

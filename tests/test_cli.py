@@ -12,7 +12,7 @@ import torch
 
 from eplb.cli import main
 from eplb.loads import find_data_dir, read_load
-from eplb.production.rebalance import rebalance_experts
+from eplb.production import rebalance_experts
 
 
 def test_demo_prints_the_report(capsys):
