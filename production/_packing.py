@@ -62,7 +62,7 @@ def _descending_order(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     that shows up as a rise in the sorted weights, and only such rows are
     sorted again with numpy's stable argsort.
     """
-    num_rows, num_items = weight.shape
+    num_items = weight.shape[1]
     shift = max(1, (num_items - 1).bit_length())
     low = (1 << shift) - 1
     # "+ 0.0" turns -0.0 (which passes validation) into +0.0: equal weights
@@ -171,7 +171,8 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
         stop = min(num_items, t + capacity - 1 - int(largest))
         if stop <= t:
             break
-        for chosen, flat, weight in zip(pack_t[t:stop], flat_t[t:stop], weight_t[t:stop]):
+        steps = zip(pack_t[t:stop], flat_t[t:stop], weight_t[t:stop], strict=True)
+        for chosen, flat, weight in steps:
             if huge:
                 _select_first_min(key, chosen, *scratch)
             else:
@@ -189,7 +190,7 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
     take_count, take_penalty = counts.take, penalty.take
     arrived = np.empty(num_rows, dtype=np.int64)
     increment = np.empty(num_rows, dtype=np.float64)
-    for chosen, flat, weight in zip(pack_t[t:], flat_t[t:], weight_t[t:]):
+    for chosen, flat, weight in zip(pack_t[t:], flat_t[t:], weight_t[t:], strict=True):
         if huge:
             _select_first_min(key, chosen, *scratch)
         else:
@@ -222,7 +223,7 @@ def _select_first_min(
     key: [X, m] float64, NaN for full packs; some pack of each row is not NaN.
     out: [X] int64, written. smallest: [X] float64 and is_min: [X, m] bool, scratch.
     """
-    np.fmin.reduce(key, 1, None, smallest)
+    np.fmin.reduce(key, axis=1, out=smallest)
     np.equal(key, smallest[:, None], is_min)
     is_min.argmax(1, out)
 
@@ -312,7 +313,7 @@ def _replicate(
     argmax, add, divide = per_replica.argmax, np.add, np.divide
     take_count, put_count = count.take, count.put
     take_weight, put_load = weight_flat.take, per_replica_flat.put
-    for chosen, before in zip(expert_t, rank_t):
+    for chosen, before in zip(expert_t, rank_t, strict=True):
         # First maximum = lowest expert index among equal per-replica loads.
         argmax(1, chosen)
         add(chosen, row_offset, flat)
@@ -389,9 +390,7 @@ def rebalance_experts_hierarchical(
         layer_start = (np.arange(num_layers, dtype=np.int64) * num_groups)[:, None]
         position += layer_start
         group_rows = np.empty(num_layers * num_groups, dtype=np.int64)
-        group_rows[position.ravel()] = (
-            np.arange(num_groups, dtype=np.int64) + layer_start
-        ).ravel()
+        group_rows[position.ravel()] = (np.arange(num_groups, dtype=np.int64) + layer_start).ravel()
         # The loads in node-local order: whole groups move, one row copy each.
         node_load = weight.reshape(-1, group_size).take(group_rows, axis=0)
         node_load = node_load.reshape(num_rows, experts_per_node)
@@ -433,15 +432,17 @@ def rebalance_experts_hierarchical(
         # One slot per GPU: slot i goes to GPU i, rank 0.
         source = np.arange(num_rows * slots_per_node, dtype=np.int64)
 
-    # Step 7: map back to logical experts; the replica rank travels with the slot.
-    slot_logical = np.empty((num_rows, slots_per_node), dtype=np.int64)
-    slot_logical[:, :experts_per_node] = local_logical
-    slot_logical[:, experts_per_node:] = local_logical.ravel().take(extra_flat)
-    slot_rank = np.zeros((num_rows, slots_per_node), dtype=np.int64)
-    slot_rank[:, experts_per_node:] = extra_rank
-    shape = (num_layers, num_physical_experts)
-    phy2log = slot_logical.ravel().take(source).reshape(shape)
-    out_rank = slot_rank.ravel().take(source).reshape(shape)
+    # Step 7: map back to logical experts; the replica rank travels with the
+    # slot. Expert and rank ride in one int64 (expert << 32 | rank) so that one
+    # gather moves both.
+    slot_code = np.empty((num_rows, slots_per_node), dtype=np.int64)
+    np.left_shift(local_logical, 32, out=slot_code[:, :experts_per_node])
+    extra_code = slot_code[:, experts_per_node:]
+    np.left_shift(local_logical.ravel().take(extra_flat), 32, out=extra_code)
+    extra_code |= extra_rank
+    code = slot_code.ravel().take(source).reshape(num_layers, num_physical_experts)
+    out_rank = code & 0xFFFFFFFF
+    phy2log = np.right_shift(code, 32, out=code)
     if group_rows is None:
         logcnt = mlogcnt.reshape(num_layers, num_logical)
     else:
