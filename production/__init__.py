@@ -7,7 +7,13 @@ rearrangement over ``torch.distributed``, and the serving-side state.
 Never imports JAX.
 """
 
-from .rearrange import RearrangePlan, RearrangeStats, plan_rearrangement, rearrange_expert_weights
+from .rearrange import (
+    RearrangePlan,
+    RearrangeStats,
+    plan_rearrangement,
+    rearrange_expert_weights,
+    warmup_rearrangement,
+)
 from .rebalance import rebalance_experts
 from .serving import BalancerStats, ExpertBalancer
 
@@ -19,4 +25,5 @@ __all__ = [
     "plan_rearrangement",
     "rearrange_expert_weights",
     "rebalance_experts",
+    "warmup_rearrangement",
 ]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RearrangePlan", "batch_layers", "plan_rearrangement"]
+__all__ = ["RearrangePlan", "local_waves", "plan_rearrangement", "split_steps"]
 
 #: Column order of :attr:`RearrangePlan.transfers`.
 TRANSFER_COLUMNS = ("layer", "expert", "src_rank", "src_slot", "dst_rank", "dst_slot")
@@ -305,26 +305,84 @@ def _choose_senders(
     return src
 
 
-def batch_layers(staging_bytes: np.ndarray, max_batch_bytes: int) -> list[tuple[int, int]]:
-    """Group consecutive layers into batches that fit a memory budget.
+def split_steps(
+    plan: RearrangePlan, expert_nbytes: int, max_step_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Order the transfers and cut them into pipeline steps (same on every rank).
 
-    staging_bytes: [layers, world_size] int, staging memory each layer needs on
-        each rank.
-    max_batch_bytes: the most staging memory one batch may need on any rank.
+    expert_nbytes: bytes of one expert (all tensors of one slot).
+    max_step_bytes: the most bytes one step may send plus receive on any rank; a
+        step holds at least one transfer, so a lone expert may exceed it.
 
-    Returns half-open layer ranges ``(start, stop)`` covering all layers in
-    order. A layer that alone exceeds the budget forms a batch by itself (a
-    layer is never split, so that nothing of it is overwritten before it is sent).
+    Returns ``order`` [T] int64, the rows of ``plan.transfers`` in execution order,
+    and ``step`` [T] int64, the step of each row of ``order`` (non-decreasing). Within a
+    layer, transfers that read a slot this plan overwrites go first and those that
+    write a slot something still reads go last, so that a slot's last read rarely
+    comes after its write (the executor delays such writes).
     """
-    staging = np.asarray(staging_bytes, dtype=np.int64)
-    batches: list[tuple[int, int]] = []
-    start = 0
-    used = np.zeros(staging.shape[1], dtype=np.int64)
-    for layer in range(staging.shape[0]):
-        if layer > start and (used + staging[layer]).max() > max_batch_bytes:
-            batches.append((start, layer))
-            start = layer
-            used[:] = 0
-        used += staging[layer]
-    batches.append((start, staging.shape[0]))
-    return batches
+    t = plan.transfers
+    if not t.size:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    shape = (plan.num_layers, plan.num_slots)
+    written = np.zeros(shape, dtype=bool)
+    read = np.zeros(shape, dtype=bool)
+    for table, src, dst in ((t, 3, 5), (plan.local_copies, 1, 2), (plan.post_copies, 1, 2)):
+        written[table[:, 0], table[:, dst]] = True
+        if table is not plan.post_copies:  # post copies read new content
+            read[table[:, 0], table[:, src]] = True
+    reads_written = written[t[:, 0], t[:, 3]]
+    writes_read = read[t[:, 0], t[:, 5]]
+    rank_class = np.where(reads_written, 0, 2) + writes_read
+    order = np.lexsort((t[:, 1], t[:, 4], t[:, 2], rank_class, t[:, 0]))
+    step = np.zeros(order.size, dtype=np.int64)
+    used = [0] * plan.world_size
+    current = 0
+    empty = True
+    for i, (src, dst) in enumerate(t[order][:, [2, 4]].tolist()):
+        if not empty and max(used[src], used[dst]) + expert_nbytes > max_step_bytes:
+            current += 1
+            used = [0] * plan.world_size
+        used[src] += expert_nbytes
+        used[dst] += expert_nbytes
+        step[i] = current
+        empty = False
+    return order, step
+
+
+def local_waves(copies: list[tuple[int, int]]) -> tuple[list[int], list[list[tuple[int, int]]]]:
+    """Order one rank's local copies of one layer so that most go slot to slot.
+
+    copies: (source slot, destination slot) pairs; each destination once, never
+    its own source. A copy may only write a slot once every copy reading that
+    slot's old content has run; where that is impossible (a cycle), one slot per
+    cycle is staged first.
+
+    Returns ``staged`` (slots whose old content goes to staging row i, before
+    anything else) and ``waves``: lists of (source, destination) run one wave
+    after another, copies within a wave independent. A source ``-1 - i`` means
+    staging row i.
+    """
+    pending = {dst: src for src, dst in copies}
+    readers: dict[int, int] = {}
+    for src in pending.values():
+        readers[src] = readers.get(src, 0) + 1
+    staged: list[int] = []
+    waves: list[list[tuple[int, int]]] = []
+    while pending:
+        ready = sorted(dst for dst in pending if not readers.get(dst, 0))
+        if not ready:  # every slot left is still to be read: break one cycle
+            slot = min(pending)
+            for dst, src in pending.items():
+                if src == slot:
+                    pending[dst] = -1 - len(staged)
+            staged.append(slot)
+            readers[slot] = 0
+            continue
+        wave = []
+        for dst in ready:
+            src = pending.pop(dst)
+            wave.append((src, dst))
+            if src >= 0:
+                readers[src] -= 1
+        waves.append(wave)
+    return staged, waves

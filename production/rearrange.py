@@ -26,30 +26,41 @@ How it keeps the link busy and the result exact:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._rearrange_plan import RearrangePlan, batch_layers, check_maps, plan_rearrangement
+from ._rearrange_plan import (
+    RearrangePlan,
+    check_maps,
+    local_waves,
+    plan_rearrangement,
+    split_steps,
+)
 
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
     "RearrangePlan",
     "RearrangeStats",
-    "batch_layers",
     "plan_rearrangement",
     "rearrange_expert_weights",
+    "warmup_rearrangement",
 ]
 
-#: Default staging budget of one batch of layers on one rank: 1 GiB.
-DEFAULT_MAX_BATCH_BYTES = 1 << 30
+#: Default bytes one pipeline step may send plus receive on one rank: 256 MiB.
+#: Small enough for several steps per DeepSeek-V3 layer (overlap), large enough
+#: for full link speed per message.
+DEFAULT_MAX_BATCH_BYTES = 256 << 20
 
 # Regions inside a message start at multiples of this, so that each can be viewed
 # as its tensor's dtype (view(dtype) needs an aligned offset) with aligned loads.
@@ -70,10 +81,14 @@ class RearrangeStats:
     local_copies: slots filled from another slot of this rank (an expert it
         already held, or a second slot of an expert it received).
     messages_sent, messages_received: point-to-point messages.
-    batches: batches of layers (one ``batch_isend_irecv`` each, where any).
+    batches: pipeline steps (one ``batch_isend_irecv`` each, where any).
     seconds: host wall time of the call. On CUDA the last copies may still be
         running on the current stream when it returns; work queued later on that
         stream sees the new weights (call ``torch.cuda.synchronize()`` to time it).
+    phase_ms: with ``profile=True`` on CUDA, GPU milliseconds per phase (pack,
+        exposed wire wait, local copies, unpack, post copies, total), summed over
+        steps; phases on different streams overlap, so they add up to more than
+        the total. Also ``plan (host)``. Empty otherwise.
     """
 
     bytes_sent: int
@@ -85,6 +100,7 @@ class RearrangeStats:
     messages_received: int
     batches: int
     seconds: float
+    phase_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -116,17 +132,6 @@ class _Message:
     targets: list[list[int]] = field(default_factory=list)
 
 
-@dataclass
-class _Batch:
-    """This rank's share of one batch of layers."""
-
-    layers: range
-    sends: list[_Message]
-    recvs: list[_Message]
-    local: _Message  # staged local copies: sources in parts, destinations in targets
-    post: list[tuple[int, list[int], list[int]]]  # (layer, source slots, destination slots)
-
-
 def rearrange_expert_weights(
     old_phy2log: torch.Tensor,
     new_phy2log: torch.Tensor,
@@ -134,6 +139,7 @@ def rearrange_expert_weights(
     group: dist.ProcessGroup | None = None,
     *,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    profile: bool = False,
 ) -> RearrangeStats:
     """Rewrite this rank's expert slots in place for a new placement (collective).
 
@@ -148,10 +154,12 @@ def rearrange_expert_weights(
         layers must not share memory. Replicas of an expert hold the same weights.
     group: the EP process group (default: the world; none needed for one rank).
         NCCL for CUDA tensors, gloo for CPU tensors.
-    max_batch_bytes: staging memory one batch of layers may use on one rank
-        (send, receive and local-copy buffers); default 1 GiB. Two batches can be
-        in flight, so the extra memory peaks near twice this, or at one layer's
-        need when a single layer needs more (a layer is never split).
+    max_batch_bytes: bytes one pipeline step may send plus receive on one rank
+        (default 256 MiB; a single expert may exceed it). Up to about three steps'
+        buffers are alive at once; a large layer spans several steps. Local copies
+        stage one slot per cycle of moves, no more.
+    profile: record CUDA events per phase into ``phase_ms`` (one host sync at the
+        end; for benchmarks).
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
@@ -183,21 +191,66 @@ def rearrange_expert_weights(
     if error is not None:
         raise error
     assert layout is not None
-    batches = _program(plan, layout, rank, max_batch_bytes)
+    steps = _program(plan, layout, rank, max_batch_bytes)
+    planned = time.perf_counter()
     with torch.no_grad(), _on_device(device):
         views = [[_bit_view(t) for t in layer] for layer in expert_weights]
-        _run(batches, views, device, group, rank)
+        phases = _run(steps, views, device, group, rank, profile)
+    if phases:
+        phases["plan (host)"] = (planned - start) * 1e3
     return RearrangeStats(
-        bytes_sent=sum(m.nbytes for b in batches for m in b.sends),
-        bytes_received=sum(m.nbytes for b in batches for m in b.recvs),
-        experts_sent=sum(m.experts for b in batches for m in b.sends),
-        experts_received=sum(m.experts for b in batches for m in b.recvs),
-        local_copies=sum(b.local.experts + sum(len(t) for _, _, t in b.post) for b in batches),
-        messages_sent=sum(len(b.sends) for b in batches),
-        messages_received=sum(len(b.recvs) for b in batches),
-        batches=len(batches),
+        bytes_sent=sum(m.nbytes for b in steps for m in b.sends),
+        bytes_received=sum(m.nbytes for b in steps for m in b.recvs),
+        experts_sent=sum(m.experts for b in steps for m in b.sends),
+        experts_received=sum(m.experts for b in steps for m in b.recvs),
+        local_copies=sum(
+            sum(len(w) for g in b.local for w in g.waves) + len(b.post) for b in steps
+        ),
+        messages_sent=sum(len(b.sends) for b in steps),
+        messages_received=sum(len(b.recvs) for b in steps),
+        batches=sum(1 for b in steps if b.sends or b.recvs),
         seconds=time.perf_counter() - start,
+        phase_ms=phases,
     )
+
+
+def warmup_rearrangement(
+    group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+) -> float:
+    """Open the point-to-point channels to every peer now, not in the first rearrangement.
+
+    NCCL creates a pair's P2P channels lazily, on the first send/recv between
+    them (about 0.3 s on H200s); a serving engine calls this once at start-up
+    (collective: every rank of ``group`` must call it). Each rank sends one
+    byte to and receives one from every peer in one ``batch_isend_irecv``.
+
+    group: the EP process group (default: the world).
+    device: where the bytes live (default: the current CUDA device for NCCL,
+        else the CPU).
+
+    Returns the seconds it took on this rank (0.0 for a single rank).
+    """
+    start = time.perf_counter()
+    rank, world_size = _rank_and_size(group)
+    if world_size == 1:
+        return 0.0
+    if device is None:
+        device = _collective_device(group, torch.device("cpu"))
+    device = torch.device(device)
+    out = torch.zeros(world_size, dtype=torch.uint8, device=device)
+    into = torch.empty(world_size, dtype=torch.uint8, device=device)
+    ops = [
+        dist.P2POp(op, buffer[peer : peer + 1], _global_rank(group, peer), group)
+        for op, buffer in ((dist.isend, out), (dist.irecv, into))
+        for peer in range(world_size)
+        if peer != rank
+    ]
+    with _on_device(device):
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -401,42 +454,109 @@ class _on_device:
             self._inner.__exit__(*exc)
 
 
-def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_batch_bytes: int) -> list[_Batch]:
-    """This rank's batches: its messages with their byte layout, its local and post copies.
+@dataclass
+class _Unpack:
+    """Rows of one received message part written to their slots at some step."""
 
-    Slots are local here (0 .. R/P - 1).
+    step: int  # the step whose receive buffer holds them
+    message: int  # index in that step's recvs
+    layer: int
+    tensor: int
+    offset: int
+    count: int  # rows in the part
+    rows: list[int]  # which rows of the part
+    slots: list[int]  # their destination slots
+
+
+@dataclass
+class _LocalGroup:
+    """One layer's local copies in a safe order: stage, then waves (see local_waves)."""
+
+    layer: int
+    staged: list[int]
+    waves: list[list[tuple[int, int]]]
+
+
+@dataclass
+class _Step:
+    """This rank's share of one pipeline step, and the writes issued at its end."""
+
+    sends: list[_Message]
+    recvs: list[_Message]
+    local: list[_LocalGroup] = field(default_factory=list)
+    unpacks: list[_Unpack] = field(default_factory=list)
+    post: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
+
+
+def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: int) -> list[_Step]:
+    """This rank's steps: messages with their byte layout, and when each slot is written.
+
+    A write to slot X is issued at the end of step s, after the packs of step
+    s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
+    local copies of a layer run before unpacks and post copies that overwrite
+    their sources. Slots are local here (0 .. R/P - 1).
     """
     per_rank = plan.slots_per_rank
     base = rank * per_rank
-    bounds = batch_layers(plan.staging_slots() * sum(layout.slot_nbytes), max_batch_bytes)
-    t = plan.transfers
-    # (layer, peer, local slot) per expert sent / received, and (layer, src, dst) per copy.
-    sends = np.stack([t[:, 0], t[:, 4], t[:, 3] - base], axis=1)[t[:, 2] == rank]
-    recvs = np.stack([t[:, 0], t[:, 2], t[:, 5] - base], axis=1)[t[:, 4] == rank]
+    order, step_of = split_steps(plan, sum(layout.slot_nbytes), max_step_bytes)
+    t = plan.transfers[order]
+    num_steps = int(step_of[-1]) + 1 if step_of.size else 1
+    steps = [_Step([], []) for _ in range(num_steps)]
+    last_pack: dict[tuple[int, int], int] = {}
+    mine = t[:, 2] == rank
+    for s, layer, slot in zip(
+        step_of[mine].tolist(), t[mine, 0].tolist(), t[mine, 3].tolist(), strict=True
+    ):
+        last_pack[(layer, slot - base)] = s
+    for s in range(num_steps):
+        at = step_of == s
+        sends = np.stack([t[at, 0], t[at, 4], t[at, 3] - base], axis=1)[t[at, 2] == rank]
+        recvs = np.stack([t[at, 0], t[at, 2], t[at, 5] - base], axis=1)[t[at, 4] == rank]
+        steps[s].sends = _messages(sends, layout)
+        steps[s].recvs = _messages(recvs, layout)
+
+    # No write of a layer before the first step moving anything of it (or of a
+    # later layer): a failure then leaves later layers untouched.
+    first_step = np.full(plan.num_layers + 1, num_steps - 1, dtype=np.int64)
+    np.minimum.at(first_step, t[:, 0], step_of)
+    first_step = np.minimum.accumulate(first_step[::-1])[::-1].tolist()
+
+    def earliest(layer: int, slot: int) -> int:
+        return max(last_pack.get((layer, slot), 0) - 1, first_step[layer])
+
     local = plan.local_copies[plan.local_copies[:, 2] // per_rank == rank] - [0, base, base]
+    local_step: dict[tuple[int, int], int] = {}  # (layer, source slot) -> step of its group
+    for layer in np.unique(local[:, 0]).tolist():
+        pairs = local[local[:, 0] == layer, 1:].tolist()
+        at = max(earliest(layer, dst) for _, dst in pairs)
+        staged, waves = local_waves([(src, dst) for src, dst in pairs])
+        steps[at].local.append(_LocalGroup(layer, staged, waves))
+        for src, _ in pairs:
+            local_step[(layer, src)] = at
+
+    def write_step(layer: int, slot: int, after: int) -> int:
+        return max(after, earliest(layer, slot), local_step.get((layer, slot), 0))
+
+    filled: dict[tuple[int, int], int] = {}  # (layer, slot) -> step its receive is written
+    for s, flight in enumerate(steps):
+        for index, message in enumerate(flight.recvs):
+            for layer, tensor, offset, slots in message.parts:
+                by_step: dict[int, tuple[list[int], list[int]]] = {}
+                for row, slot in enumerate(slots):
+                    at = write_step(layer, slot, s)
+                    filled[(layer, slot)] = max(filled.get((layer, slot), 0), at)
+                    rows, dsts = by_step.setdefault(at, ([], []))
+                    rows.append(row)
+                    dsts.append(slot)
+                for at, (rows, dsts) in by_step.items():
+                    steps[at].unpacks.append(
+                        _Unpack(s, index, layer, tensor, offset, len(slots), rows, dsts)
+                    )
     post = plan.post_copies[plan.post_copies[:, 2] // per_rank == rank] - [0, base, base]
-    batches = []
-    for lo, hi in bounds:
-        sent, received, copied, posted = (
-            table[(table[:, 0] >= lo) & (table[:, 0] < hi)] for table in (sends, recvs, local, post)
-        )
-        staging = _layout_message(-1, copied[:, 0], copied[:, 1], layout)
-        # Same layout over the destinations: part i's rows go to these slots.
-        destinations = _layout_message(-1, copied[:, 0], copied[:, 2], layout)
-        staging.targets = [targets for _, _, _, targets in destinations.parts]
-        batches.append(
-            _Batch(
-                layers=range(lo, hi),
-                sends=_messages(sent, layout),
-                recvs=_messages(received, layout),
-                local=staging,
-                post=[
-                    (int(layer), *(posted[posted[:, 0] == layer, 1:].T.tolist()))
-                    for layer in np.unique(posted[:, 0])
-                ],
-            )
-        )
-    return batches
+    for layer, src, dst in post.tolist():
+        at = write_step(layer, dst, filled[(layer, src)])
+        steps[at].post.append((layer, [src], [dst]))
+    return steps
 
 
 def _messages(rows: np.ndarray, layout: _Layout) -> list[_Message]:
@@ -529,6 +649,10 @@ class _SlotViews:
         split = self._split[key]
         return [split[s] for s in slots]
 
+    def whole(self, layer: int, tensor: int) -> torch.Tensor:
+        """The bit view of one tensor of one layer, all its slots."""
+        return self._views[layer][tensor]
+
     def count(self, layer: int) -> int:
         """Tensors per layer."""
         return len(self._views[layer])
@@ -540,25 +664,122 @@ class _SlotViews:
         return _region(buffer, self._views[layer][tensor], offset, count).unbind(0)
 
 
+class _Streams:
+    """The pack and write streams of a CUDA device, made once (cached blocks stay reusable).
+
+    NCCL runs on its own stream, which waits for the stream current when the
+    operations are issued (the pack stream); the write stream waits for NCCL
+    through ``work.wait()``. On the CPU everything runs in host order.
+    """
+
+    _cache: ClassVar[dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]]] = {}
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            if device not in self._cache:
+                self._cache[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+            self.pack, self.write = self._cache[device]
+
+    def use(self, which: str) -> AbstractContextManager[object]:
+        if not self.cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.pack if which == "pack" else self.write)
+
+    def wait(self, which: str, other: str) -> None:
+        """Stream ``which`` waits for what was queued on ``other`` (or ``"current"``)."""
+        if self.cuda:
+            streams = {
+                "pack": self.pack,
+                "write": self.write,
+                "current": torch.cuda.current_stream(),
+            }
+            streams[which].wait_stream(streams[other])
+
+
+class _Phases:
+    """CUDA events around each phase (only when profiling); sums them at the end, in ms."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.spans: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        self._open: dict[str, torch.cuda.Event] = {}
+
+    def mark(self, name: str, end: bool = False) -> None:
+        if not self.enabled:
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # on the current stream
+        if end:
+            self.spans.setdefault(name, []).append((self._open.pop(name), event))
+        else:
+            self._open[name] = event
+
+    def totals(self) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        torch.cuda.synchronize()
+        return {
+            name: sum(a.elapsed_time(b) for a, b in spans) for name, spans in self.spans.items()
+        }
+
+
 def _run(
-    batches: list[_Batch],
+    steps: list[_Step],
     views: list[list[torch.Tensor]],
     device: torch.device,
     group: dist.ProcessGroup | None,
     rank: int,
-) -> None:
-    """Move every batch, packing and sending batch k+1 while batch k is unpacked."""
+    profile: bool,
+) -> dict[str, float]:
+    """Move every step: NCCL moves step k while step k + 1 is packed and step k - 1 written.
+
+    Host order per step k: issue k's messages (after its packs), pack k + 1,
+    then its writes (after k's messages and k + 1's packs). No host sync. The
+    pack stream waits for the write stream before packing, so buffers freed
+    after their last write are reused only once that write has run.
+    """
     touched: set[int] = set()
     slots = _SlotViews(views)
-    pending: _InFlight | None = None
+    streams = _Streams(device)
+    phases = _Phases(profile and streams.cuda)
+    streams.wait("pack", "current")
+    streams.wait("write", "current")
+    phases.mark("total")
+    sent: list[list[torch.Tensor] | None] = [None] * len(steps)
+    received: list[list[torch.Tensor] | None] = [None] * len(steps)
+    last_use = _last_use(steps)
     try:
-        for batch in batches:
-            started = _start(batch, slots, device, group, touched)
-            if pending is not None:
-                _finish(pending, slots, touched)
-            pending = started
-        if pending is not None:
-            _finish(pending, slots, touched)
+        with streams.use("pack"):
+            sent[0] = _pack(steps[0], slots, device, phases)
+        for k, step in enumerate(steps):
+            with streams.use("pack"):
+                received[k] = [
+                    torch.empty(m.nbytes, dtype=torch.uint8, device=device) for m in step.recvs
+                ]
+                works = _start(step, sent[k] or [], received[k] or [], group)
+                if k + 1 < len(steps):
+                    # Covers the writes of step k - 1: buffers last used there or
+                    # earlier may be freed, and pack-stream reuse comes after them.
+                    streams.wait("pack", "write")
+                    if k:
+                        sent[k - 1] = None
+                    for j in range(k):
+                        if last_use[j] <= k - 1:
+                            received[j] = None
+                    sent[k + 1] = _pack(steps[k + 1], slots, device, phases)
+            with streams.use("write"):
+                phases.mark("wire (exposed)")
+                for work in works:
+                    work.wait()
+                phases.mark("wire (exposed)", end=True)
+                streams.wait("write", "pack")
+                _write(step, slots, received, touched, phases)
+        streams.wait("current", "write")
+        streams.wait("current", "pack")
+        phases.mark("total", end=True)
+        sent.clear()  # freed after the current stream's wait: reuse comes after every use
+        received.clear()
     except Exception as exc:
         changed = sorted(touched)
         unchanged = sorted(set(range(len(views))) - touched)
@@ -568,80 +789,95 @@ def _run(
             f"layers {unchanged} are unchanged. The weights no longer match either "
             "placement: reload them or rerun the rearrangement from the old placement"
         ) from exc
+    return phases.totals()
 
 
-@dataclass
-class _InFlight:
-    """A started batch: its messages in flight and the buffers they use."""
+def _last_use(steps: list[_Step]) -> list[int]:
+    """Per step, the last step whose writes read its receive buffers."""
+    last = list(range(len(steps)))
+    for k, step in enumerate(steps):
+        for unpack in step.unpacks:
+            last[unpack.step] = max(last[unpack.step], k)
+    return last
 
-    batch: _Batch
-    works: list
-    send_buffers: list[torch.Tensor]
-    recv_buffers: list[torch.Tensor]
 
-
-def _start(
-    batch: _Batch,
-    slots: _SlotViews,
-    device: torch.device,
-    group: dist.ProcessGroup | None,
-    touched: set[int],
-) -> _InFlight:
-    """Pack and stage the batch's reads, start its messages, then write its local copies.
-
-    Every read of the batch's old weights (packing, local staging) is issued
-    before its first write, so nothing is overwritten before it is sent.
-    """
+def _pack(
+    step: _Step, slots: _SlotViews, device: torch.device, phases: _Phases
+) -> list[torch.Tensor]:
+    """Copy the step's outgoing experts into one buffer per peer."""
+    phases.mark("pack")
     reads = _Copies()
-    send_buffers = []
-    for message in batch.sends:
+    buffers = []
+    for message in step.sends:
         buffer = torch.empty(message.nbytes, dtype=torch.uint8, device=device)
         for layer, tensor, offset, mine in message.parts:
             rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
             reads.add(rows, slots(layer, tensor, mine))
-        send_buffers.append(buffer)
-    writes = _Copies()
-    staging = torch.empty(batch.local.nbytes, dtype=torch.uint8, device=device)
-    for (layer, tensor, offset, mine), targets in zip(
-        batch.local.parts, batch.local.targets, strict=True
-    ):
-        rows = slots.region_rows(staging, layer, tensor, offset, len(mine))
-        reads.add(rows, slots(layer, tensor, mine))
-        writes.add(slots(layer, tensor, targets), rows)
+        buffers.append(buffer)
     reads.run()
-    recv_buffers = [
-        torch.empty(message.nbytes, dtype=torch.uint8, device=device) for message in batch.recvs
-    ]
+    phases.mark("pack", end=True)
+    return buffers
+
+
+def _start(
+    step: _Step,
+    send_buffers: list[torch.Tensor],
+    recv_buffers: list[torch.Tensor],
+    group: dist.ProcessGroup | None,
+) -> list:
+    """Issue the step's messages in one batch: sends, then receives, peers ascending."""
     ops = [
         dist.P2POp(dist.isend, buffer, _global_rank(group, message.peer), group)
-        for message, buffer in zip(batch.sends, send_buffers, strict=True)
+        for message, buffer in zip(step.sends, send_buffers, strict=True)
     ] + [
         dist.P2POp(dist.irecv, buffer, _global_rank(group, message.peer), group)
-        for message, buffer in zip(batch.recvs, recv_buffers, strict=True)
+        for message, buffer in zip(step.recvs, recv_buffers, strict=True)
     ]
-    works = dist.batch_isend_irecv(ops) if ops else []
-    touched.update(layer for layer, _, _, _ in batch.local.parts)
-    writes.run()
-    return _InFlight(batch, works, send_buffers, recv_buffers)
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _finish(flight: _InFlight, slots: _SlotViews, touched: set[int]) -> None:
-    """Wait for the batch's messages, write what arrived, then the post copies."""
-    for work in flight.works:
-        work.wait()
-    flight.send_buffers.clear()  # free to reuse once sent (stream-ordered on CUDA)
+def _write(
+    step: _Step,
+    slots: _SlotViews,
+    received: list[list[torch.Tensor] | None],
+    touched: set[int],
+    phases: _Phases,
+) -> None:
+    """The writes due at the end of a step: local copies, then unpacks, then post copies."""
+    phases.mark("local copies")
+    for group in step.local:
+        touched.add(group.layer)
+        for tensor in range(slots.count(group.layer)):
+            whole = slots.whole(group.layer, tensor)
+            staging = whole.new_empty((len(group.staged), *whole.shape[1:]))
+            rows = staging.unbind(0)
+            copies = _Copies()
+            copies.add(list(rows), slots(group.layer, tensor, group.staged))
+            copies.run()
+            for wave in group.waves:
+                sources = [
+                    rows[-1 - src] if src < 0 else slots(group.layer, tensor, [src])[0]
+                    for src, _ in wave
+                ]
+                copies.add(slots(group.layer, tensor, [dst for _, dst in wave]), sources)
+                copies.run()
+    phases.mark("local copies", end=True)
+    phases.mark("unpack")
     writes = _Copies()
-    for message, buffer in zip(flight.batch.recvs, flight.recv_buffers, strict=True):
-        for layer, tensor, offset, mine in message.parts:
-            touched.add(layer)
-            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
-            writes.add(slots(layer, tensor, mine), rows)
+    for unpack in step.unpacks:
+        touched.add(unpack.layer)
+        buffer = (received[unpack.step] or [])[unpack.message]
+        part = slots.region_rows(buffer, unpack.layer, unpack.tensor, unpack.offset, unpack.count)
+        writes.add(slots(unpack.layer, unpack.tensor, unpack.slots), [part[r] for r in unpack.rows])
     writes.run()
-    for layer, sources, targets in flight.batch.post:
+    phases.mark("unpack", end=True)
+    phases.mark("post copies")
+    for layer, filled, targets in step.post:
         touched.add(layer)
         for tensor in range(slots.count(layer)):
-            writes.add(slots(layer, tensor, targets), slots(layer, tensor, sources))
+            writes.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
     writes.run()
+    phases.mark("post copies", end=True)
 
 
 def _global_rank(group: dist.ProcessGroup | None, peer: int) -> int:
