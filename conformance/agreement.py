@@ -17,6 +17,7 @@ implementation and the difference.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -198,12 +199,13 @@ def _torch_cuda(
 
 
 def project_implementations(
-    *, jax: bool = True, cuda: bool | None = None
+    *, jax: bool | None = True, cuda: bool | None = None
 ) -> dict[str, Implementation]:
     """The project's implementations other than the numpy reference, by name.
 
     jax: include the JAX reference (it compiles once per shape and counts,
-        seconds each: callers that draw many shapes leave it out).
+        seconds each: callers that draw many shapes leave it out); None: when
+        JAX is installed (a serving machine may have torch only).
     cuda: include torch production on CUDA; None: when torch sees a GPU.
     """
     impls: dict[str, Implementation] = {"torch production (cpu)": torch_production}
@@ -213,6 +215,8 @@ def project_implementations(
         cuda = torch.cuda.is_available()
     if cuda:
         impls["torch production (cuda)"] = _torch_cuda
+    if jax is None:
+        jax = importlib.util.find_spec("jax") is not None
     if jax:
         impls["jax reference"] = jax_reference
     return impls

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from .runner import check_candidate, check_project
 
     def progress(line: str) -> None:
-        print(f"  ok  {line}", flush=True)
+        print(f"  {line}", flush=True)
 
     mode = "derandomized" if args.seed is None else f"seed {args.seed}"
     if args.impl is None:

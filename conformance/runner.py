@@ -199,7 +199,9 @@ def _check_all(
         failure = _search(strategy, functools.partial(_compare, name, impl), count, seed)
         if failure is not None:
             return failure
-        progress(f"valid input: {name} gives the reference's placement on {count} drawn inputs")
+        progress(
+            f"ok    valid input: {name} gives the reference's placement on {count} drawn inputs"
+        )
     invalid = _invalid_examples(examples)
     refused_as = "the reference's exception type" if same_type else "ValueError/TypeError"
     for name, impl in impls.items():
@@ -211,7 +213,7 @@ def _check_all(
         )
         if failure is not None:
             return failure
-        progress(f"invalid input: {name} refuses {invalid} drawn inputs with {refused_as}")
+        progress(f"ok    invalid input: {name} refuses {invalid} drawn inputs with {refused_as}")
     # The figures are facts: a reference that lost them fails every candidate.
     phy2log, _, logcnt = numpy_reference(SPEC_EXAMPLE.weight, *SPEC_EXAMPLE.counts)
     for output, got, want in (("phy2log", phy2log, SPEC_PHY2LOG), ("logcnt", logcnt, SPEC_LOGCNT)):
@@ -222,7 +224,7 @@ def _check_all(
         failure = _compare(name, impl, SPEC_EXAMPLE, "SPEC.md example")
         if failure is not None:
             return failure
-    progress("SPEC.md worked example: SPEC.md's placement")
+    progress("ok    SPEC.md worked example: SPEC.md's placement")
     return None
 
 
@@ -240,7 +242,7 @@ def check_candidate(
         numpy ``weight`` [L, E]; its outputs may be anything numpy.asarray converts.
     examples: inputs drawn for the valid-input check (a third as many invalid ones).
     seed: hypothesis seed; None runs derandomized (the same inputs every time).
-    progress: called with one line per finished check.
+    progress: called with one line per finished check ("ok    ...", "skip  ...").
 
     Checks, in order: equal outputs and SPEC.md's invariants on ``examples``
     drawn valid inputs; a ValueError or TypeError on drawn invalid inputs;
@@ -267,8 +269,11 @@ def check_project(
     inputs, which each must refuse with the reference's exception type, and
     on SPEC.md's worked example.
     """
+    impls = project_implementations(jax=None, cuda=cuda)
+    if "jax reference" not in impls:
+        progress("skip  jax reference: JAX is not installed")
     return _check_all(
-        project_implementations(cuda=cuda),
+        impls,
         examples=examples,
         seed=seed,
         same_type=True,

@@ -376,3 +376,15 @@ def test_device_check_runs_on_cpu(
     assert main(["--device", "cpu", "--seeds", "1", "--files", "1"]) == 0
     out = capsys.readouterr().out
     assert f"({len(BENCHMARK_MODELS)} with real loads), 0 differ" in out
+
+
+def test_project_implementations_leave_out_missing_jax(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A serving machine with torch only still runs `eplb conformance` (JAX left out).
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "jax" else find_spec(name, *a)
+    )
+    assert set(project_implementations(jax=None, cuda=False)) == {"torch production (cpu)"}
+    assert "jax reference" in project_implementations(cuda=False)
