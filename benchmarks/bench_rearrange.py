@@ -53,7 +53,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eplb.loads import find_data_dir, read_load
-from eplb.production.rearrange import plan_rearrangement, rearrange_expert_weights
+from eplb.production.rearrange import (
+    DEFAULT_MAX_BATCH_BYTES,
+    plan_rearrangement,
+    rearrange_expert_weights,
+    warmup_rearrangement,
+)
 
 try:  # the fast path, where it exists; it returns the same placement as the reference
     from eplb.production import rebalance_experts as _rebalance
@@ -310,6 +315,9 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
     say = print if rank == 0 else (lambda *a, **k: None)
     bw_bytes = args.bw_mib << 20
 
+    warm = _slowest(warmup_rearrangement(device=device), device)
+    if rank == 0:
+        print(f"warmup_rearrangement (P2P channels): {warm * 1e3:.1f} ms", flush=True)
     # Link figures first, while the GPUs are empty.
     peer = _peer_copy_bandwidth(bw_bytes, device, args.bw_repeats) if rank == 0 else 0.0
     dist.barrier()
@@ -397,6 +405,13 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
                 f"{busiest / median / GB:>6.1f} {bound * 1e3:>9.1f} {median / bound:>8.2f} "
                 f"{median / (busiest / link[1]):>7.2f} {messages:>9} {peak:>8}"
             )
+    # One more move per direction with CUDA events per phase (not in the times above).
+    for src in (0, 1):
+        stats = rearrange_expert_weights(
+            maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes, profile=True
+        )
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in stats.phase_ms.items())
+        say(f"  phases ms, {('A->B', 'B->A')[src]}, rank {rank}, {stats.batches} steps: {phases}")
     weights.clear()  # free the GPU for the next shape
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -453,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         help="divide hidden and intermediate sizes by this (CPU debugging)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed round trips per method")
-    parser.add_argument("--max-batch-bytes", type=int, default=1 << 30)
+    parser.add_argument("--max-batch-bytes", type=int, default=DEFAULT_MAX_BATCH_BYTES)
     parser.add_argument("--bw-mib", type=int, default=1024, help="bytes of the link measurements")
     parser.add_argument("--bw-repeats", type=int, default=10)
     parser.add_argument("--skip-naive", action="store_true")
