@@ -35,8 +35,7 @@ import torch.multiprocessing as mp
 
 from eplb.loads import DATA_ENV_VAR, real_loads, synthetic_load
 from eplb.metrics import balancedness
-from eplb.production import ExpertBalancer, rearrange_expert_weights
-from eplb.reference import rebalance_experts
+from eplb.production import ExpertBalancer, rearrange_expert_weights, rebalance_experts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,17 +172,14 @@ def blocking_rebalance(model: ToyMoE) -> None:
     args, balancer = model.args, model.balancer
     load = balancer.window_load().clone()
     dist.all_reduce(load)
-    phy2log, _, _ = rebalance_experts(
-        load.cpu().numpy(), args.slots, args.groups, args.nodes, args.world_size
-    )
-    new = torch.from_numpy(phy2log)
+    new, _, _ = rebalance_experts(load.cpu(), args.slots, args.groups, args.nodes, args.world_size)
     rearrange_expert_weights(balancer.phy2log, new, model.expert_weights)
     balancer.reset(new)
 
 
 def warm_up_transfers(args: argparse.Namespace, rank: int) -> None:
-    """Move dummy weights between the ranks once: the first point-to-point messages
-    open connections (slow with NCCL and gloo), which neither timed run should pay."""
+    """Move dummy weights between the ranks once, so that neither timed run pays the
+    first rearrangement's one-time costs (connections, lazy imports, allocations)."""
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     old = torch.arange(args.slots).remainder(args.experts).expand(args.layers, -1)
     new = old.roll(args.slots // args.world_size, dims=1)  # every slot from another rank

@@ -37,7 +37,13 @@ import torch.distributed as dist
 from eplb._validation import check_count, validate_config
 from eplb.metrics import balancedness, gpu_loads
 
-from .rearrange import RearrangeStats, _rank_and_size, rearrange_expert_weights
+from .rearrange import (
+    RearrangeStats,
+    _rank_and_size,
+    rearrange_expert_weights,
+    warmup_rearrangement,
+)
+from .rebalance import rebalance_experts
 
 __all__ = ["BalancerStats", "ExpertBalancer"]
 
@@ -128,8 +134,10 @@ class ExpertBalancer:
     rank before any weight is touched), fails it the same way with the weights
     untouched: ``reset()`` without a placement resumes.
 
-    Every rank of ``group`` must create its balancer with the same arguments and
-    call :meth:`step` the same number of times.
+    Every rank of ``group`` must create its balancer with the same arguments
+    (construction is collective: it opens the point-to-point channels the
+    rearrangement uses, :func:`eplb.production.warmup_rearrangement`) and call
+    :meth:`step` the same number of times.
     """
 
     def __init__(
@@ -227,6 +235,9 @@ class ExpertBalancer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
         self._pending: Future[_Plan] | None = None
         self._apply_at = 0
+
+        # The first rebalance should not pay for opening the P2P channels.
+        warmup_rearrangement(group, self.device if cuda else None)
 
         initial = np.tile(np.arange(num_replicas) % experts, (layers, 1))
         self._host_phy2log = torch.from_numpy(initial)
@@ -369,7 +380,7 @@ class ExpertBalancer:
         start = time.perf_counter()
         load = self._host_load.numpy()
         cfg = self.config
-        phy2log, log2phy, logcnt = _rebalance(
+        phy2log, log2phy, logcnt = rebalance_experts(
             self._host_load, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
         )
         # Main thread changes the host maps only in _apply, after this returns.
@@ -422,17 +433,6 @@ class ExpertBalancer:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _rebalance(
-    load: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC.md's placement for load [L, E] (host): phy2log, log2phy, logcnt, CPU int64."""
-    # Until eplb.production.rebalance_experts lands: the reference gives the same integers.
-    from eplb.reference import rebalance_experts
-
-    maps = rebalance_experts(load.numpy(), num_replicas, num_groups, num_nodes, num_gpus)
-    return torch.from_numpy(maps[0]), torch.from_numpy(maps[1]), torch.from_numpy(maps[2])
 
 
 def _as_host_placement(phy2log: torch.Tensor | np.ndarray, layers: int, slots: int) -> np.ndarray:
