@@ -12,7 +12,7 @@ load (SPEC.md) without blocking the compute stream:
    total is queued on the compute stream; a side stream waits for it, sums it
    over the EP group (``all_reduce``) and copies it into a pinned host buffer
    (``non_blocking``, one event). A worker thread waits for that event and
-   computes the new placement. The host returns at once.
+   computes the new placement. On CUDA the host returns at once.
 2. step ``n + apply_delay``: every rank takes the worker's placement (waiting
    only if the worker has not finished), moves the expert weights to it
    (:func:`eplb.production.rearrange_expert_weights`, a collective) and
