@@ -1,21 +1,23 @@
 """Rebalance speed: eplb.production against the two baselines it replaces.
 
-Median milliseconds on ONE CPU thread, for each benchmark configuration, with a
-synthetic skewed load and with the real DeepSeek-R1 loads (``../shared/data``,
-or ``--data-dir``):
+Median milliseconds on ONE CPU thread, per benchmark configuration, on a
+synthetic skewed load and, for the 256-expert (DeepSeek-V3) shapes, on every
+real DeepSeek-R1 load (``../shared/data``, or ``--data-dir``):
 
-- ``eplb``: ``eplb.production.rebalance_experts`` (CPU tensors in and out);
-- ``numpy loop``: the seed pull request's approach, a Python loop over layers
-  (and rows) whose packing uses numpy arrays, written out below;
-- ``torch port``: a straight port of DeepSeek's original ``eplb.py`` loops with
-  torch ops (packing loops over rows and items; replication vectorized over
-  rows; float32 load), written out below.
+- ``eplb``: ``eplb.production.rebalance_experts``, CPU tensor in and out,
+  validation and log2phy included;
+- ``numpy loop``: the seed pull request's approach (vLLM #28369): DeepSeek's
+  hierarchy in torch ops, with the packing moved to numpy arrays and a Python
+  loop over layers and items;
+- ``torch port``: a straight port of the loops of DeepSeek's original
+  ``eplb.py``: the same hierarchy, packing with torch tensors (per-pack totals
+  accumulate 0-d tensors, as the original does), float32 loads.
 
-Every baseline placement is checked against SPEC.md's invariants; the table
-also says whether it equals ours bit for bit (they differ on ties: unstable
-sorts, float32).
+Both baselines are written out below. Their placements must pass SPEC.md's
+invariants; they need not equal ours bit for bit (unstable sorts and float32
+break ties differently), and the table says in how many layers they do.
 
-    python benchmarks/bench_rebalance.py            # full table (a few minutes)
+    python benchmarks/bench_rebalance.py            # the full table (minutes)
     python benchmarks/bench_rebalance.py --quick    # smoke run, seconds
 """
 
@@ -24,9 +26,9 @@ from __future__ import annotations
 import argparse
 import os
 
-# One thread everywhere, set before numpy/torch load their BLAS pools.
+# One thread everywhere, set before numpy and torch start their thread pools.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+    os.environ[_var] = "1"
 
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -39,7 +41,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from eplb.conformance.invariants import check_invariants  # noqa: E402
-from eplb.conformance.workloads import derive_load  # noqa: E402
 from eplb.loads import read_load, real_loads, synthetic_load  # noqa: E402
 from eplb.production import rebalance_experts  # noqa: E402
 
@@ -52,105 +53,32 @@ CONFIGS = {
     "Qwen3-235B R=144": (94, 128, 144, 1, 1, 16),
     "Kimi-K2 R=448": (60, 384, 448, 1, 8, 64),
 }
+#: DESIGN.md's targets: (ms on one thread, x numpy loop, x torch port).
+TARGETS = {
+    "DeepSeek-V3 R=288": (1.0, 20.0, 200.0),
+    "DeepSeek-V2-Lite R=64": (0.3, None, None),
+    "DeepSeek-V2-Lite R=72": (0.3, None, None),
+    "Kimi-K2 R=448": (4.0, None, None),
+}
 Maps = tuple[np.ndarray, np.ndarray, np.ndarray]
+Packing = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-# --- baseline 1: per-layer numpy loop (the seed PR's approach) -------------------
+# --- the two packings the baselines differ by -------------------------------------
 
 
-def _np_pack(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy packing of one row at a time with numpy arrays (the seed PR's style)."""
-    rows, items = weight.shape
-    per_pack = items // num_packs
-    pack = np.full((rows, items), -1, dtype=np.int64)
-    rank = np.full((rows, items), -1, dtype=np.int64)
-    if per_pack == 1:
-        pack[:] = np.arange(items)
-        rank[:] = 0
-        return pack, rank
-    for row in range(rows):
-        totals = np.zeros(num_packs)
-        counts = np.zeros(num_packs, dtype=np.int64)
-        for item in np.argsort(-weight[row]):
-            free = np.flatnonzero(counts < per_pack)
-            best = free[np.argmin(totals[free])]
-            pack[row, item] = best
-            rank[row, item] = counts[best]
-            totals[best] += weight[row, item]
-            counts[best] += 1
-    return pack, rank
-
-
-def _np_replicate(weight: np.ndarray, num_phy: int) -> Maps:
-    rows, n = weight.shape
-    phy2log = np.tile(np.arange(num_phy), (rows, 1))
-    rank = np.zeros((rows, num_phy), dtype=np.int64)
-    logcnt = np.ones((rows, n), dtype=np.int64)
-    arange = np.arange(rows)
-    for slot in range(n, num_phy):
-        best = np.argmax(weight / logcnt, axis=-1)
-        phy2log[:, slot] = best
-        rank[:, slot] = logcnt[arange, best]
-        logcnt[arange, best] += 1
-    return phy2log, rank, logcnt
-
-
-def _hierarchy(pack: Callable, replicate: Callable, xp_weight: np.ndarray, R, G, N, P) -> Maps:
-    """The hierarchy of SPEC.md on numpy arrays, given packing/replication functions."""
-    L, E = xp_weight.shape
-    gs, epn, rpn, rpg = E // G, E // N, R // N, R // P
-    group_pack, group_rank = pack(xp_weight.reshape(L, G, gs).sum(-1), N)
-    log2mlog = ((group_pack * (G // N) + group_rank) * gs)[:, :, None] + np.arange(gs)
-    log2mlog = log2mlog.reshape(L, E)
-    mlog2log = np.argsort(log2mlog, axis=-1)
-    tokens = np.take_along_axis(xp_weight, mlog2log, -1).reshape(L * N, epn)
-    phy2mlog, phyrank, mlogcnt = replicate(tokens, rpn)
-    slot_load = np.take_along_axis(tokens / mlogcnt, phy2mlog, -1)
-    gpu_pack, gpu_rank = pack(slot_load, P // N)
-    phy2pphy = gpu_pack * rpg + gpu_rank
-    pphy2phy = np.argsort(phy2pphy, axis=-1)
-    pphy2mlog = np.take_along_axis(phy2mlog, pphy2phy, -1)
-    pphy2mlog = (pphy2mlog.reshape(L, N, rpn) + (np.arange(N) * epn)[None, :, None]).reshape(L, R)
-    phy2log = np.take_along_axis(mlog2log, pphy2mlog, -1)
-    pphyrank = np.take_along_axis(phyrank, pphy2phy, -1).reshape(L, R)
-    logcnt = np.take_along_axis(mlogcnt.reshape(L, E), log2mlog, -1)
-    return phy2log, pphyrank, logcnt
-
-
-def _to_maps(phy2log: np.ndarray, rank: np.ndarray, logcnt: np.ndarray) -> Maps:
-    L, R = phy2log.shape
-    K = int(logcnt.max())
-    log2phy = np.full((L, logcnt.shape[1], K), -1, dtype=np.int64)
-    rows = np.repeat(np.arange(L), R)
-    log2phy[rows, phy2log.ravel(), rank.ravel()] = np.tile(np.arange(R), L)
-    return phy2log, log2phy, logcnt
-
-
-def numpy_per_layer(weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
-    """Baseline 1: one layer at a time, numpy packing."""
-    if G % N:
-        G, N = 1, 1
-    parts = [
-        _hierarchy(_np_pack, _np_replicate, weight[l : l + 1], R, G, N, P)
-        for l in range(weight.shape[0])
-    ]
-    return _to_maps(*(np.concatenate(p) for p in zip(*parts, strict=True)))
-
-
-# --- baseline 2: straight torch port of the original loops -----------------------
-
-
-def _torch_pack(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_torch(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's balanced packing: rows and items in Python, torch tensors throughout."""
     rows, items = weight.shape
     per_pack = items // num_packs
     if per_pack == 1:
-        pack = torch.arange(items).expand(rows, items).clone()
+        pack = torch.arange(items, dtype=torch.int64).expand(rows, items).clone()
         return pack, torch.zeros_like(pack)
     order = weight.float().sort(-1, descending=True).indices
-    pack = torch.full_like(weight, -1, dtype=torch.int64)
+    pack = torch.full((rows, items), -1, dtype=torch.int64)
     rank = torch.full_like(pack, -1)
     for row in range(rows):
-        totals = [0.0] * num_packs
+        totals: list = [0] * num_packs  # become 0-d tensors, as in the original
         counts = [0] * num_packs
         for item in order[row]:
             best = min(
@@ -158,60 +86,108 @@ def _torch_pack(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, tor
             )
             pack[row, item] = best
             rank[row, item] = counts[best]
-            totals[best] += weight[row, item].item()
+            totals[best] += weight[row, item]
             counts[best] += 1
     return pack, rank
 
 
-def _torch_replicate(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, ...]:
-    rows, n = weight.shape
-    phy2log = torch.arange(num_phy).repeat(rows, 1)
+def _pack_numpy(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed PR's packing: the same loops over numpy arrays and Python lists."""
+    rows, items = weight.shape
+    per_pack = items // num_packs
+    if per_pack == 1:
+        pack = torch.arange(items, dtype=torch.int64).expand(rows, items).clone()
+        return pack, torch.zeros_like(pack)
+    loads = weight.numpy()
+    order = np.argsort(-loads, axis=-1)
+    pack_np = np.full((rows, items), -1, dtype=np.int64)
+    rank_np = np.full((rows, items), -1, dtype=np.int64)
+    for row in range(rows):
+        totals = [0.0] * num_packs
+        counts = [0] * num_packs
+        for item in order[row]:
+            best = min(
+                (p for p in range(num_packs) if counts[p] < per_pack), key=totals.__getitem__
+            )
+            pack_np[row, item] = best
+            rank_np[row, item] = counts[best]
+            totals[best] += loads[row, item]
+            counts[best] += 1
+    return torch.from_numpy(pack_np), torch.from_numpy(rank_np)
+
+
+# --- the hierarchy both baselines share (DeepSeek's, in torch ops) ----------------
+
+
+def _replicate(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, ...]:
+    rows, num_log = weight.shape
+    phy2log = torch.arange(num_phy, dtype=torch.int64).repeat(rows, 1)
     rank = torch.zeros(rows, num_phy, dtype=torch.int64)
-    logcnt = torch.ones(rows, n, dtype=torch.int64)
-    arange = torch.arange(rows)
-    for slot in range(n, num_phy):
+    logcnt = torch.ones(rows, num_log, dtype=torch.int64)
+    every_row = torch.arange(rows)
+    for slot in range(num_log, num_phy):
         best = (weight / logcnt).max(dim=-1).indices
         phy2log[:, slot] = best
-        rank[:, slot] = logcnt[arange, best]
-        logcnt[arange, best] += 1
+        rank[:, slot] = logcnt[every_row, best]
+        logcnt[every_row, best] += 1
     return phy2log, rank, logcnt
 
 
-def torch_port(weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
-    """Baseline 2: DeepSeek's loops with torch ops, float32 load, per-row packing."""
+def _inverse(perm: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(perm)
+    inverse.scatter_(1, perm, torch.arange(perm.size(1), dtype=torch.int64).expand(perm.shape))
+    return inverse
+
+
+def _baseline(pack: Packing, weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
+    """DeepSeek's rebalance (float32 loads) with the given packing function."""
     if G % N:
         G, N = 1, 1
     w = torch.from_numpy(weight).float()
     L, E = w.shape
     gs, epn, rpn, rpg = E // G, E // N, R // N, R // P
-    group_pack, group_rank = _torch_pack(w.unflatten(-1, (G, gs)).sum(-1), N)
+    group_pack, group_rank = pack(w.unflatten(-1, (G, gs)).sum(-1), N)
     log2mlog = (
         ((group_pack * (G // N) + group_rank) * gs).unsqueeze(-1) + torch.arange(gs)
     ).flatten(-2)
-    mlog2log = torch.argsort(log2mlog, dim=-1)
+    mlog2log = _inverse(log2mlog)
     tokens = w.gather(-1, mlog2log).view(-1, epn)
-    phy2mlog, phyrank, mlogcnt = _torch_replicate(tokens, rpn)
+    phy2mlog, phyrank, mlogcnt = _replicate(tokens, rpn)
     slot_load = (tokens / mlogcnt).gather(-1, phy2mlog)
-    gpu_pack, gpu_rank = _torch_pack(slot_load, P // N)
-    pphy2phy = torch.argsort(gpu_pack * rpg + gpu_rank, dim=-1)
+    gpu_pack, gpu_rank = pack(slot_load, P // N)
+    pphy2phy = _inverse(gpu_pack * rpg + gpu_rank)
     pphy2mlog = phy2mlog.gather(-1, pphy2phy)
     pphy2mlog = (pphy2mlog.view(L, N, -1) + torch.arange(0, E, epn).view(1, -1, 1)).flatten(-2)
     phy2log = mlog2log.gather(-1, pphy2mlog)
-    pphyrank = phyrank.gather(-1, pphy2phy).view(L, -1)
+    phyrank = phyrank.gather(-1, pphy2phy).view(L, -1)
     logcnt = mlogcnt.view(L, -1).gather(-1, log2mlog)
-    return _to_maps(phy2log.numpy(), pphyrank.numpy(), logcnt.numpy())
+    K = int(logcnt.max())
+    log2phy = torch.full((L, E, K), -1, dtype=torch.int64)
+    log2phy.view(L, -1).scatter_(-1, phy2log * K + phyrank, torch.arange(R).expand(L, -1))
+    return phy2log.numpy(), log2phy.numpy(), logcnt.numpy()
+
+
+def numpy_per_layer(weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
+    """Baseline 1, the seed PR: numpy packing, a Python loop over layers and items."""
+    return _baseline(_pack_numpy, weight, R, G, N, P)
+
+
+def torch_port(weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
+    """Baseline 2: DeepSeek's original loops, torch ops, float32."""
+    return _baseline(_pack_torch, weight, R, G, N, P)
+
+
+def ours(weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
+    """eplb.production on a CPU tensor, results back as numpy."""
+    maps = rebalance_experts(torch.from_numpy(weight), R, G, N, P)
+    return tuple(m.numpy() for m in maps)  # type: ignore[return-value]
 
 
 # --- the benchmark ---------------------------------------------------------------
 
 
-def ours(weight: np.ndarray, R: int, G: int, N: int, P: int) -> Maps:
-    maps = rebalance_experts(torch.from_numpy(weight), R, G, N, P)
-    return tuple(m.numpy() for m in maps)  # type: ignore[return-value]
-
-
 def _median_ms(fn: Callable[[], object], repeats: int, budget_s: float) -> float:
-    fn()  # warm caches and allocator
+    fn()  # warm caches and the allocator
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     while len(times) < repeats and (not times or time.perf_counter() < deadline):
@@ -231,11 +207,43 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _layers_equal(a: Maps, b: Maps) -> int:
+    """Layers in which two placements are identical (phy2log and logcnt)."""
+    return int(((a[0] == b[0]).all(-1) & (a[2] == b[2]).all(-1)).sum())
+
+
+def _measure(
+    name: str, load_name: str, weights: list[np.ndarray], args: argparse.Namespace
+) -> tuple[list[float], list[int], int]:
+    """Times (eplb, numpy loop, torch port), layers agreeing, and invariant failures."""
+    _, _, R, G, N, P = CONFIGS[name]
+    counts = (R, G, N, P)
+    times: list[list[float]] = [[], [], []]
+    agree = [0, 0]
+    failures = 0
+    for weight in weights:
+        mine = ours(weight, *counts)
+        times[0].append(_median_ms(lambda w=weight: ours(w, *counts), args.repeats, 10.0))
+        for i, baseline in enumerate((numpy_per_layer, torch_port)):
+            maps = baseline(weight, *counts)
+            try:
+                check_invariants(*maps, *counts)
+            except AssertionError as exc:
+                print(f"{baseline.__name__} broke an invariant on {name} {load_name}: {exc}")
+                failures += 1
+            agree[i] += _layers_equal(mine, maps)
+            times[i + 1].append(
+                _median_ms(lambda f=baseline, w=weight: f(w, *counts), args.slow_repeats, 30.0)
+            )
+    return [statistics.median(t) for t in times], agree, failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="eplb rebalance speed vs baselines")
-    parser.add_argument("--quick", action="store_true", help="one small config, few repeats")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--data-dir", help="folder of the real load JSON files")
-    parser.add_argument("--repeats", type=int, default=50, help="timed calls of eplb")
+    parser.add_argument("--repeats", type=int, default=100, help="timed calls of eplb")
+    parser.add_argument("--slow-repeats", type=int, default=3, help="timed calls of baselines")
     parser.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -245,51 +253,56 @@ def main() -> int:
         names = [n.strip() for n in args.configs.split(",")]
         unknown = [n for n in names if n not in CONFIGS]
         if unknown:
-            parser.error(f"unknown configs {unknown}")
+            parser.error(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
     if args.quick:
-        names = names[:2] if not args.configs else names
-    if args.data_dir:
+        names = names if args.configs else ["DeepSeek-V2-Lite R=72"]
+        args.repeats, args.slow_repeats = 5, 1
+    if args.quick:
+        real: dict[str, np.ndarray] = {}
+    elif args.data_dir:
         real = {p.stem: read_load(p)[3:] for p in sorted(Path(args.data_dir).glob("*.json"))}
     else:
         real = real_loads()
-    real_name = "decode_in1000out1000" if "decode_in1000out1000" in real else next(iter(real), None)
-    repeats = 5 if args.quick else args.repeats
-    slow_repeats = 1 if args.quick else 3
 
-    print(f"machine: {_cpu_name()}, 1 thread; torch {torch.__version__}, numpy {np.__version__}")
+    print(
+        f"machine: {_cpu_name()} ({platform.machine()}), 1 thread; torch {torch.__version__}, "
+        f"numpy {np.__version__}, python {platform.python_version()}"
+    )
     header = (
-        f"{'config':24} {'load':10} {'eplb ms':>9} {'numpy loop ms':>14} {'x':>6} "
-        f"{'torch port ms':>14} {'x':>7}  same as eplb (numpy/torch)"
+        f"{'config':23} {'load':12} {'eplb ms':>8} {'numpy loop ms':>14} {'x':>6} "
+        f"{'torch port ms':>14} {'x':>6}  {'same layers: numpy / torch':>26}"
     )
     print(header)
     print("-" * len(header))
     status = 0
+    results: dict[str, list[float]] = {}
     for name in names:
-        layers, experts, R, G, N, P = CONFIGS[name]
-        counts = (R, G, N, P)
-        loads = {"synthetic": synthetic_load(layers, experts, seed=1, skew=0.4, tokens=1 << 18)}
-        if real_name is not None and not args.quick:
-            loads["real"] = derive_load(real[real_name], experts, layers)
-        for load_name, weight in loads.items():
-            mine = ours(weight, R, G, N, P)
-            t_ours = _median_ms(lambda w=weight, c=counts: ours(w, *c), repeats, 10.0)
-            row = [t_ours]
-            same = []
-            for baseline in (numpy_per_layer, torch_port):
-                maps = baseline(weight, R, G, N, P)
-                try:
-                    check_invariants(*maps, R, G, N, P)
-                except AssertionError as exc:
-                    print(f"{baseline.__name__} broke an invariant on {name}: {exc}")
-                    status = 1
-                same.append(all(np.array_equal(a, b) for a, b in zip(mine, maps, strict=True)))
-                row.append(
-                    _median_ms(lambda f=baseline, w=weight, c=counts: f(w, *c), slow_repeats, 60.0)
-                )
+        layers, experts = CONFIGS[name][:2]
+        loads = {"synthetic": [synthetic_load(layers, experts, seed=1, skew=0.4, tokens=1 << 18)]}
+        if real and experts == 256:
+            loads[f"real ({len(real)})"] = [w[:layers] for w in real.values()]
+        for load_name, weights in loads.items():
+            times, agree, failures = _measure(name, load_name, weights, args)
+            status |= failures > 0
+            total = layers * len(weights)
+            results.setdefault(name, times)
             print(
-                f"{name:24} {load_name:10} {row[0]:9.3f} {row[1]:14.1f} {row[1] / row[0]:6.0f} "
-                f"{row[2]:14.1f} {row[2] / row[0]:7.0f}  {same[0]!s:>5} / {same[1]!s}"
+                f"{name:23} {load_name:12} {times[0]:8.3f} {times[1]:14.1f} "
+                f"{times[1] / times[0]:6.0f} {times[2]:14.1f} {times[2] / times[0]:6.0f}  "
+                f"{f'{agree[0]}/{total} / {agree[1]}/{total}':>26}"
             )
+    print("\ntargets (synthetic load):")
+    for name, (ms, x_numpy, x_torch) in TARGETS.items():
+        if name not in results:
+            continue
+        t = results[name]
+        line = f"  {name}: {t[0]:.3f} ms (target < {ms} ms: {'met' if t[0] < ms else 'missed'})"
+        if x_numpy is not None and x_torch is not None:
+            line += (
+                f", {t[1] / t[0]:.0f}x numpy loop (target {x_numpy:.0f}x), "
+                f"{t[2] / t[0]:.0f}x torch port (target {x_torch:.0f}x)"
+            )
+        print(line)
     return status
 
 

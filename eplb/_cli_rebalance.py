@@ -19,6 +19,7 @@ from eplb.loads import read_load, synthetic_load
 from eplb.metrics import (
     balancedness,
     colocated_replicas,
+    contiguous_placement,
     gpu_loads,
     max_load_lower_bound,
 )
@@ -117,40 +118,53 @@ def _slice_layers(weight: np.ndarray, spec: str) -> tuple[np.ndarray, int]:
 
 
 def _contiguous_gpu_loads(weight: np.ndarray, num_gpus: int) -> np.ndarray:
-    """GPU loads [L, P] before balancing: expert e alone on GPU e * P // E."""
-    num_experts = weight.shape[1]
+    """GPU loads [L, P] before balancing: experts in order, no replicas.
+
+    weight: [L, E] float64, tokens routed to each logical expert.
+    """
+    num_layers, num_experts = weight.shape
+    if num_experts % num_gpus == 0:
+        phy2log, logcnt = contiguous_placement(num_layers, num_experts)
+        return gpu_loads(weight, phy2log, logcnt, num_gpus)
+    # E/P experts per GPU is not whole: expert e on GPU e * P // E.
     gpu_of_expert = np.arange(num_experts) * num_gpus // num_experts
     one_hot = np.zeros((num_experts, num_gpus))
     one_hot[np.arange(num_experts), gpu_of_expert] = 1.0
     return weight @ one_hot
 
 
+def _check_suffix(option: str, path: str | None, suffixes: tuple[str, ...]) -> None:
+    """Refuse an output file name before any work is done."""
+    if path is not None and Path(path).suffix.lower() not in suffixes:
+        raise ValueError(f"{option} must end in {' or '.join(suffixes)}, got {path!r}")
+
+
 def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
+    _check_suffix("--output", output, (".json", ".pt"))
+    _check_suffix("--plot", plot, (".png",))
     import torch
     from rich.console import Console
     from rich.table import Table
 
     from eplb.production import rebalance_experts
 
+    weight = problem.weight
+    counts = (problem.replicas, problem.groups, problem.nodes, problem.gpus)
+    tensor = torch.from_numpy(weight)
     start = time.perf_counter()
-    maps = rebalance_experts(
-        torch.from_numpy(problem.weight),
-        problem.replicas,
-        problem.groups,
-        problem.nodes,
-        problem.gpus,
-    )
-    elapsed_ms = (time.perf_counter() - start) * 1e3
+    maps = rebalance_experts(tensor, *counts)
+    first_ms = (time.perf_counter() - start) * 1e3
+    # A second call shows the cost in a running server, without one-time warm-up.
+    start = time.perf_counter()
+    rebalance_experts(tensor, *counts)
+    warm_ms = (time.perf_counter() - start) * 1e3
     phy2log, log2phy, logcnt = (m.numpy() for m in maps)
 
-    weight = problem.weight
     before = _contiguous_gpu_loads(weight, problem.gpus)
     after = gpu_loads(weight, phy2log, logcnt, problem.gpus)
     bal_before, bal_after = balancedness(before), balancedness(after)
     bound = max_load_lower_bound(weight, problem.replicas, problem.gpus)
-    busy = bound > 0  # idle (dense) layers have no meaningful ratio
-    ratio_before = before.max(-1)[busy] / bound[busy]
-    ratio_after = after.max(-1)[busy] / bound[busy]
+    busy = bound > 0  # idle (e.g. dense) layers: balancedness 1.0, no load ratio
     colocated = colocated_replicas(phy2log, problem.gpus)
     worst = int(np.argmin(bal_after))
 
@@ -162,20 +176,31 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
         f"{problem.replicas} slots, {problem.groups} groups, {problem.nodes} nodes, "
         f"{problem.gpus} GPUs ({policy} policy)"
     )
+    idle = num_layers - int(busy.sum())
+    if idle:
+        console.print(f"{idle} idle layer(s) (no load) left out of the figures below")
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     table.add_column("measure")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("balancedness, mean", f"{bal_before.mean():.4f}", f"{bal_after.mean():.4f}")
-    table.add_row(
-        f"balancedness, worst layer ({worst + problem.first_layer})",
-        f"{bal_before[worst]:.4f}",
-        f"{bal_after[worst]:.4f}",
-    )
-    table.add_row(
-        "balancedness, min over layers", f"{bal_before.min():.4f}", f"{bal_after.min():.4f}"
-    )
     if busy.any():
+        table.add_row(
+            "balancedness, mean",
+            f"{bal_before[busy].mean():.4f}",
+            f"{bal_after[busy].mean():.4f}",
+        )
+        table.add_row(
+            f"balancedness, worst layer after ({worst + problem.first_layer})",
+            f"{bal_before[worst]:.4f}",
+            f"{bal_after[worst]:.4f}",
+        )
+        table.add_row(
+            "balancedness, min over layers",
+            f"{bal_before[busy].min():.4f}",
+            f"{bal_after[busy].min():.4f}",
+        )
+        ratio_before = before.max(-1)[busy] / bound[busy]
+        ratio_after = after.max(-1)[busy] / bound[busy]
         table.add_row(
             "max load / lower bound, mean",
             f"{ratio_before.mean():.3f}",
@@ -186,7 +211,10 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
         )
     table.add_row("replicas sharing a GPU with their twin", "0", f"{int(colocated.sum())}")
     console.print(table)
-    console.print(f"placement computed in {elapsed_ms:.2f} ms (eplb.production, CPU, first call)")
+    console.print(
+        f"placement computed in {warm_ms:.2f} ms (eplb.production, CPU; "
+        f"first call {first_ms:.2f} ms)"
+    )
 
     if output:
         _write_maps(Path(output), phy2log, log2phy, logcnt)
@@ -226,8 +254,6 @@ def _plot(
     problem: _Problem,
 ) -> None:
     """PNG: per-GPU load of the worst layer, and balancedness per layer."""
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"--plot must end in .png, got {str(path)!r}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers or CI

@@ -41,7 +41,8 @@ def test_quick_run_prints_the_table():
         [sys.executable, str(ROOT / "benchmarks" / "bench_rebalance.py"), "--quick"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "DeepSeek-V2-Lite R=64" in result.stdout and "numpy loop ms" in result.stdout
+    assert "DeepSeek-V2-Lite R=72" in result.stdout and "numpy loop ms" in result.stdout
+    assert "targets" in result.stdout

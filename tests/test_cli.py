@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,8 +115,21 @@ def test_plot_writes_a_png(tmp_path):
             ".json or .pt",
         ),
         (["BAD", "--replicas", "8", "--groups", "1", "--nodes", "1", "--gpus", "1"], ">= 0"),
+        (
+            [*"LOAD --replicas 8 --groups 1 --nodes 1 --gpus 1 --plot plot.jpg".split()],
+            ".png",
+        ),
     ],
-    ids=["missing-file", "R%P", "E%G", "layers-syntax", "layers-empty", "output-suffix", "neg"],
+    ids=[
+        "missing-file",
+        "R%P",
+        "E%G",
+        "layers-syntax",
+        "layers-empty",
+        "output-suffix",
+        "neg",
+        "plot-suffix",
+    ],
 )
 def test_bad_arguments_give_one_line_and_nonzero_exit(tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
@@ -126,28 +141,54 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(tmp_path, monkeypatch, cap
     assert len(err) == 1 and words in err[0], err
 
 
-def test_console_script_runs_without_traceback(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eplb.cli",
-            "rebalance",
-            str(tmp_path / "none.npy"),
-            "--replicas",
-            "8",
-            "--groups",
-            "1",
-            "--nodes",
-            "1",
-            "--gpus",
-            "1",
-        ],
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["rebalance", "x.json", "--replicas", "8", "--groups", "1", "--nodes", "1"], "--gpus"),
+        ("rebalance x.json --replicas eight --groups 1 --nodes 1 --gpus 1".split(), "int"),
+        (["demo", "--bogus"], "unrecognized"),
+    ],
+    ids=["missing-option", "not-a-number", "unknown-option"],
+)
+def test_argparse_errors_exit_2_with_usage(capsys, args, words):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and words in err.strip().splitlines()[-1]
+
+
+def _console_script() -> str:
+    """The installed ``eplb`` entry point (pip install -e . puts it beside python)."""
+    script = Path(sysconfig.get_path("scripts")) / "eplb"
+    if not script.exists():
+        script = Path(sys.executable).with_name("eplb")
+    assert script.exists(), "the eplb console script is not installed: pip install -e ."
+    return str(script)
+
+
+def test_console_script_runs_and_fails_cleanly(tmp_path):
+    good = subprocess.run([_console_script(), "demo"], capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+    assert "balancedness, mean" in good.stdout and "placement computed in" in good.stdout
+    counts = "--replicas 8 --groups 1 --nodes 1 --gpus 1".split()
+    bad = subprocess.run(
+        [_console_script(), "rebalance", str(tmp_path / "none.npy"), *counts],
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and "does not exist" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_idle_layers_are_reported_not_averaged(tmp_path, capsys):
+    load = np.concatenate([np.zeros((2, 16)), np.arange(48.0).reshape(3, 16)])
+    np.save(tmp_path / "load.npy", load)
+    args = ["rebalance", str(tmp_path / "load.npy"), "--replicas", "20"]
+    assert main([*args, "--groups", "4", "--nodes", "2", "--gpus", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "2 idle layer(s)" in out and "5 layers" in out
 
 
 def test_help_does_not_import_torch():
