@@ -7,11 +7,14 @@ Run on a CUDA machine (one GPU is enough)::
 Checks and prints, in one run:
 
 1. correctness: ``eplb.production.rebalance_experts`` on a CUDA load (float32,
-   bfloat16, int64) returns on the load's device exactly what it returns on CPU;
+   bfloat16, int64) returns on the load's device exactly what it returns on CPU,
+   also when the kernel that writes the load is still queued on the stream
+   (the copy must wait for it, and only for it);
 2. no stall of other streams: while a side stream runs a long sleep kernel,
    the call on the serving stream returns after its own copy, not after the
-   sleep. A baseline that calls ``torch.cuda.synchronize()`` (the device-wide
-   wait) is timed the same way;
+   sleep, and never calls ``torch.cuda.synchronize`` (it is replaced by a trap
+   during the call). A baseline that calls ``torch.cuda.synchronize()`` (the
+   device-wide wait) is timed the same way;
 3. the cost of the copies: one ``[58, 256]`` float32 copy into pinned memory vs
    58 per-layer blocking ``.cpu()`` copies; the whole call vs a blocking
    baseline (``.cpu()``, placement, ``.to(device)``).
@@ -57,6 +60,10 @@ def _sleep_cycles_for(ms: float) -> int:
     return int(10_000_000 * ms / start.elapsed_time(end))
 
 
+def _refuse_synchronize(*args: object, **kwargs: object) -> None:
+    raise AssertionError("torch.cuda.synchronize() called inside rebalance_experts")
+
+
 def _load(data_dir: str | None) -> np.ndarray:
     folder = Path(data_dir) if data_dir else find_data_dir()
     if folder is None:
@@ -94,6 +101,17 @@ def main() -> int:
     weight = torch.from_numpy(host).float().to(device)
     torch.cuda.synchronize()
 
+    # 1b. A load still being written: the copy must wait for its producer.
+    want = rebalance_experts(weight.cpu(), *_CONFIG)
+    torch.cuda._sleep(_sleep_cycles_for(50.0))  # delays the producer below
+    pending = weight * 1.0  # queued behind the sleep on the same stream
+    got = rebalance_experts(pending, *_CONFIG)
+    same = all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
+    print(f"[{'ok' if same else 'FAIL'}] load still being written: the copy waited for it")
+    if not same:
+        failures.append("pending load")
+    torch.cuda.synchronize()
+
     # 2. A long kernel on a side stream must not be waited for.
     cycles = _sleep_cycles_for(args.sleep_ms)
     side = torch.cuda.Stream()
@@ -111,10 +129,17 @@ def main() -> int:
         torch.cuda.synchronize()
         with torch.cuda.stream(side):
             torch.cuda._sleep(cycles)
-        start = time.perf_counter()
-        call()
-        returned_ms = (time.perf_counter() - start) * 1e3
-        side_busy = not side.query()
+        trap = name.startswith("eplb")
+        real_synchronize = torch.cuda.synchronize
+        if trap:
+            torch.cuda.synchronize = _refuse_synchronize  # type: ignore[assignment]
+        try:
+            start = time.perf_counter()
+            call()
+            returned_ms = (time.perf_counter() - start) * 1e3
+            side_busy = not side.query()
+        finally:
+            torch.cuda.synchronize = real_synchronize
         torch.cuda.synchronize()
         rows.append((name, returned_ms, side_busy))
     print(f"\nside stream sleeping {args.sleep_ms:.0f} ms; call on the serving stream:")
