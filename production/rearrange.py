@@ -57,10 +57,11 @@ __all__ = [
     "warmup_rearrangement",
 ]
 
-#: Default bytes one pipeline step may send plus receive on one rank: 256 MiB.
-#: Small enough for several steps per DeepSeek-V3 layer (overlap), large enough
-#: for full link speed per message.
-DEFAULT_MAX_BATCH_BYTES = 256 << 20
+#: Default bytes one pipeline step may send plus receive on one rank: 1 GiB.
+#: Measured on 2 H200s (bench_rearrange.py): 256 MiB steps left NCCL at about
+#: half its one-message rate (DeepSeek-V3 3.2x the bound), 1 GiB gave 2.0x
+#: (V2-Lite) and 2.6x (V3), 4 GiB 2.1x and 1.9-2.2x for ~8 GB more memory.
+DEFAULT_MAX_BATCH_BYTES = 1 << 30
 
 # Regions inside a message start at multiples of this, so that each can be viewed
 # as its tensor's dtype (view(dtype) needs an aligned offset) with aligned loads.
@@ -155,7 +156,7 @@ def rearrange_expert_weights(
     group: the EP process group (default: the world; none needed for one rank).
         NCCL for CUDA tensors, gloo for CPU tensors.
     max_batch_bytes: bytes one pipeline step may send plus receive on one rank
-        (default 256 MiB; a single expert may exceed it). Up to about three steps'
+        (default 1 GiB; a single expert may exceed it). Up to about three steps'
         buffers are alive at once; a large layer spans several steps. Local copies
         stage one slot per cycle of moves, no more.
     profile: record CUDA events per phase into ``phase_ms`` (one host sync at the
