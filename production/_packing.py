@@ -298,23 +298,31 @@ def _replicate(
     """
     num_rows, num_log = weight.shape
     weight = np.ascontiguousarray(weight, dtype=np.float64)
-    # Per-replica load and replica count of every expert; each slot changes
-    # only the chosen expert's two entries. float64 counts are exact (< 2^53)
+    candidates = _replica_candidates(weight, num_extra)
+    if candidates is None:
+        width, cand_weight = num_log, weight
+    else:
+        width = candidates.shape[1]
+        cand_weight = _take_rows(weight, np.maximum(candidates, 0))
+        cand_weight[candidates < 0] = -1.0  # padding: below every real load, never chosen
+    # Per-replica load and replica count of every candidate; each slot changes
+    # only the chosen one's two entries. float64 counts are exact (< 2^53)
     # and make the division the spec's float64 W / count; W / 1 = W.
-    per_replica = weight.copy()
-    per_replica_flat, weight_flat = per_replica.ravel(), weight.ravel()
-    count = np.ones(num_rows * num_log, dtype=np.float64)
-    expert_t = np.empty((num_extra, num_rows), dtype=np.int64)
+    ratio = cand_weight.copy()
+    ratio_flat, weight_flat = ratio.ravel(), cand_weight.ravel()
+    count = np.ones(num_rows * width, dtype=np.float64)
+    chosen_t = np.empty((num_extra, num_rows), dtype=np.int64)
     rank_t = np.empty((num_extra, num_rows), dtype=np.float64)
-    row_offset = np.arange(num_rows, dtype=np.int64) * num_log
+    row_offset = np.arange(num_rows, dtype=np.int64) * width
     flat = np.empty(num_rows, dtype=np.int64)
     new_count = np.empty(num_rows, dtype=np.float64)
     new_load = np.empty(num_rows, dtype=np.float64)
-    argmax, add, divide = per_replica.argmax, np.add, np.divide
+    argmax, add, divide = ratio.argmax, np.add, np.divide
     take_count, put_count = count.take, count.put
-    take_weight, put_load = weight_flat.take, per_replica_flat.put
-    for chosen, before in zip(expert_t, rank_t, strict=True):
-        # First maximum = lowest expert index among equal per-replica loads.
+    take_weight, put_load = weight_flat.take, ratio_flat.put
+    for chosen, before in zip(chosen_t, rank_t, strict=True):
+        # First maximum = lowest index among equal per-replica loads; the
+        # candidates are in ascending expert order, so lowest expert index.
         argmax(1, chosen)
         add(chosen, row_offset, flat)
         take_count(flat, None, before, "clip")
@@ -323,12 +331,54 @@ def _replicate(
         take_weight(flat, None, new_load, "clip")
         divide(new_load, new_count, new_load)
         put_load(flat, new_load)
-    return (
-        expert_t.T.copy(),
-        rank_t.T.astype(np.int64),
-        count.astype(np.int64).reshape(num_rows, num_log),
-        per_replica,
-    )
+    extra = chosen_t.T.copy()
+    if candidates is not None:
+        extra = _take_rows(candidates, extra)
+    # Final counts and per-replica loads of all experts: 1 + extras received.
+    logcnt = np.ones(num_rows * num_log, dtype=np.int64)
+    np.add.at(logcnt, (extra + (np.arange(num_rows, dtype=np.int64) * num_log)[:, None]).ravel(), 1)
+    logcnt = logcnt.reshape(num_rows, num_log)
+    return extra, rank_t.T.astype(np.int64), logcnt, weight / logcnt
+
+
+#: Extra slots per row from which replication first narrows the experts it
+#: scans (below this, narrowing costs more than the scans it saves).
+_NARROW_MIN_EXTRA = 32
+
+
+def _replica_candidates(weight: np.ndarray, num_extra: int) -> np.ndarray | None:
+    """The experts that replication can choose, per row in ascending order, or None.
+
+    weight: [X, n] float64, the load of each expert.
+
+    Returns [X, C] int64 expert indices, -1 padded, or None when narrowing
+    does not pay (few extra slots, or ties make the candidates most experts).
+
+    Why it is exact: replication hands out the extra slots in the order of
+    the keys (-W_j / c, j, c) over all experts j and counts c >= 1 (each
+    expert's keys only grow with c, and ties go to the lowest j), so the
+    chosen keys are the num_extra smallest. An expert that gets any extra has
+    its key (-W_j, j, 1) among them, and so do the keys (-W_i, i, 1) of every
+    expert before it in the stable descending order of W: it is among the
+    first num_extra of that order, hence W_j >= the num_extra-th largest
+    load. Taking every expert at or above that load keeps them all, and
+    argmax over them, in ascending index order, picks what it picks over all.
+    """
+    num_rows, num_log = weight.shape
+    if num_extra < _NARROW_MIN_EXTRA or 4 * num_extra > num_log:
+        return None
+    threshold = np.partition(weight, num_log - num_extra, axis=1)[:, num_log - num_extra]
+    flat = np.flatnonzero(weight >= threshold[:, None])  # row-major: each row ascending
+    rows = flat // num_log
+    per_row = np.bincount(rows, minlength=num_rows)
+    width = int(per_row.max())
+    if 2 * width > num_log:
+        return None
+    # Position of each kept expert within its row: its rank among the kept.
+    place = np.arange(flat.size) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    candidates = np.full(num_rows * width, -1, dtype=np.int64)
+    candidates[rows * width + place] = flat - rows * num_log
+    return candidates.reshape(num_rows, width)
 
 
 def _group_loads(weight: np.ndarray, num_groups: int) -> np.ndarray:

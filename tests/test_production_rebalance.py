@@ -195,6 +195,29 @@ def test_primitives_equal_reference():
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("kind", ["ties", "skewed", "few-hot", "continuous"])
+def test_replication_over_narrowed_candidates_equals_reference(kind):
+    # Many extra slots: replication scans only the experts at or above the
+    # num_extra-th largest load; ties at that load must all stay in.
+    rng = np.random.default_rng(12)
+    shape, extra = (3, 256), 48
+    weight = {
+        "ties": rng.integers(0, 5, shape).astype(np.float64),
+        "skewed": rng.zipf(1.3, shape).astype(np.float64),
+        "few-hot": np.where(np.arange(256) < 3, 5.0, 0.0) * np.ones(shape),
+        "continuous": rng.random(shape),
+    }[kind]
+    if kind != "few-hot":  # few-hot ties most experts at 0: narrowing declines
+        assert _packing._replica_candidates(weight, extra) is not None
+    for got, want in zip(
+        production.replicate_experts(weight, 256 + extra),
+        reference.replicate_experts(weight, 256 + extra),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want)
+    _assert_same_as_reference(torch.from_numpy(weight), 256 + extra, 1, 1, 8)
+
+
 def test_real_loads_in_the_benchmark_configurations(real_loads):
     # One real workload in every configuration (the conformance suite runs them all).
     name = sorted(real_loads)[0]
