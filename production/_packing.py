@@ -111,7 +111,6 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
     capacity = num_items // num_packs
     num_cells = num_rows * num_packs
     pack_t = np.empty((num_items, num_rows), dtype=np.int64)
-    flat_t = np.empty((num_items, num_rows), dtype=np.int64)  # row * m + pack
     row_offset = np.arange(num_rows, dtype=np.int64) * num_packs
     first = weight_sorted[:, :num_packs]
     key = first + 0.0  # [X, m]: pack totals, full packs masked; "+ 0.0": -0.0 -> 0.0
@@ -133,7 +132,6 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
     # (0.0 for p >= z), the spec's 0.0 + w.
     if first[:, -1].min() > 0:  # z = m in every row: no zero, no full pack
         pack_t[:num_packs] = np.arange(num_packs, dtype=np.int64)[:, None]
-        np.add(pack_t[:num_packs], row_offset, out=flat_t[:num_packs])
         counts = np.ones(num_cells, dtype=np.int64)
         has_full = False
     else:
@@ -143,8 +141,7 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
         pack_t[:num_packs] = np.where(
             position < positive, position, positive + after_zero // capacity
         )
-        np.add(pack_t[:num_packs], row_offset, out=flat_t[:num_packs])
-        counts = np.bincount(flat_t[:num_packs].ravel(), minlength=num_cells)
+        counts = np.bincount((pack_t[:num_packs] + row_offset).ravel(), minlength=num_cells)
         full = counts == capacity
         key_flat[full] = full_key
         has_full = bool(full.any())
@@ -157,6 +154,7 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
     # per row), so each chosen total gets exactly its one "+ w".
     weight_t = np.ascontiguousarray(weight_sorted.T)  # [n, X]: row t contiguous
     argmin, add, add_at = key.argmin, np.add, np.add.at
+    flat = np.empty(num_rows, dtype=np.int64)  # row * m + pack of this step's choices
     scratch = (np.empty(num_rows), np.empty((num_rows, num_packs), dtype=np.bool_))
 
     # Phase A: while no pack can become full, only the counts are kept (one
@@ -171,8 +169,7 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
         stop = min(num_items, t + capacity - 1 - int(largest))
         if stop <= t:
             break
-        steps = zip(pack_t[t:stop], flat_t[t:stop], weight_t[t:stop], strict=True)
-        for chosen, flat, weight in steps:
+        for chosen, weight in zip(pack_t[t:stop], weight_t[t:stop], strict=True):
             if huge:
                 _select_first_min(key, chosen, *scratch)
             else:
@@ -190,7 +187,7 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
     take_count, take_penalty = counts.take, penalty.take
     arrived = np.empty(num_rows, dtype=np.int64)
     increment = np.empty(num_rows, dtype=np.float64)
-    for chosen, flat, weight in zip(pack_t[t:], flat_t[t:], weight_t[t:], strict=True):
+    for chosen, weight in zip(pack_t[t:], weight_t[t:], strict=True):
         if huge:
             _select_first_min(key, chosen, *scratch)
         else:
@@ -332,13 +329,15 @@ def _replicate(
         divide(new_load, new_count, new_load)
         put_load(flat, new_load)
     extra = chosen_t.T.copy()
-    if candidates is not None:
-        extra = _take_rows(candidates, extra)
-    # Final counts and per-replica loads of all experts: 1 + extras received.
+    extra_rank = rank_t.T.astype(np.int64)
+    if candidates is None:
+        return extra, extra_rank, count.astype(np.int64).reshape(num_rows, num_log), ratio
+    # Back from candidates to all experts: counts are 1 + extras received.
+    extra = _take_rows(candidates, extra)
     logcnt = np.ones(num_rows * num_log, dtype=np.int64)
     np.add.at(logcnt, (extra + (np.arange(num_rows, dtype=np.int64) * num_log)[:, None]).ravel(), 1)
     logcnt = logcnt.reshape(num_rows, num_log)
-    return extra, rank_t.T.astype(np.int64), logcnt, weight / logcnt
+    return extra, extra_rank, logcnt, weight / logcnt
 
 
 #: Extra slots per row from which replication first narrows the experts it
