@@ -18,6 +18,15 @@ operation makes exactly the choice the spec makes:
   total could overflow, a slower selection that masks with NaN instead is used
   (``_pack_sorted``).
 
+Work the spec's loops would repeat is skipped only where the result is provably
+the same, each argued where it is done: the first ``m`` items of a packing
+row are placed in closed form; counts are checked only when a pack can fill;
+the slot order within packs comes from one sort; replication with many extra
+slots scans only the experts that can be chosen (``_replica_candidates``).
+Every numpy call on these small arrays costs about a microsecond, mostly
+overhead, so the loops use bound methods, ``out=`` buffers and ``np.add.at``
+(gather, add and scatter in one call), and no Python loop runs over rows.
+
 The glossary (phy2log, log2phy, logcnt, pack, rank, slot) is the one of
 ``eplb.reference``.
 """
@@ -147,9 +156,6 @@ def _pack_sorted(weight_sorted: np.ndarray, num_packs: int) -> tuple[np.ndarray,
         has_full = bool(full.any())
 
     # Every later item: one step per sorted position, all rows at once.
-    # Bound methods, positional out= arguments and ufunc.at (gather, add and
-    # scatter in one call): on these small arrays a numpy call costs about
-    # a microsecond, mostly overhead, so calls per step are what count.
     # np.add.at adds in index order; one step's indices are distinct (one
     # per row), so each chosen total gets exactly its one "+ w".
     weight_t = np.ascontiguousarray(weight_sorted.T)  # [n, X]: row t contiguous
