@@ -422,9 +422,13 @@ def _agree(
     flags[rank] = error is not None
     flags[world_size] = digest
     flags[world_size + 1] = -digest
-    flags = flags.to(device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    reduced = flags.cpu().tolist()
+    # On the pack stream, this exchange and the host's wait for it queue behind
+    # nothing the serving stream holds (the forward pass in flight): the host
+    # waits for a few bytes on the wire, not for the GPU to drain.
+    with _Streams(device).use("pack"):
+        flags = flags.to(device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        reduced = flags.cpu().tolist()
     if error is not None:
         return  # the caller raises this rank's own error
     refused = [r for r in range(world_size) if reduced[r]]
