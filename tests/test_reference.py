@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from eplb.conformance.cases import SPEC_EXAMPLE, SPEC_LOGCNT, SPEC_PHY2LOG
 from eplb.reference import (
     balanced_packing,
     rebalance_experts,
@@ -15,24 +16,8 @@ from eplb.reference import (
     replicate_experts,
 )
 
-SPEC_WEIGHT = np.array(
-    [
-        [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-        [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27],
-    ]
-)
-SPEC_PHY2LOG = np.array(
-    [
-        [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-        [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1],
-    ]
-)
-SPEC_LOGCNT = np.array(
-    [
-        [1, 2, 1, 1, 2, 2, 1, 1, 1, 1, 2, 1],
-        [1, 2, 1, 1, 1, 2, 2, 1, 2, 1, 1, 1],
-    ]
-)
+# SPEC.md's worked example, as the conformance suite ships it.
+SPEC_WEIGHT = SPEC_EXAMPLE.weight
 
 
 def _check_placement(weight, phy2log, log2phy, logcnt, R, G, N, P):
