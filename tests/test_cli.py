@@ -54,82 +54,28 @@ def test_plot_writes_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# Each case: the command line after `eplb rebalance` (split on spaces), and
+# words the one error line must hold. LOAD and BAD become small JSON files.
+_OK = "--replicas 8 --groups 1 --nodes 1 --gpus 1"
+BAD_ARGUMENTS = {
+    "missing-file": (f"missing.json {_OK}", "does not exist"),
+    "R%P": (
+        "LOAD --replicas 10 --groups 1 --nodes 1 --gpus 4",
+        "num_gpus must divide num_replicas",
+    ),
+    "E%G": ("LOAD --replicas 8 --groups 3 --nodes 1 --gpus 1", "num_groups"),
+    "layers-syntax": (f"LOAD {_OK} --layers x", "--layers"),
+    "layers-empty": (f"LOAD {_OK} --layers 5:", "selects no layer"),
+    "output-suffix": (f"LOAD {_OK} --output maps.txt", ".json or .pt"),
+    "neg": (f"BAD {_OK}", ">= 0"),
+    "plot-suffix": (f"LOAD {_OK} --plot plot.jpg", ".png"),
+}
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
-    [
-        (
-            ["missing.json", "--replicas", "8", "--groups", "1", "--nodes", "1", "--gpus", "1"],
-            "does not exist",
-        ),
-        (
-            ["LOAD", "--replicas", "10", "--groups", "1", "--nodes", "1", "--gpus", "4"],
-            "num_gpus must divide num_replicas",
-        ),
-        (["LOAD", "--replicas", "8", "--groups", "3", "--nodes", "1", "--gpus", "1"], "num_groups"),
-        (
-            [
-                "LOAD",
-                "--replicas",
-                "8",
-                "--groups",
-                "1",
-                "--nodes",
-                "1",
-                "--gpus",
-                "1",
-                "--layers",
-                "x",
-            ],
-            "--layers",
-        ),
-        (
-            [
-                "LOAD",
-                "--replicas",
-                "8",
-                "--groups",
-                "1",
-                "--nodes",
-                "1",
-                "--gpus",
-                "1",
-                "--layers",
-                "5:",
-            ],
-            "selects no layer",
-        ),
-        (
-            [
-                "LOAD",
-                "--replicas",
-                "8",
-                "--groups",
-                "1",
-                "--nodes",
-                "1",
-                "--gpus",
-                "1",
-                "--output",
-                "maps.txt",
-            ],
-            ".json or .pt",
-        ),
-        (["BAD", "--replicas", "8", "--groups", "1", "--nodes", "1", "--gpus", "1"], ">= 0"),
-        (
-            [*"LOAD --replicas 8 --groups 1 --nodes 1 --gpus 1 --plot plot.jpg".split()],
-            ".png",
-        ),
-    ],
-    ids=[
-        "missing-file",
-        "R%P",
-        "E%G",
-        "layers-syntax",
-        "layers-empty",
-        "output-suffix",
-        "neg",
-        "plot-suffix",
-    ],
+    [(line.split(), words) for line, words in BAD_ARGUMENTS.values()],
+    ids=list(BAD_ARGUMENTS),
 )
 def test_bad_arguments_give_one_line_and_nonzero_exit(tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
