@@ -17,8 +17,11 @@ How it keeps the link busy and the result exact:
   contiguous buffer: one message per peer and direction, all issued in one
   ``batch_isend_irecv``. Packing and local-copy staging read the batch's layers
   before any of its slots is written, so nothing is overwritten before it is sent.
-- Batches overlap: batch k+1 is packed and sent while batch k is unpacked.
-  Layers never share memory, so this is safe; at most two batches are in flight.
+- Batches overlap: batch k+1 is packed while batch k is on the wire and older
+  batches are unpacked. Packs, the wire and writes run on three streams that
+  meet through events only, so the wire waits for its own pack and a free
+  receive buffer, never for unrelated copies; buffers come from two rings
+  allocated once per call. Layers never share memory, so this is safe.
 - Bits move through integer views (8-byte words where a slot is one dense
   block), so every dtype ships exactly; slot copies are issued as lists through
   ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import _copy_kernel
 from ._rearrange_plan import (
     RearrangePlan,
     check_maps,
@@ -62,6 +66,18 @@ __all__ = [
 #: half its one-message rate (DeepSeek-V3 3.2x the bound), 1 GiB gave 2.0x
 #: (V2-Lite) and 2.6x (V3), 4 GiB 2.1x and 1.9-2.2x for ~8 GB more memory.
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
+
+# Receive buffers beyond what the plan's deferred writes need: steps the write
+# stream may fall behind the wire (a layer's local copies run in a few steps)
+# before the wire waits for it.
+_RING_SLACK = 3
+
+# Shares of the SMs the copy kernels of the pack and the write stream may take
+# (they run at once, beside NCCL's kernels): together about half the GPU.
+# On 2 H200s a copy kernel on 64 of 132 SMs copied 1.5 TB/s and slowed a
+# concurrent NCCL exchange by 3%; on 96 SMs by 14% (benchmarks/probe_overlap.py).
+_PACK_SM_SHARE = 1 / 6
+_WRITE_SM_SHARE = 1 / 3
 
 # Regions inside a message start at multiples of this, so that each can be viewed
 # as its tensor's dtype (view(dtype) needs an aligned offset) with aligned loads.
@@ -156,8 +172,9 @@ def rearrange_expert_weights(
     group: the EP process group (default: the world; none needed for one rank).
         NCCL for CUDA tensors, gloo for CPU tensors.
     max_batch_bytes: bytes one pipeline step may send plus receive on one rank
-        (default 1 GiB; a single expert may exceed it). Up to about three steps'
-        buffers are alive at once; a large layer spans several steps. Local copies
+        (default 1 GiB; a single expert may exceed it). The buffers take two
+        steps' sends plus a few steps' receives (the ring depth: writes the plan
+        must defer, plus three); a large layer spans several steps. Local copies
         stage one slot per cycle of moves, no more.
     profile: record CUDA events per phase into ``phase_ms`` (one host sync at the
         end; for benchmarks).
@@ -474,12 +491,24 @@ class _Unpack:
 
 
 @dataclass
+class _Staging:
+    """The slots of one layer staged before its local copies, and (while moving) their copies."""
+
+    slots: list[int]
+    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # per tensor
+
+
+@dataclass
 class _LocalGroup:
-    """One layer's local copies in a safe order: stage, then waves (see local_waves)."""
+    """Consecutive waves of one layer's local copies (see local_waves), run in one step.
+
+    The layer's first group stages ``staging.slots``; its last frees the copies.
+    """
 
     layer: int
-    staged: list[int]
+    staging: _Staging
     waves: list[list[tuple[int, int]]]
+    last: bool
 
 
 @dataclass
@@ -499,7 +528,8 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
     A write to slot X is issued at the end of step s, after the packs of step
     s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
     local copies of a layer run before unpacks and post copies that overwrite
-    their sources. Slots are local here (0 .. R/P - 1).
+    their sources. Slots are local here (0 .. R/P - 1). Per-slot facts are dense
+    [layers, R/P] arrays: this runs on the host before the first byte moves.
     """
     per_rank = plan.slots_per_rank
     base = rank * per_rank
@@ -507,73 +537,88 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
     t = plan.transfers[order]
     num_steps = int(step_of[-1]) + 1 if step_of.size else 1
     steps = [_Step([], []) for _ in range(num_steps)]
-    last_pack: dict[tuple[int, int], int] = {}
     mine = t[:, 2] == rank
-    for s, layer, slot in zip(
-        step_of[mine].tolist(), t[mine, 0].tolist(), t[mine, 3].tolist(), strict=True
-    ):
-        last_pack[(layer, slot - base)] = s
-    for s in range(num_steps):
-        at = step_of == s
-        sends = np.stack([t[at, 0], t[at, 4], t[at, 3] - base], axis=1)[t[at, 2] == rank]
-        recvs = np.stack([t[at, 0], t[at, 2], t[at, 5] - base], axis=1)[t[at, 4] == rank]
-        steps[s].sends = _messages(sends, layout)
-        steps[s].recvs = _messages(recvs, layout)
+    last_pack = np.zeros((plan.num_layers, per_rank), dtype=np.int64)
+    np.maximum.at(last_pack, (t[mine, 0], t[mine, 3] - base), step_of[mine])
+    for s, messages in _messages(step_of[mine], t[mine][:, [0, 4, 3]] - [0, 0, base], layout):
+        steps[s].sends = messages
+    theirs = t[:, 4] == rank
+    for s, messages in _messages(step_of[theirs], t[theirs][:, [0, 2, 5]] - [0, 0, base], layout):
+        steps[s].recvs = messages
 
     # No write of a layer before the first step moving anything of it (or of a
     # later layer): a failure then leaves later layers untouched.
     first_step = np.full(plan.num_layers + 1, num_steps - 1, dtype=np.int64)
     np.minimum.at(first_step, t[:, 0], step_of)
-    first_step = np.minimum.accumulate(first_step[::-1])[::-1].tolist()
-
-    def earliest(layer: int, slot: int) -> int:
-        return max(last_pack.get((layer, slot), 0) - 1, first_step[layer])
+    first_step = np.minimum.accumulate(first_step[::-1])[::-1]
+    # [layers, R/P]: the first step at whose end a slot may be written.
+    earliest = np.maximum(last_pack - 1, first_step[:-1, None])
 
     local = plan.local_copies[plan.local_copies[:, 2] // per_rank == rank] - [0, base, base]
-    local_step: dict[tuple[int, int], int] = {}  # (layer, source slot) -> step of its group
-    for layer in np.unique(local[:, 0]).tolist():
-        pairs = local[local[:, 0] == layer, 1:].tolist()
-        at = max(earliest(layer, dst) for _, dst in pairs)
+    read_locally = np.zeros_like(earliest)  # step of the last local wave reading a slot
+    layer_cuts = np.searchsorted(local[:, 0], np.arange(plan.num_layers + 1))
+    for layer in range(plan.num_layers):
+        pairs = local[layer_cuts[layer] : layer_cuts[layer + 1], 1:].tolist()
+        if not pairs:
+            continue
         staged, waves = local_waves([(src, dst) for src, dst in pairs])
-        steps[at].local.append(_LocalGroup(layer, staged, waves))
-        for src, _ in pairs:
-            local_step[(layer, src)] = at
+        # Each wave as early as the packs of its destinations allow, not the whole
+        # layer at its last pack: one burst of a layer's copies would hold the
+        # write stream (and the receive buffers waiting for it) for several steps.
+        pieces: dict[int, list[list[tuple[int, int]]]] = {}
+        at = int(first_step[layer])
+        for wave in waves:
+            at = max(at, int(earliest[layer, [dst for _, dst in wave]].max()))
+            pieces.setdefault(at, []).append(wave)
+            sources = [src for src, _ in wave if src >= 0]
+            read_locally[layer, sources] = at
+        read_locally[layer, staged] = min(pieces)
+        staging = _Staging(staged)
+        for at, piece in pieces.items():
+            steps[at].local.append(_LocalGroup(layer, staging, piece, last=at == max(pieces)))
+    write_after = np.maximum(earliest, read_locally)
 
-    def write_step(layer: int, slot: int, after: int) -> int:
-        return max(after, earliest(layer, slot), local_step.get((layer, slot), 0))
-
-    filled: dict[tuple[int, int], int] = {}  # (layer, slot) -> step its receive is written
+    filled = np.zeros_like(earliest)  # step at whose end a received slot is written
     for s, flight in enumerate(steps):
         for index, message in enumerate(flight.recvs):
+            due: dict[int, list[tuple[int, int]]] = {}
             for layer, tensor, offset, slots in message.parts:
-                by_step: dict[int, tuple[list[int], list[int]]] = {}
-                for row, slot in enumerate(slots):
-                    at = write_step(layer, slot, s)
-                    filled[(layer, slot)] = max(filled.get((layer, slot), 0), at)
-                    rows, dsts = by_step.setdefault(at, ([], []))
-                    rows.append(row)
-                    dsts.append(slot)
-                for at, (rows, dsts) in by_step.items():
-                    steps[at].unpacks.append(
+                if tensor == 0:  # every tensor of a layer has the same slots
+                    when = np.maximum(write_after[layer, slots], s)
+                    filled[layer, slots] = when
+                    due = {}
+                    for row, step in enumerate(when.tolist()):
+                        due.setdefault(step, []).append((row, slots[row]))
+                for step, pairs in due.items():
+                    rows = [row for row, _ in pairs]
+                    dsts = [slot for _, slot in pairs]
+                    steps[step].unpacks.append(
                         _Unpack(s, index, layer, tensor, offset, len(slots), rows, dsts)
                     )
     post = plan.post_copies[plan.post_copies[:, 2] // per_rank == rank] - [0, base, base]
     for layer, src, dst in post.tolist():
-        at = write_step(layer, dst, filled[(layer, src)])
+        at = max(int(filled[layer, src]), int(write_after[layer, dst]))
         steps[at].post.append((layer, [src], [dst]))
     return steps
 
 
-def _messages(rows: np.ndarray, layout: _Layout) -> list[_Message]:
-    """One message per peer from (layer, peer, local slot) rows in plan order."""
-    rows = rows[np.argsort(rows[:, 1], kind="stable")]  # by peer; (layer, expert) order kept
-    cuts = np.flatnonzero(np.diff(rows[:, 1])) + 1
-    found = []
-    for mine in np.split(rows, cuts) if rows.size else []:
-        message = _layout_message(int(mine[0, 1]), mine[:, 0], mine[:, 2], layout)
+def _messages(
+    step_of: np.ndarray, rows: np.ndarray, layout: _Layout
+) -> list[tuple[int, list[_Message]]]:
+    """Per step, one message per peer, from (layer, peer, local slot) rows in plan order.
+
+    step_of: [rows] int, the step of each row (non-decreasing).
+    """
+    # Stable: within a (step, peer), the plan's (layer, expert) order is kept.
+    sort = np.lexsort((rows[:, 1], step_of))
+    rows, step_of = rows[sort], step_of[sort]
+    found: dict[int, list[_Message]] = {}
+    cuts = np.flatnonzero(np.diff(step_of) | np.diff(rows[:, 1])) + 1
+    for group in np.split(np.arange(len(rows)), cuts) if len(rows) else []:
+        message = _layout_message(int(rows[group[0], 1]), rows[group, 0], rows[group, 2], layout)
         if message.nbytes:  # all tensors empty: nothing to ship
-            found.append(message)
-    return found
+            found.setdefault(int(step_of[group[0]]), []).append(message)
+    return list(found.items())
 
 
 def _layout_message(peer: int, layers: np.ndarray, slots: np.ndarray, layout: _Layout) -> _Message:
@@ -582,18 +627,15 @@ def _layout_message(peer: int, layers: np.ndarray, slots: np.ndarray, layout: _L
     layers, slots: [experts] int, in message order (layers ascending). Both sides
     of a message call this with the same layers in the same order.
     """
+    by_layer: dict[int, list[int]] = {}
+    for layer, slot in zip(layers.tolist(), slots.tolist(), strict=True):
+        by_layer.setdefault(layer, []).append(slot)
     parts = []
     position = 0
-    cuts = np.flatnonzero(np.diff(layers)) + 1
-    for layer, mine in zip(
-        layers[np.concatenate(([0], cuts))].tolist() if layers.size else [],
-        np.split(slots, cuts) if layers.size else [],
-        strict=True,
-    ):
-        mine_list = mine.tolist()
+    for layer, mine in by_layer.items():
         for tensor in range(len(layout.slot_nbytes)):
-            parts.append((layer, tensor, position, mine_list))
-            position += layout.region(tensor, len(mine_list))
+            parts.append((layer, tensor, position, mine))
+            position += layout.region(tensor, len(mine))
     return _Message(peer, position, len(slots), parts)
 
 
@@ -606,14 +648,20 @@ def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -
 class _Copies:
     """Slot-to-slot copies, queued and then issued in as few launches as possible.
 
-    ``torch._foreach_copy_`` copies a whole list at once: on CUDA a few fused
-    kernels for all same-dtype dense pairs, on the CPU one memcpy per pair without
-    Python in between. Index kernels (index_select / index_copy_) were slower:
+    On CUDA with Triton: one launch of :mod:`._copy_kernel` for all pairs, on a
+    fixed ``share`` of the SMs so that NCCL's kernels keep theirs. Otherwise
+    ``torch._foreach_copy_`` copies a whole list at once: a few fused kernels for
+    all same-dtype dense pairs on CUDA, one memcpy per pair without Python in
+    between on the CPU. Index kernels (index_select / index_copy_) were slower:
     on the CPU up to 100x for wide rows.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device, share: float) -> None:
         self._pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._device = device
+        self._programs = (
+            _copy_kernel.grid_size(device, share) if _copy_kernel.kernel_available(device) else 0
+        )
 
     def add(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
         """Queue ``destinations[i] <- sources[i]``; all of one call share one dtype."""
@@ -625,6 +673,15 @@ class _Copies:
             out_of.extend(sources)
 
     def run(self) -> None:
+        if self._programs and self._pairs:
+            table = _copy_kernel.chunk_table(
+                [d for into, _ in self._pairs.values() for d in into],
+                [s for _, out_of in self._pairs.values() for s in out_of],
+            )
+            if table is not None:
+                _copy_kernel.copy_rows(table, self._device, self._programs)
+                self._pairs.clear()
+                return
         for destinations, sources in self._pairs.values():
             _foreach_copy(destinations, sources)
         self._pairs.clear()
@@ -642,9 +699,10 @@ def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor])
 class _SlotViews:
     """``views[layer][tensor]`` split into one view per slot, made once per tensor."""
 
-    def __init__(self, views: list[list[torch.Tensor]]) -> None:
+    def __init__(self, views: list[list[torch.Tensor]], device: torch.device) -> None:
         self._views = views
         self._split: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.device = device
 
     def __call__(self, layer: int, tensor: int, slots: list[int]) -> list[torch.Tensor]:
         """The views of the given local slots of one tensor of one layer."""
@@ -670,36 +728,90 @@ class _SlotViews:
 
 
 class _Streams:
-    """The pack and write streams of a CUDA device, made once (cached blocks stay reusable).
+    """The pack, issue and write streams of a CUDA device, made once (cached blocks stay reusable).
 
-    NCCL runs on its own stream, which waits for the stream current when the
-    operations are issued (the pack stream); the write stream waits for NCCL
-    through ``work.wait()``. On the CPU everything runs in host order.
+    Packs run on ``pack``. Each step's messages are issued from ``issue``, which
+    holds nothing but waits: NCCL's own stream waits for the stream current when
+    the operations are issued, so the wire waits for exactly that step's pack and
+    a free receive buffer, never for unrelated copies. ``write`` runs local
+    copies and unpacks. Streams meet through events only. On the CPU everything
+    runs in host order and events are None.
     """
 
-    _cache: ClassVar[dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]]] = {}
+    _cache: ClassVar[dict[torch.device, tuple[torch.cuda.Stream, ...]]] = {}
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self._streams: dict[str, torch.cuda.Stream] = {}
         if self.cuda:
             if device not in self._cache:
-                self._cache[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-            self.pack, self.write = self._cache[device]
+                self._cache[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
+            self._streams = dict(zip(("pack", "issue", "write"), self._cache[device], strict=True))
 
     def use(self, which: str) -> AbstractContextManager[object]:
         if not self.cuda:
             return contextlib.nullcontext()
-        return torch.cuda.stream(self.pack if which == "pack" else self.write)
+        return torch.cuda.stream(self._streams[which])
+
+    def _get(self, which: str) -> torch.cuda.Stream:
+        return torch.cuda.current_stream() if which == "current" else self._streams[which]
 
     def wait(self, which: str, other: str) -> None:
-        """Stream ``which`` waits for what was queued on ``other`` (or ``"current"``)."""
+        """Stream ``which`` waits for everything queued so far on ``other`` (or ``"current"``)."""
         if self.cuda:
-            streams = {
-                "pack": self.pack,
-                "write": self.write,
-                "current": torch.cuda.current_stream(),
-            }
-            streams[which].wait_stream(streams[other])
+            self._get(which).wait_stream(self._get(other))
+
+    def record(self, which: str) -> torch.cuda.Event | None:
+        """An event at the end of what is queued on ``which`` now."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._get(which))
+        return event
+
+    def wait_event(self, which: str, event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            self._get(which).wait_event(event)
+
+
+class _Rings:
+    """Send and receive buffers, allocated once per call and reused step after step.
+
+    Step k packs into send slot k % 2 and receives into receive slot k % depth.
+    A send slot is reused once its previous step's messages are done; a receive
+    slot once every write reading it is done. ``depth`` leaves room for writes
+    the plan defers past their receive step, plus ``slack`` steps for the write
+    stream to fall behind (a layer's local copies) without stalling the wire.
+    """
+
+    def __init__(self, steps: list[_Step], device: torch.device, slack: int) -> None:
+        self.last_use = _last_use(steps)
+        deferred = max((last - k for k, last in enumerate(self.last_use)), default=0)
+        self.depth = min(len(steps), deferred + 1 + slack)
+        sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
+        received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
+        self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
+        self._recv = torch.empty(self.depth, received, dtype=torch.uint8, device=device)
+
+    def send(self, k: int, step: _Step) -> list[torch.Tensor]:
+        return _split(self._send[k % 2], step.sends)
+
+    def recv(self, k: int, step: _Step) -> list[torch.Tensor]:
+        return _split(self._recv[k % self.depth], step.recvs)
+
+    def recv_free_after(self, k: int) -> int | None:
+        """The step whose writes must be done before step k may receive (None: no wait)."""
+        previous = k - self.depth
+        return None if previous < 0 else self.last_use[previous]
+
+
+def _split(slot: torch.Tensor, messages: list[_Message]) -> list[torch.Tensor]:
+    """One buffer per message, back to back in one ring slot (sizes are multiples of _ALIGN)."""
+    buffers, position = [], 0
+    for message in messages:
+        buffers.append(slot[position : position + message.nbytes])
+        position += message.nbytes
+    return buffers
 
 
 class _Phases:
@@ -737,54 +849,59 @@ def _run(
     rank: int,
     profile: bool,
 ) -> dict[str, float]:
-    """Move every step: NCCL moves step k while step k + 1 is packed and step k - 1 written.
+    """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
 
-    Host order per step k: issue k's messages (after its packs), pack k + 1,
-    then its writes (after k's messages and k + 1's packs). No host sync. The
-    pack stream waits for the write stream before packing, so buffers freed
-    after their last write are reused only once that write has run.
+    Host order per step k: issue k's messages (waiting, on the GPU, for k's pack
+    and a free receive buffer), pack k + 1, then k's writes (after k's messages
+    and k + 1's pack, so no pack reads a slot after its write). No host sync; the
+    wire never waits for writes beyond the receive ring's depth.
     """
     touched: set[int] = set()
-    slots = _SlotViews(views)
+    slots = _SlotViews(views, device)
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
-    streams.wait("pack", "current")
-    streams.wait("write", "current")
+    for which in ("pack", "issue", "write"):
+        streams.wait(which, "current")
     phases.mark("total")
-    sent: list[list[torch.Tensor] | None] = [None] * len(steps)
-    received: list[list[torch.Tensor] | None] = [None] * len(steps)
-    last_use = _last_use(steps)
+    # Allocated on the current stream, which waits for every stream at the end:
+    # the rings' memory is reused only after their last use.
+    rings = _Rings(steps, device, _RING_SLACK)
+    packed: list[torch.cuda.Event | None] = [None] * len(steps)
+    sent: list[torch.cuda.Event | None] = [None] * len(steps)
+    written: list[torch.cuda.Event | None] = [None] * len(steps)
+    received = [rings.recv(k, step) for k, step in enumerate(steps)]
     try:
         with streams.use("pack"):
-            sent[0] = _pack(steps[0], slots, device, phases)
+            _pack(steps[0], rings.send(0, steps[0]), slots, phases)
+            packed[0] = streams.record("pack")
         for k, step in enumerate(steps):
-            with streams.use("pack"):
-                received[k] = [
-                    torch.empty(m.nbytes, dtype=torch.uint8, device=device) for m in step.recvs
-                ]
-                works = _start(step, sent[k] or [], received[k] or [], group)
-                if k + 1 < len(steps):
-                    # Covers the writes of step k - 1: buffers last used there or
-                    # earlier may be freed, and pack-stream reuse comes after them.
-                    streams.wait("pack", "write")
-                    if k:
-                        sent[k - 1] = None
-                    for j in range(k):
-                        if last_use[j] <= k - 1:
-                            received[j] = None
-                    sent[k + 1] = _pack(steps[k + 1], slots, device, phases)
-            with streams.use("write"):
-                phases.mark("wire (exposed)")
-                for work in works:
+            with streams.use("issue"):
+                phases.mark("wire wait")
+                streams.wait_event("issue", packed[k])
+                free = rings.recv_free_after(k)
+                if free is not None:
+                    streams.wait_event("issue", written[free])
+                phases.mark("wire wait", end=True)
+                phases.mark("wire")
+                for work in _start(step, rings.send(k, step), received[k], group):
                     work.wait()
-                phases.mark("wire (exposed)", end=True)
-                streams.wait("write", "pack")
+                phases.mark("wire", end=True)
+                sent[k] = streams.record("issue")
+            if k + 1 < len(steps):
+                with streams.use("pack"):
+                    if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
+                        streams.wait_event("pack", sent[k - 1])
+                    _pack(steps[k + 1], rings.send(k + 1, steps[k + 1]), slots, phases)
+                    packed[k + 1] = streams.record("pack")
+            with streams.use("write"):
+                streams.wait_event("write", sent[k])
+                if k + 1 < len(steps):
+                    streams.wait_event("write", packed[k + 1])
                 _write(step, slots, received, touched, phases)
-        streams.wait("current", "write")
-        streams.wait("current", "pack")
+                written[k] = streams.record("write")
+        for which in ("pack", "issue", "write"):
+            streams.wait("current", which)
         phases.mark("total", end=True)
-        sent.clear()  # freed after the current stream's wait: reuse comes after every use
-        received.clear()
     except Exception as exc:
         changed = sorted(touched)
         unchanged = sorted(set(range(len(views))) - touched)
@@ -806,22 +923,16 @@ def _last_use(steps: list[_Step]) -> list[int]:
     return last
 
 
-def _pack(
-    step: _Step, slots: _SlotViews, device: torch.device, phases: _Phases
-) -> list[torch.Tensor]:
-    """Copy the step's outgoing experts into one buffer per peer."""
+def _pack(step: _Step, buffers: list[torch.Tensor], slots: _SlotViews, phases: _Phases) -> None:
+    """Copy the step's outgoing experts into their messages' buffers."""
     phases.mark("pack")
-    reads = _Copies()
-    buffers = []
-    for message in step.sends:
-        buffer = torch.empty(message.nbytes, dtype=torch.uint8, device=device)
+    reads = _Copies(slots.device, _PACK_SM_SHARE)
+    for message, buffer in zip(step.sends, buffers, strict=True):
         for layer, tensor, offset, mine in message.parts:
             rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
             reads.add(rows, slots(layer, tensor, mine))
-        buffers.append(buffer)
     reads.run()
     phases.mark("pack", end=True)
-    return buffers
 
 
 def _start(
@@ -844,21 +955,26 @@ def _start(
 def _write(
     step: _Step,
     slots: _SlotViews,
-    received: list[list[torch.Tensor] | None],
+    received: list[list[torch.Tensor]],
     touched: set[int],
     phases: _Phases,
 ) -> None:
     """The writes due at the end of a step: local copies, then unpacks, then post copies."""
     phases.mark("local copies")
+    copies = _Copies(slots.device, _WRITE_SM_SHARE)
     for group in step.local:
         touched.add(group.layer)
+        staging = group.staging
         for tensor in range(slots.count(group.layer)):
-            whole = slots.whole(group.layer, tensor)
-            staging = whole.new_empty((len(group.staged), *whole.shape[1:]))
-            rows = staging.unbind(0)
-            copies = _Copies()
-            copies.add(list(rows), slots(group.layer, tensor, group.staged))
-            copies.run()
+            if tensor not in staging.rows:  # the layer's first group: stage before any wave
+                whole = slots.whole(group.layer, tensor)
+                # Made on the write stream and used only there: its memory is reused
+                # only after these copies, whenever the last reference goes.
+                rows = whole.new_empty((len(staging.slots), *whole.shape[1:])).unbind(0)
+                staging.rows[tensor] = rows
+                copies.add(list(rows), slots(group.layer, tensor, staging.slots))
+                copies.run()
+            rows = staging.rows[tensor]
             for wave in group.waves:
                 sources = [
                     rows[-1 - src] if src < 0 else slots(group.layer, tensor, [src])[0]
@@ -866,12 +982,14 @@ def _write(
                 ]
                 copies.add(slots(group.layer, tensor, [dst for _, dst in wave]), sources)
                 copies.run()
+        if group.last:
+            staging.rows.clear()
     phases.mark("local copies", end=True)
     phases.mark("unpack")
-    writes = _Copies()
+    writes = _Copies(slots.device, _WRITE_SM_SHARE)
     for unpack in step.unpacks:
         touched.add(unpack.layer)
-        buffer = (received[unpack.step] or [])[unpack.message]
+        buffer = received[unpack.step][unpack.message]
         part = slots.region_rows(buffer, unpack.layer, unpack.tensor, unpack.offset, unpack.count)
         writes.add(slots(unpack.layer, unpack.tensor, unpack.slots), [part[r] for r in unpack.rows])
     writes.run()
