@@ -10,8 +10,8 @@ hide behind the wire (``benchmarks/probe_overlap.py``: a 2 GiB exchange took
 
 Copies are cut into chunks of at most ``CHUNK_WORDS`` 8-byte words, listed as
 (source address, destination address, words) rows; program i of the grid
-copies chunks i, i + grid, ... The table goes to the GPU through pinned memory
-without blocking the host.
+copies chunks i, i + grid, ... The caller sends the tables of a whole
+call to the GPU in one copy, before the first launch.
 """
 
 from __future__ import annotations
@@ -103,16 +103,14 @@ def grid_size(device: torch.device, share: float) -> int:
     return max(1, int(_sm_count(device) * share))
 
 
-def copy_rows(table: np.ndarray, device: torch.device, programs: int) -> None:
-    """Launch the copies of ``table`` (from :func:`chunk_table`) on the current stream."""
-    if not len(table):
-        return
-    staged = torch.empty(table.size, dtype=torch.int64, pin_memory=True)
-    staged.numpy()[:] = table.ravel()
-    # Pinned and non-blocking: the host goes on; the caching host allocator
-    # keeps the staged rows until this copy has run.
-    rows = staged.to(device, non_blocking=True)
-    kernel = _kernel()
-    kernel[(min(programs, len(table)),)](
-        rows, len(table), BLOCK=_BLOCK_WORDS, CHUNK=CHUNK_WORDS, num_warps=8
-    )
+def copy_rows(table: torch.Tensor, programs: int) -> None:
+    """Launch the copies of ``table`` on the current stream.
+
+    table: [3 * chunks] int64 on the GPU, the rows of :func:`chunk_table` in order.
+    programs: the grid; the kernel uses that many SMs at most.
+    """
+    chunks = table.numel() // 3
+    if chunks:
+        _kernel()[(min(programs, chunks),)](
+            table, chunks, BLOCK=_BLOCK_WORDS, CHUNK=CHUNK_WORDS, num_warps=8
+        )

@@ -492,23 +492,22 @@ class _Unpack:
 
 @dataclass
 class _Staging:
-    """The slots of one layer staged before its local copies, and (while moving) their copies."""
+    """The slots of one layer staged before its local copies (by its first group)."""
 
     slots: list[int]
-    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # per tensor
+    done: bool = False  # set while laying out the copies: the first group stages
 
 
 @dataclass
 class _LocalGroup:
     """Consecutive waves of one layer's local copies (see local_waves), run in one step.
 
-    The layer's first group stages ``staging.slots``; its last frees the copies.
+    The layer's first group stages ``staging.slots``.
     """
 
     layer: int
     staging: _Staging
     waves: list[list[tuple[int, int]]]
-    last: bool
 
 
 @dataclass
@@ -575,7 +574,7 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
         read_locally[layer, staged] = min(pieces)
         staging = _Staging(staged)
         for at, piece in pieces.items():
-            steps[at].local.append(_LocalGroup(layer, staging, piece, last=at == max(pieces)))
+            steps[at].local.append(_LocalGroup(layer, staging, piece))
     write_after = np.maximum(earliest, read_locally)
 
     filled = np.zeros_like(earliest)  # step at whose end a received slot is written
@@ -645,46 +644,60 @@ def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -
     return buffer[offset : offset + nbytes].view(view.dtype).view(count, *view.shape[1:])
 
 
-class _Copies:
-    """Slot-to-slot copies, queued and then issued in as few launches as possible.
+@dataclass
+class _Batch:
+    """Copies issued in one launch: ``destinations[i] <- sources[i]`` (slot-sized views)."""
 
-    On CUDA with Triton: one launch of :mod:`._copy_kernel` for all pairs, on a
-    fixed ``share`` of the SMs so that NCCL's kernels keep theirs. Otherwise
-    ``torch._foreach_copy_`` copies a whole list at once: a few fused kernels for
-    all same-dtype dense pairs on CUDA, one memcpy per pair without Python in
-    between on the CPU. Index kernels (index_select / index_copy_) were slower:
-    on the CPU up to 100x for wide rows.
+    phase: str  # for profiling: pack, local copies, unpack, post copies
+    destinations: list[torch.Tensor]
+    sources: list[torch.Tensor]
+    rows: tuple[int, int] | None = None  # its chunks in the call's kernel table
+
+
+class _Launcher:
+    """Issues the batches of one call, in as few launches as possible.
+
+    On CUDA with Triton: every batch's chunk table is built up front and goes to
+    the GPU in one pinned copy; then each batch is one launch of
+    :mod:`._copy_kernel` on a fixed share of the SMs, so that NCCL's kernels
+    keep theirs. Otherwise (or for views the kernel cannot take) ``torch.
+    _foreach_copy_`` copies a batch's list at once: a few fused kernels per
+    dtype on CUDA, one memcpy per pair without Python in between on the CPU.
+    Index kernels (index_select / index_copy_) were slower: on the CPU up to
+    100x for wide rows.
     """
 
-    def __init__(self, device: torch.device, share: float) -> None:
-        self._pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    def __init__(self, batches: list[_Batch], device: torch.device) -> None:
         self._device = device
-        self._programs = (
-            _copy_kernel.grid_size(device, share) if _copy_kernel.kernel_available(device) else 0
-        )
+        self._table: torch.Tensor | None = None
+        if not _copy_kernel.kernel_available(device):
+            return
+        tables, used = [], 0
+        for batch in batches:
+            table = _copy_kernel.chunk_table(batch.destinations, batch.sources)
+            if table is not None and len(table):
+                batch.rows = (used, len(table))
+                tables.append(table)
+                used += len(table)
+        if tables:
+            staged = torch.empty(3 * used, dtype=torch.int64, pin_memory=True)
+            staged.numpy()[:] = np.concatenate(tables).ravel()
+            # On the current stream, which the other streams wait for after this.
+            self._table = staged.to(device, non_blocking=True)
 
-    def add(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-        """Queue ``destinations[i] <- sources[i]``; all of one call share one dtype."""
-        if len(destinations) != len(sources):
-            raise AssertionError("copy lists differ in length")  # a bug, never bad input
-        if destinations:
-            into, out_of = self._pairs.setdefault(destinations[0].dtype, ([], []))
-            into.extend(destinations)
-            out_of.extend(sources)
-
-    def run(self) -> None:
-        if self._programs and self._pairs:
-            table = _copy_kernel.chunk_table(
-                [d for into, _ in self._pairs.values() for d in into],
-                [s for _, out_of in self._pairs.values() for s in out_of],
-            )
-            if table is not None:
-                _copy_kernel.copy_rows(table, self._device, self._programs)
-                self._pairs.clear()
-                return
-        for destinations, sources in self._pairs.values():
+    def run(self, batch: _Batch, share: float) -> None:
+        if batch.rows is not None and self._table is not None:
+            first, count = batch.rows
+            table = self._table[3 * first : 3 * (first + count)]
+            _copy_kernel.copy_rows(table, _copy_kernel.grid_size(self._device, share))
+            return
+        pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for dst, src in zip(batch.destinations, batch.sources, strict=True):
+            into, out_of = pairs.setdefault(dst.dtype, ([], []))
+            into.append(dst)
+            out_of.append(src)
+        for destinations, sources in pairs.values():
             _foreach_copy(destinations, sources)
-        self._pairs.clear()
 
 
 def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -854,25 +867,31 @@ def _run(
     Host order per step k: issue k's messages (waiting, on the GPU, for k's pack
     and a free receive buffer), pack k + 1, then k's writes (after k's messages
     and k + 1's pack, so no pack reads a slot after its write). No host sync; the
-    wire never waits for writes beyond the receive ring's depth.
+    wire never waits for writes beyond the receive ring's depth. Every copy is
+    laid out before the first one runs, so that the host only launches.
     """
-    touched: set[int] = set()
     slots = _SlotViews(views, device)
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
+    # Allocated on the current stream, which waits for every stream at the end:
+    # this memory is reused only after its last use.
+    rings = _Rings(steps, device, _RING_SLACK)
+    staging = _allocate_staging(steps, slots)
+    received = [rings.recv(k, step) for k, step in enumerate(steps)]
+    packs = [_pack_batch(step, rings.send(k, step), slots) for k, step in enumerate(steps)]
+    writes = [_write_batches(step, slots, received, staging) for step in steps]
+    launcher = _Launcher(packs + [b for batches in writes for b in batches], device)
+    staging.clear()  # the batches hold the views they need
     for which in ("pack", "issue", "write"):
         streams.wait(which, "current")
     phases.mark("total")
-    # Allocated on the current stream, which waits for every stream at the end:
-    # the rings' memory is reused only after their last use.
-    rings = _Rings(steps, device, _RING_SLACK)
     packed: list[torch.cuda.Event | None] = [None] * len(steps)
     sent: list[torch.cuda.Event | None] = [None] * len(steps)
     written: list[torch.cuda.Event | None] = [None] * len(steps)
-    received = [rings.recv(k, step) for k, step in enumerate(steps)]
+    touched: set[int] = set()
     try:
         with streams.use("pack"):
-            _pack(steps[0], rings.send(0, steps[0]), slots, phases)
+            _issue([packs[0]], launcher, phases, _PACK_SM_SHARE)
             packed[0] = streams.record("pack")
         for k, step in enumerate(steps):
             with streams.use("issue"):
@@ -891,13 +910,14 @@ def _run(
                 with streams.use("pack"):
                     if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
                         streams.wait_event("pack", sent[k - 1])
-                    _pack(steps[k + 1], rings.send(k + 1, steps[k + 1]), slots, phases)
+                    _issue([packs[k + 1]], launcher, phases, _PACK_SM_SHARE)
                     packed[k + 1] = streams.record("pack")
             with streams.use("write"):
                 streams.wait_event("write", sent[k])
                 if k + 1 < len(steps):
                     streams.wait_event("write", packed[k + 1])
-                _write(step, slots, received, touched, phases)
+                touched.update(_layers_written(step))
+                _issue(writes[k], launcher, phases, _WRITE_SM_SHARE)
                 written[k] = streams.record("write")
         for which in ("pack", "issue", "write"):
             streams.wait("current", which)
@@ -914,6 +934,22 @@ def _run(
     return phases.totals()
 
 
+def _issue(batches: list[_Batch], launcher: _Launcher, phases: _Phases, share: float) -> None:
+    """Launch batches in order on the current stream, timing each phase when profiling."""
+    for batch in batches:
+        phases.mark(batch.phase)
+        launcher.run(batch, share)
+        phases.mark(batch.phase, end=True)
+
+
+def _layers_written(step: _Step) -> set[int]:
+    return (
+        {group.layer for group in step.local}
+        | {unpack.layer for unpack in step.unpacks}
+        | {layer for layer, _, _ in step.post}
+    )
+
+
 def _last_use(steps: list[_Step]) -> list[int]:
     """Per step, the last step whose writes read its receive buffers."""
     last = list(range(len(steps)))
@@ -923,16 +959,78 @@ def _last_use(steps: list[_Step]) -> list[int]:
     return last
 
 
-def _pack(step: _Step, buffers: list[torch.Tensor], slots: _SlotViews, phases: _Phases) -> None:
-    """Copy the step's outgoing experts into their messages' buffers."""
-    phases.mark("pack")
-    reads = _Copies(slots.device, _PACK_SM_SHARE)
+def _allocate_staging(
+    steps: list[_Step], slots: _SlotViews
+) -> dict[int, list[tuple[torch.Tensor, ...]]]:
+    """Per layer with staged slots, per tensor, one staging row per staged slot."""
+    staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    for step in steps:
+        for group in step.local:
+            if group.staging.slots and group.layer not in staging:
+                staging[group.layer] = [
+                    slots.whole(group.layer, tensor)
+                    .new_empty(
+                        (len(group.staging.slots), *slots.whole(group.layer, tensor).shape[1:])
+                    )
+                    .unbind(0)
+                    for tensor in range(slots.count(group.layer))
+                ]
+    return staging
+
+
+def _pack_batch(step: _Step, buffers: list[torch.Tensor], slots: _SlotViews) -> _Batch:
+    """The step's outgoing experts copied into their messages' buffers."""
+    batch = _Batch("pack", [], [])
     for message, buffer in zip(step.sends, buffers, strict=True):
         for layer, tensor, offset, mine in message.parts:
-            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
-            reads.add(rows, slots(layer, tensor, mine))
-    reads.run()
-    phases.mark("pack", end=True)
+            batch.destinations.extend(slots.region_rows(buffer, layer, tensor, offset, len(mine)))
+            batch.sources.extend(slots(layer, tensor, mine))
+    return batch
+
+
+def _write_batches(
+    step: _Step,
+    slots: _SlotViews,
+    received: list[list[torch.Tensor]],
+    staging: dict[int, list[tuple[torch.Tensor, ...]]],
+) -> list[_Batch]:
+    """The writes due at the end of a step: local copies, then unpacks, then post copies.
+
+    Local copies go wave by wave (a wave writes only slots earlier waves have
+    read); a layer's first group first stages its cycle-breaking slots.
+    """
+    batches = []
+    for group in step.local:
+        layer, tensors = group.layer, range(slots.count(group.layer))
+        rows = staging.get(layer, [() for _ in tensors])
+        if group.staging.slots and not group.staging.done:
+            group.staging.done = True
+            stage = _Batch("local copies", [], [])
+            for tensor in tensors:
+                stage.destinations.extend(rows[tensor])
+                stage.sources.extend(slots(layer, tensor, group.staging.slots))
+            batches.append(stage)
+        for wave in group.waves:
+            batch = _Batch("local copies", [], [])
+            for tensor in tensors:
+                batch.destinations.extend(slots(layer, tensor, [dst for _, dst in wave]))
+                batch.sources.extend(
+                    rows[tensor][-1 - src] if src < 0 else slots(layer, tensor, [src])[0]
+                    for src, _ in wave
+                )
+            batches.append(batch)
+    unpack = _Batch("unpack", [], [])
+    for part in step.unpacks:
+        buffer = received[part.step][part.message]
+        rows_of = slots.region_rows(buffer, part.layer, part.tensor, part.offset, part.count)
+        unpack.destinations.extend(slots(part.layer, part.tensor, part.slots))
+        unpack.sources.extend(rows_of[r] for r in part.rows)
+    post = _Batch("post copies", [], [])
+    for layer, filled, targets in step.post:
+        for tensor in range(slots.count(layer)):
+            post.destinations.extend(slots(layer, tensor, targets))
+            post.sources.extend(slots(layer, tensor, filled))
+    return batches + [b for b in (unpack, post) if b.destinations]
 
 
 def _start(
@@ -950,57 +1048,6 @@ def _start(
         for message, buffer in zip(step.recvs, recv_buffers, strict=True)
     ]
     return dist.batch_isend_irecv(ops) if ops else []
-
-
-def _write(
-    step: _Step,
-    slots: _SlotViews,
-    received: list[list[torch.Tensor]],
-    touched: set[int],
-    phases: _Phases,
-) -> None:
-    """The writes due at the end of a step: local copies, then unpacks, then post copies."""
-    phases.mark("local copies")
-    copies = _Copies(slots.device, _WRITE_SM_SHARE)
-    for group in step.local:
-        touched.add(group.layer)
-        staging = group.staging
-        for tensor in range(slots.count(group.layer)):
-            if tensor not in staging.rows:  # the layer's first group: stage before any wave
-                whole = slots.whole(group.layer, tensor)
-                # Made on the write stream and used only there: its memory is reused
-                # only after these copies, whenever the last reference goes.
-                rows = whole.new_empty((len(staging.slots), *whole.shape[1:])).unbind(0)
-                staging.rows[tensor] = rows
-                copies.add(list(rows), slots(group.layer, tensor, staging.slots))
-                copies.run()
-            rows = staging.rows[tensor]
-            for wave in group.waves:
-                sources = [
-                    rows[-1 - src] if src < 0 else slots(group.layer, tensor, [src])[0]
-                    for src, _ in wave
-                ]
-                copies.add(slots(group.layer, tensor, [dst for _, dst in wave]), sources)
-                copies.run()
-        if group.last:
-            staging.rows.clear()
-    phases.mark("local copies", end=True)
-    phases.mark("unpack")
-    writes = _Copies(slots.device, _WRITE_SM_SHARE)
-    for unpack in step.unpacks:
-        touched.add(unpack.layer)
-        buffer = received[unpack.step][unpack.message]
-        part = slots.region_rows(buffer, unpack.layer, unpack.tensor, unpack.offset, unpack.count)
-        writes.add(slots(unpack.layer, unpack.tensor, unpack.slots), [part[r] for r in unpack.rows])
-    writes.run()
-    phases.mark("unpack", end=True)
-    phases.mark("post copies")
-    for layer, filled, targets in step.post:
-        touched.add(layer)
-        for tensor in range(slots.count(layer)):
-            writes.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
-    writes.run()
-    phases.mark("post copies", end=True)
 
 
 def _global_rank(group: dist.ProcessGroup | None, peer: int) -> int:

@@ -61,6 +61,6 @@ def test_kernel_copies_bit_for_bit_on_cuda():
     dst = torch.zeros_like(src)
     pieces = [(0, 5), (5, CHUNK_WORDS + 9), (CHUNK_WORDS + 9, 3 * CHUNK_WORDS + 11)]
     table = chunk_table([dst[a:b] for a, b in pieces], [src[a:b] for a, b in pieces])
-    copy_rows(table, device, programs=3)
+    copy_rows(torch.from_numpy(table).ravel().to(device), programs=3)
     torch.cuda.synchronize()
     assert torch.equal(dst, src)
