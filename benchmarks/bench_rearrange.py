@@ -53,6 +53,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eplb.loads import find_data_dir, read_load
+from eplb.production import rearrange as rearrange_module
 from eplb.production.rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
     plan_rearrangement,
@@ -303,6 +304,8 @@ def _p2p_bandwidth(nbytes: int, device: torch.device, rank: int, both: bool, rep
 
 
 def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) -> None:
+    if args.no_copy_kernel:
+        rearrange_module._USE_COPY_KERNEL = False
     if args.backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -411,7 +414,10 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
             maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes, profile=True
         )
         phases = ", ".join(f"{k} {v:.1f}" for k, v in stats.phase_ms.items())
-        say(f"  phases ms, {('A->B', 'B->A')[src]}, rank {rank}, {stats.batches} steps: {phases}")
+        say(
+            f"  phases ms, {('A->B', 'B->A')[src]}, rank {rank}, {stats.batches} steps: {phases}, "
+            f"host (call returned) {stats.seconds * 1e3:.1f}"
+        )
     weights.clear()  # free the GPU for the next shape
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -472,6 +478,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bw-mib", type=int, default=1024, help="bytes of the link measurements")
     parser.add_argument("--bw-repeats", type=int, default=10)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--no-copy-kernel",
+        action="store_true",
+        help="copy slots with torch._foreach_copy_ instead of the Triton kernel (comparison)",
+    )
     args = parser.parse_args(argv)
     if args.backend == "nccl" and not two_gpus:
         parser.error("--backend nccl needs 2 CUDA devices; use --backend gloo --scale 16")

@@ -70,13 +70,20 @@ DEFAULT_MAX_BATCH_BYTES = 1 << 30
 # Receive buffers beyond what the plan's deferred writes need: steps the write
 # stream may fall behind the wire (a layer's local copies run in a few steps)
 # before the wire waits for it.
-_RING_SLACK = 3
+_RING_SLACK = 2
+
+# Steps the host issues messages and packs ahead of writes. A step whose writes
+# take the host long to issue (a layer's local copies, wave after wave) then
+# does not delay the next messages: NCCL's kernels start only when both ranks
+# have issued them, so one rank's host running late stalls the link for both.
+_HOST_LEAD = 2
 
 # Shares of the SMs the copy kernels of the pack and the write stream may take
 # (they run at once, beside NCCL's kernels): together about half the GPU.
 # On 2 H200s a copy kernel on 64 of 132 SMs copied 1.5 TB/s and slowed a
 # concurrent NCCL exchange by 3%; on 96 SMs by 14% (benchmarks/probe_overlap.py).
 _PACK_SM_SHARE = 1 / 6
+_USE_COPY_KERNEL = True  # False: _foreach_copy_ everywhere (benchmarks compare both)
 _WRITE_SM_SHARE = 1 / 3
 
 # Regions inside a message start at multiples of this, so that each can be viewed
@@ -670,7 +677,7 @@ class _Launcher:
     def __init__(self, batches: list[_Batch], device: torch.device) -> None:
         self._device = device
         self._table: torch.Tensor | None = None
-        if not _copy_kernel.kernel_available(device):
+        if not (_USE_COPY_KERNEL and _copy_kernel.kernel_available(device)):
             return
         tables, used = [], 0
         for batch in batches:
@@ -865,17 +872,19 @@ def _run(
     """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
 
     Host order per step k: issue k's messages (waiting, on the GPU, for k's pack
-    and a free receive buffer), pack k + 1, then k's writes (after k's messages
-    and k + 1's pack, so no pack reads a slot after its write). No host sync; the
-    wire never waits for writes beyond the receive ring's depth. Every copy is
-    laid out before the first one runs, so that the host only launches.
+    and a free receive buffer), pack k + 1, then the writes of step k - _HOST_LEAD
+    (after that step's messages and the pack of the step after it, so no pack
+    reads a slot after its write: packs of later steps never read those slots).
+    No host sync; the wire never waits for writes beyond the receive ring's
+    depth. Every copy is laid out before the first one runs: the host only
+    launches.
     """
     slots = _SlotViews(views, device)
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
     # Allocated on the current stream, which waits for every stream at the end:
     # this memory is reused only after its last use.
-    rings = _Rings(steps, device, _RING_SLACK)
+    rings = _Rings(steps, device, _HOST_LEAD + _RING_SLACK)
     staging = _allocate_staging(steps, slots)
     received = [rings.recv(k, step) for k, step in enumerate(steps)]
     packs = [_pack_batch(step, rings.send(k, step), slots) for k, step in enumerate(steps)]
@@ -893,32 +902,35 @@ def _run(
         with streams.use("pack"):
             _issue([packs[0]], launcher, phases, _PACK_SM_SHARE)
             packed[0] = streams.record("pack")
-        for k, step in enumerate(steps):
-            with streams.use("issue"):
-                phases.mark("wire wait")
-                streams.wait_event("issue", packed[k])
-                free = rings.recv_free_after(k)
-                if free is not None:
-                    streams.wait_event("issue", written[free])
-                phases.mark("wire wait", end=True)
-                phases.mark("wire")
-                for work in _start(step, rings.send(k, step), received[k], group):
-                    work.wait()
-                phases.mark("wire", end=True)
-                sent[k] = streams.record("issue")
+        for k in range(len(steps) + _HOST_LEAD):
+            if k < len(steps):
+                with streams.use("issue"):
+                    phases.mark("wire wait")
+                    streams.wait_event("issue", packed[k])
+                    free = rings.recv_free_after(k)
+                    if free is not None:
+                        streams.wait_event("issue", written[free])
+                    phases.mark("wire wait", end=True)
+                    phases.mark("wire")
+                    for work in _start(steps[k], rings.send(k, steps[k]), received[k], group):
+                        work.wait()
+                    phases.mark("wire", end=True)
+                    sent[k] = streams.record("issue")
             if k + 1 < len(steps):
                 with streams.use("pack"):
                     if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
                         streams.wait_event("pack", sent[k - 1])
                     _issue([packs[k + 1]], launcher, phases, _PACK_SM_SHARE)
                     packed[k + 1] = streams.record("pack")
-            with streams.use("write"):
-                streams.wait_event("write", sent[k])
-                if k + 1 < len(steps):
-                    streams.wait_event("write", packed[k + 1])
-                touched.update(_layers_written(step))
-                _issue(writes[k], launcher, phases, _WRITE_SM_SHARE)
-                written[k] = streams.record("write")
+            j = k - _HOST_LEAD  # the step whose writes are issued now
+            if j >= 0:
+                with streams.use("write"):
+                    streams.wait_event("write", sent[j])
+                    if j + 1 < len(steps):
+                        streams.wait_event("write", packed[j + 1])
+                    touched.update(_layers_written(steps[j]))
+                    _issue(writes[j], launcher, phases, _WRITE_SM_SHARE)
+                    written[j] = streams.record("write")
         for which in ("pack", "issue", "write"):
             streams.wait("current", which)
         phases.mark("total", end=True)
