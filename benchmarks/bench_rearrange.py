@@ -53,7 +53,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from eplb.loads import find_data_dir, read_load
-from eplb.production import rearrange as rearrange_module
 from eplb.production.rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
     plan_rearrangement,
@@ -304,8 +303,6 @@ def _p2p_bandwidth(nbytes: int, device: torch.device, rank: int, both: bool, rep
 
 
 def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) -> None:
-    if args.no_copy_kernel:
-        rearrange_module._USE_COPY_KERNEL = False
     if args.backend == "nccl":
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
@@ -478,11 +475,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bw-mib", type=int, default=1024, help="bytes of the link measurements")
     parser.add_argument("--bw-repeats", type=int, default=10)
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument(
-        "--no-copy-kernel",
-        action="store_true",
-        help="copy slots with torch._foreach_copy_ instead of the Triton kernel (comparison)",
-    )
     args = parser.parse_args(argv)
     if args.backend == "nccl" and not two_gpus:
         parser.error("--backend nccl needs 2 CUDA devices; use --backend gloo --scale 16")

@@ -15,8 +15,8 @@ How it keeps the link busy and the result exact:
 - Layers go in batches under a memory budget. Per batch, everything going to one
   peer is packed (all layers, experts and tensors, as raw bytes) into one
   contiguous buffer: one message per peer and direction, all issued in one
-  ``batch_isend_irecv``. Packing and local-copy staging read the batch's layers
-  before any of its slots is written, so nothing is overwritten before it is sent.
+  ``batch_isend_irecv``. A slot is written only after every pack and local copy
+  that reads its old content, so nothing is overwritten before it is sent.
 - Batches overlap: batch k+1 is packed while batch k is on the wire and older
   batches are unpacked. Packs, the wire and writes run on three streams that
   meet through events only, so the wire waits for its own pack and a free
@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _copy_kernel
 from ._rearrange_plan import (
     RearrangePlan,
     check_maps,
@@ -77,14 +76,6 @@ _RING_SLACK = 2
 # does not delay the next messages: NCCL's kernels start only when both ranks
 # have issued them, so one rank's host running late stalls the link for both.
 _HOST_LEAD = 2
-
-# Shares of the SMs the copy kernels of the pack and the write stream may take
-# (they run at once, beside NCCL's kernels): together about half the GPU.
-# On 2 H200s a copy kernel on 64 of 132 SMs copied 1.5 TB/s and slowed a
-# concurrent NCCL exchange by 3%; on 96 SMs by 14% (benchmarks/probe_overlap.py).
-_PACK_SM_SHARE = 1 / 6
-_USE_COPY_KERNEL = True  # False: _foreach_copy_ everywhere (benchmarks compare both)
-_WRITE_SM_SHARE = 1 / 3
 
 # Regions inside a message start at multiples of this, so that each can be viewed
 # as its tensor's dtype (view(dtype) needs an aligned offset) with aligned loads.
@@ -658,46 +649,20 @@ class _Batch:
     phase: str  # for profiling: pack, local copies, unpack, post copies
     destinations: list[torch.Tensor]
     sources: list[torch.Tensor]
-    rows: tuple[int, int] | None = None  # its chunks in the call's kernel table
 
 
 class _Launcher:
-    """Issues the batches of one call, in as few launches as possible.
+    """Issues the copy batches of one call, each in as few launches as possible.
 
-    On CUDA with Triton: every batch's chunk table is built up front and goes to
-    the GPU in one pinned copy; then each batch is one launch of
-    :mod:`._copy_kernel` on a fixed share of the SMs, so that NCCL's kernels
-    keep theirs. Otherwise (or for views the kernel cannot take) ``torch.
-    _foreach_copy_`` copies a batch's list at once: a few fused kernels per
-    dtype on CUDA, one memcpy per pair without Python in between on the CPU.
+    ``torch._foreach_copy_`` copies a batch's list at once: a few fused kernels
+    per dtype on CUDA, one memcpy per pair without Python in between on the CPU.
     Index kernels (index_select / index_copy_) were slower: on the CPU up to
-    100x for wide rows.
+    100x for wide rows. (A Triton copy kernel on half the SMs overlapped better
+    with NCCL in isolation, benchmarks/probe_overlap.py, but laying out its
+    address tables on the host cost more than it saved here.)
     """
 
-    def __init__(self, batches: list[_Batch], device: torch.device) -> None:
-        self._device = device
-        self._table: torch.Tensor | None = None
-        if not (_USE_COPY_KERNEL and _copy_kernel.kernel_available(device)):
-            return
-        tables, used = [], 0
-        for batch in batches:
-            table = _copy_kernel.chunk_table(batch.destinations, batch.sources)
-            if table is not None and len(table):
-                batch.rows = (used, len(table))
-                tables.append(table)
-                used += len(table)
-        if tables:
-            staged = torch.empty(3 * used, dtype=torch.int64, pin_memory=True)
-            staged.numpy()[:] = np.concatenate(tables).ravel()
-            # On the current stream, which the other streams wait for after this.
-            self._table = staged.to(device, non_blocking=True)
-
-    def run(self, batch: _Batch, share: float) -> None:
-        if batch.rows is not None and self._table is not None:
-            first, count = batch.rows
-            table = self._table[3 * first : 3 * (first + count)]
-            _copy_kernel.copy_rows(table, _copy_kernel.grid_size(self._device, share))
-            return
+    def run(self, batch: _Batch) -> None:
         pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for dst, src in zip(batch.destinations, batch.sources, strict=True):
             into, out_of = pairs.setdefault(dst.dtype, ([], []))
@@ -719,10 +684,9 @@ def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor])
 class _SlotViews:
     """``views[layer][tensor]`` split into one view per slot, made once per tensor."""
 
-    def __init__(self, views: list[list[torch.Tensor]], device: torch.device) -> None:
+    def __init__(self, views: list[list[torch.Tensor]]) -> None:
         self._views = views
         self._split: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-        self.device = device
 
     def __call__(self, layer: int, tensor: int, slots: list[int]) -> list[torch.Tensor]:
         """The views of the given local slots of one tensor of one layer."""
@@ -879,7 +843,7 @@ def _run(
     depth. Every copy is laid out before the first one runs: the host only
     launches.
     """
-    slots = _SlotViews(views, device)
+    slots = _SlotViews(views)
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
     # Allocated on the current stream, which waits for every stream at the end:
@@ -889,7 +853,7 @@ def _run(
     received = [rings.recv(k, step) for k, step in enumerate(steps)]
     packs = [_pack_batch(step, rings.send(k, step), slots) for k, step in enumerate(steps)]
     writes = [_write_batches(step, slots, received, staging) for step in steps]
-    launcher = _Launcher(packs + [b for batches in writes for b in batches], device)
+    launcher = _Launcher()
     staging.clear()  # the batches hold the views they need
     for which in ("pack", "issue", "write"):
         streams.wait(which, "current")
@@ -900,7 +864,7 @@ def _run(
     touched: set[int] = set()
     try:
         with streams.use("pack"):
-            _issue([packs[0]], launcher, phases, _PACK_SM_SHARE)
+            _issue([packs[0]], launcher, phases)
             packed[0] = streams.record("pack")
         for k in range(len(steps) + _HOST_LEAD):
             if k < len(steps):
@@ -920,7 +884,7 @@ def _run(
                 with streams.use("pack"):
                     if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
                         streams.wait_event("pack", sent[k - 1])
-                    _issue([packs[k + 1]], launcher, phases, _PACK_SM_SHARE)
+                    _issue([packs[k + 1]], launcher, phases)
                     packed[k + 1] = streams.record("pack")
             j = k - _HOST_LEAD  # the step whose writes are issued now
             if j >= 0:
@@ -929,7 +893,7 @@ def _run(
                     if j + 1 < len(steps):
                         streams.wait_event("write", packed[j + 1])
                     touched.update(_layers_written(steps[j]))
-                    _issue(writes[j], launcher, phases, _WRITE_SM_SHARE)
+                    _issue(writes[j], launcher, phases)
                     written[j] = streams.record("write")
         for which in ("pack", "issue", "write"):
             streams.wait("current", which)
@@ -946,11 +910,11 @@ def _run(
     return phases.totals()
 
 
-def _issue(batches: list[_Batch], launcher: _Launcher, phases: _Phases, share: float) -> None:
+def _issue(batches: list[_Batch], launcher: _Launcher, phases: _Phases) -> None:
     """Launch batches in order on the current stream, timing each phase when profiling."""
     for batch in batches:
         phases.mark(batch.phase)
-        launcher.run(batch, share)
+        launcher.run(batch)
         phases.mark(batch.phase, end=True)
 
 
