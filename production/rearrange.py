@@ -799,30 +799,37 @@ def _split(slot: torch.Tensor, messages: list[_Message]) -> list[torch.Tensor]:
 
 
 class _Phases:
-    """CUDA events around each phase (only when profiling); sums them at the end, in ms."""
+    """CUDA events around each phase (only when profiling); sums them at the end, in ms.
+
+    Also sums the host's time inside each phase (``host <phase>``): where the
+    host, not the GPU, sets the pace, these add up to the call's duration.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.spans: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
-        self._open: dict[str, torch.cuda.Event] = {}
+        self._open: dict[str, tuple[torch.cuda.Event, float]] = {}
+        self.host: dict[str, float] = {}
 
     def mark(self, name: str, end: bool = False) -> None:
         if not self.enabled:
             return
         event = torch.cuda.Event(enable_timing=True)
         event.record()  # on the current stream
+        now = time.perf_counter()
         if end:
-            self.spans.setdefault(name, []).append((self._open.pop(name), event))
+            begin, started = self._open.pop(name)
+            self.spans.setdefault(name, []).append((begin, event))
+            self.host[name] = self.host.get(name, 0.0) + now - started
         else:
-            self._open[name] = event
+            self._open[name] = (event, now)
 
     def totals(self) -> dict[str, float]:
         if not self.enabled:
             return {}
         torch.cuda.synchronize()
-        return {
-            name: sum(a.elapsed_time(b) for a, b in spans) for name, spans in self.spans.items()
-        }
+        gpu = {name: sum(a.elapsed_time(b) for a, b in spans) for name, spans in self.spans.items()}
+        return gpu | {f"host {name}": seconds * 1e3 for name, seconds in self.host.items()}
 
 
 def _run(
@@ -843,6 +850,7 @@ def _run(
     depth. Every copy is laid out before the first one runs: the host only
     launches.
     """
+    begun = time.perf_counter()
     slots = _SlotViews(views)
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
@@ -854,6 +862,8 @@ def _run(
     packs = [_pack_batch(step, rings.send(k, step), slots) for k, step in enumerate(steps)]
     writes = [_write_batches(step, slots, received, staging) for step in steps]
     launcher = _Launcher()
+    if phases.enabled:
+        phases.host["prep"] = time.perf_counter() - begun
     staging.clear()  # the batches hold the views they need
     for which in ("pack", "issue", "write"):
         streams.wait(which, "current")
