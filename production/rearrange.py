@@ -61,9 +61,8 @@ __all__ = [
 ]
 
 #: Default bytes one pipeline step may send plus receive on one rank: 1 GiB.
-#: Measured on 2 H200s (bench_rearrange.py): 256 MiB steps left NCCL at about
-#: half its one-message rate (DeepSeek-V3 3.2x the bound), 1 GiB gave 2.0x
-#: (V2-Lite) and 2.6x (V3), 4 GiB 2.1x and 1.9-2.2x for ~8 GB more memory.
+#: Measured on 2 H200s (bench_rearrange.py, DeepSeek-V3): 256 MiB steps gave
+#: 3.2x the link bound, 1 GiB 2.2-2.5x, 2 GiB 2.2-2.3x for ~7 GB more buffers.
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
 
 # Receive buffers beyond what the plan's deferred writes need: steps the write
@@ -171,9 +170,9 @@ def rearrange_expert_weights(
         NCCL for CUDA tensors, gloo for CPU tensors.
     max_batch_bytes: bytes one pipeline step may send plus receive on one rank
         (default 1 GiB; a single expert may exceed it). The buffers take two
-        steps' sends plus a few steps' receives (the ring depth: writes the plan
-        must defer, plus three); a large layer spans several steps. Local copies
-        stage one slot per cycle of moves, no more.
+        steps' sends plus a few steps' receives (the ring depth: the steps the
+        plan must defer a write, plus five); a large layer spans several steps.
+        Local copies stage one slot per cycle of moves, no more.
     profile: record CUDA events per phase into ``phase_ms`` (one host sync at the
         end; for benchmarks).
 
@@ -756,6 +755,8 @@ class _Streams:
     def wait_event(self, which: str, event: torch.cuda.Event | None) -> None:
         if event is not None:
             self._get(which).wait_event(event)
+        elif self.cuda:  # waiting for work not issued yet would silently not wait
+            raise AssertionError(f"the {which} stream waits for an event never recorded")
 
 
 class _Rings:
