@@ -318,7 +318,8 @@ def split_steps(
     and ``step`` [T] int64, the step of each row of ``order`` (non-decreasing). Within a
     layer, transfers that read a slot this plan overwrites go first and those that
     write a slot something still reads go last, so that a slot's last read rarely
-    comes after its write (the executor delays such writes).
+    comes after its write (the executor delays such writes); within those, the
+    (sender, receiver) pairs take turns, so that every step uses every direction.
     """
     t = plan.transfers
     if not t.size:
@@ -333,7 +334,17 @@ def split_steps(
     reads_written = written[t[:, 0], t[:, 3]]
     writes_read = read[t[:, 0], t[:, 5]]
     rank_class = np.where(reads_written, 0, 2) + writes_read
-    order = np.lexsort((t[:, 1], t[:, 4], t[:, 2], rank_class, t[:, 0]))
+    grouped = np.lexsort((t[:, 1], t[:, 4], t[:, 2], rank_class, t[:, 0]))
+    # Deal the (sender, receiver) pairs out in turns: the i-th transfer of every
+    # pair before the (i+1)-th of any. A step then carries every direction at
+    # once; sorted by sender, steps went one way at a time and left the other
+    # direction of each link idle (half the bandwidth).
+    pair = np.stack([t[grouped, 0], rank_class[grouped], t[grouped, 2], t[grouped, 4]], axis=1)
+    starts = np.ones(len(grouped), dtype=bool)
+    starts[1:] = (pair[1:] != pair[:-1]).any(axis=1)
+    first = np.maximum.accumulate(np.where(starts, np.arange(len(grouped)), 0))
+    turn = np.arange(len(grouped)) - first
+    order = grouped[np.lexsort((pair[:, 3], pair[:, 2], turn, pair[:, 1], pair[:, 0]))]
     step = np.zeros(order.size, dtype=np.int64)
     used = [0] * plan.world_size
     current = 0

@@ -293,6 +293,26 @@ def test_steps_follow_the_budget_and_keep_every_transfer(seed, ranks, budget):
             assert max(use[nxt[2]], use[nxt[4]]) + 2 > budget
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_steps_use_every_direction_at_once(ranks):
+    # Every rank swaps all its experts with the next rank's: each directed pair
+    # has the same number of transfers. With a budget of two experts per rank
+    # (one sent, one received), every step must carry one transfer of every
+    # pair; steps going one way at a time would leave half of each link idle.
+    per_rank = 4
+    old = np.arange(ranks * per_rank).reshape(1, -1)
+    new = np.roll(old, per_rank, axis=1)
+    plan = plan_rearrangement(old, new, ranks)
+    order, step = split_steps(plan, 1, 2)
+    t = plan.transfers[order]
+    pairs = {(int(a), int(b)) for a, b in t[:, [2, 4]]}
+    assert len(pairs) == ranks
+    for s in np.unique(step):
+        at = t[step == s]
+        assert {(int(a), int(b)) for a, b in at[:, [2, 4]]} == pairs, f"step {s}: {at[:, [2, 4]]}"
+    assert step.max() + 1 == per_rank
+
+
 def _apply_waves(content: list[int], copies: list[tuple[int, int]]) -> tuple[list[int], int]:
     """Run local_waves' order on slot contents; return them and the slots staged."""
     staged, waves = local_waves(copies)
