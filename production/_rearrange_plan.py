@@ -28,6 +28,8 @@ import numpy as np
 
 __all__ = ["RearrangePlan", "local_waves", "plan_rearrangement", "split_steps"]
 
+_TURN_ROUNDS = 3  # see _deal_turns
+
 #: Column order of :attr:`RearrangePlan.transfers`.
 TRANSFER_COLUMNS = ("layer", "expert", "src_rank", "src_slot", "dst_rank", "dst_slot")
 #: Column order of :attr:`RearrangePlan.local_copies` and :attr:`RearrangePlan.post_copies`.
@@ -319,7 +321,8 @@ def split_steps(
     layer, transfers that read a slot this plan overwrites go first and those that
     write a slot something still reads go last, so that a slot's last read rarely
     comes after its write (the executor delays such writes); within those, the
-    (sender, receiver) pairs take turns, so that every step uses every direction.
+    (sender, receiver) pairs take turns, so that every step uses every direction,
+    and each pair sends first the slots that are overwritten first.
     """
     t = plan.transfers
     if not t.size:
@@ -334,17 +337,16 @@ def split_steps(
     reads_written = written[t[:, 0], t[:, 3]]
     writes_read = read[t[:, 0], t[:, 5]]
     rank_class = np.where(reads_written, 0, 2) + writes_read
-    grouped = np.lexsort((t[:, 1], t[:, 4], t[:, 2], rank_class, t[:, 0]))
-    # Deal the (sender, receiver) pairs out in turns: the i-th transfer of every
-    # pair before the (i+1)-th of any. A step then carries every direction at
-    # once; sorted by sender, steps went one way at a time and left the other
+    # Slots a local copy overwrites: their old content is sent first, so that
+    # the copy (and the receive into the slot it reads) need not wait.
+    copied_into = np.zeros(shape, dtype=bool)
+    copied_into[plan.local_copies[:, 0], plan.local_copies[:, 2]] = True
+    turn = _deal_turns(t, rank_class, plan.num_slots, copied_into[t[:, 0], t[:, 3]])
+    # The pairs take turns: the i-th transfer of every (sender, receiver) pair
+    # before the (i+1)-th of any, so a step carries every direction at once.
+    # Sorted by sender, steps went one way at a time and left the other
     # direction of each link idle (half the bandwidth).
-    pair = np.stack([t[grouped, 0], rank_class[grouped], t[grouped, 2], t[grouped, 4]], axis=1)
-    starts = np.ones(len(grouped), dtype=bool)
-    starts[1:] = (pair[1:] != pair[:-1]).any(axis=1)
-    first = np.maximum.accumulate(np.where(starts, np.arange(len(grouped)), 0))
-    turn = np.arange(len(grouped)) - first
-    order = grouped[np.lexsort((pair[:, 3], pair[:, 2], turn, pair[:, 1], pair[:, 0]))]
+    order = np.lexsort((t[:, 4], t[:, 2], turn, rank_class, t[:, 0]))
     step = np.zeros(order.size, dtype=np.int64)
     used = [0] * plan.world_size
     current = 0
@@ -358,6 +360,40 @@ def split_steps(
         step[i] = current
         empty = False
     return order, step
+
+
+def _deal_turns(
+    t: np.ndarray,
+    rank_class: np.ndarray,
+    num_slots: int,
+    urgent: np.ndarray,
+    rounds: int = _TURN_ROUNDS,
+) -> np.ndarray:
+    """[T] int64: each transfer's turn within its (layer, class, sender, receiver) group.
+
+    A receive into a slot must wait until that slot's old content is sent (the
+    executor keeps the received bytes buffered until then), so each pair sends
+    first the slots that the other direction overwrites first: a few rounds of
+    sorting every pair by the turn at which its source slot is written, starting
+    from expert order. Fewer writes wait, and fewer receive buffers are needed.
+    """
+    slot_written = t[:, 0] * num_slots + t[:, 5]  # each slot is written at most once
+    slot_read = t[:, 0] * num_slots + t[:, 3]
+    by_written = np.argsort(slot_written)
+    where = np.minimum(np.searchsorted(slot_written[by_written], slot_read), len(t) - 1)
+    writer = by_written[where]
+    has_writer = slot_written[writer] == slot_read
+    key = np.where(urgent, -1, 0)
+    group = np.stack([t[:, 0], rank_class, t[:, 2], t[:, 4]], axis=1)
+    turn = np.zeros(len(t), dtype=np.int64)
+    for _ in range(rounds + 1):
+        grouped = np.lexsort((t[:, 1], key, t[:, 4], t[:, 2], rank_class, t[:, 0]))
+        starts = np.ones(len(t), dtype=bool)
+        starts[1:] = (group[grouped[1:]] != group[grouped[:-1]]).any(axis=1)
+        first = np.maximum.accumulate(np.where(starts, np.arange(len(t)), 0))
+        turn[grouped] = np.arange(len(t)) - first
+        key = np.where(urgent, -1, np.where(has_writer, turn[writer], len(t)))
+    return turn
 
 
 def local_waves(copies: list[tuple[int, int]]) -> tuple[list[int], list[list[tuple[int, int]]]]:

@@ -558,20 +558,28 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
         if not pairs:
             continue
         staged, waves = local_waves([(src, dst) for src, dst in pairs])
-        # Each wave as early as the packs of its destinations allow, not the whole
-        # layer at its last pack: one burst of a layer's copies would hold the
-        # write stream (and the receive buffers waiting for it) for several steps.
+        # Each copy as early as the packs of its destination and the copies
+        # reading that destination allow, not the whole layer at its last pack:
+        # a late copy delays the receives into the slot it reads, and their
+        # buffers stay taken. Readers come in earlier waves, so one pass in wave
+        # order settles every copy; within a step, waves keep their order.
+        read_at: dict[int, int] = dict.fromkeys(staged, int(first_step[layer]))
         pieces: dict[int, list[list[tuple[int, int]]]] = {}
-        at = int(first_step[layer])
         for wave in waves:
-            at = max(at, int(earliest[layer, [dst for _, dst in wave]].max()))
-            pieces.setdefault(at, []).append(wave)
-            sources = [src for src, _ in wave if src >= 0]
-            read_locally[layer, sources] = at
-        read_locally[layer, staged] = min(pieces)
+            parts: dict[int, list[tuple[int, int]]] = {}
+            for src, dst in wave:
+                at = max(int(earliest[layer, dst]), read_at.get(dst, 0))
+                parts.setdefault(at, []).append((src, dst))
+                if src >= 0:
+                    read_at[src] = max(read_at.get(src, 0), at)
+            for at, part in parts.items():
+                pieces.setdefault(at, []).append(part)
+        for slot, at in read_at.items():
+            read_locally[layer, slot] = at
+        read_locally[layer, staged] = np.maximum(read_locally[layer, staged], min(pieces))
         staging = _Staging(staged)
-        for at, piece in pieces.items():
-            steps[at].local.append(_LocalGroup(layer, staging, piece))
+        for at in sorted(pieces):
+            steps[at].local.append(_LocalGroup(layer, staging, pieces[at]))
     write_after = np.maximum(earliest, read_locally)
 
     filled = np.zeros_like(earliest)  # step at whose end a received slot is written
