@@ -443,6 +443,54 @@ def _bytes(old: np.ndarray, new: np.ndarray, shape: Shape) -> tuple[int, int, li
     return int(pairs.max()) * shape.expert_bytes, int(pairs.sum()) * shape.expert_bytes, senders
 
 
+def _plan_report(cases: list[Case], max_batch_bytes: int) -> None:
+    """What each move's steps look like, per rank: computed on the host, no GPU needed.
+
+    "one-way steps": steps in which some (sender, receiver) pair of ranks that
+    has transfers in the layer sends nothing while the reverse direction sends:
+    such a step leaves half of that link idle. "deferred": the most steps a
+    received expert waits in its buffer before its slot may be written (its old
+    content still to be sent or copied). "buffers GB": the rings a call allocates.
+    """
+    # Internals on purpose: this reports how the executor will cut the work.
+    from eplb.production._rearrange_plan import split_steps
+    from eplb.production.rearrange import _buffer_bytes, _last_use, _Layout, _program
+
+    print(
+        f"{'shape':<17} {'move':<6} {'rank':>4} {'steps':>6} {'one-way steps':>13} "
+        f"{'deferred':>8} {'buffers GB':>10} {'program ms':>10}"
+    )
+    for case in cases:
+        shape = case.shape
+        layout = _Layout(tuple(a * b * 2 for a, b in shape.matrices()), "bf16", None)
+        for src in (0, 1):
+            old, new = (case.first, case.second)[src], (case.second, case.first)[src]
+            plan = plan_rearrangement(old, new, RANKS)
+            order, step = split_steps(plan, shape.expert_bytes, max_batch_bytes)
+            t = plan.transfers[order]
+            one_way = 0
+            for s in np.unique(step):
+                at = t[step == s]
+                directions = {(int(a), int(b)) for a, b in at[:, [2, 4]]}
+                layer_pairs = {
+                    (int(a), int(b))
+                    for a, b in plan.transfers[np.isin(plan.transfers[:, 0], at[:, 0])][:, [2, 4]]
+                }
+                one_way += any(
+                    (b, a) in layer_pairs and (b, a) not in directions for a, b in directions
+                )
+            for rank in range(RANKS):
+                start = time.perf_counter()
+                steps = _program(plan, layout, rank, max_batch_bytes)
+                ms = (time.perf_counter() - start) * 1e3
+                last = _last_use(steps)
+                deferred = max(u - k for k, u in enumerate(last))
+                print(
+                    f"{shape.name:<17} {('A->B', 'B->A')[src]:<6} {rank:>4} {len(steps):>6} "
+                    f"{one_way:>13} {deferred:>8} {_buffer_bytes(steps) / GB:>10.2f} {ms:>10.1f}"
+                )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= RANKS
@@ -475,8 +523,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bw-mib", type=int, default=1024, help="bytes of the link measurements")
     parser.add_argument("--bw-repeats", type=int, default=10)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="print how each move is cut into steps (host only, no GPU) and exit",
+    )
     args = parser.parse_args(argv)
-    if args.backend == "nccl" and not two_gpus:
+    if args.backend == "nccl" and not two_gpus and not args.plan_only:
         parser.error("--backend nccl needs 2 CUDA devices; use --backend gloo --scale 16")
     data_dir = args.data_dir or find_data_dir()
     if data_dir is None:
@@ -494,6 +547,9 @@ def main(argv: list[str] | None = None) -> None:
             f"expert, {gb:.1f} GB of weights per rank",
             file=sys.stderr,
         )
+    if args.plan_only:
+        _plan_report(cases, args.max_batch_bytes)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(args, str(Path(tmp) / "store"), cases), nprocs=RANKS, join=True)
 

@@ -779,10 +779,7 @@ class _Rings:
 
     def __init__(self, steps: list[_Step], device: torch.device, slack: int) -> None:
         self.last_use = _last_use(steps)
-        deferred = max((last - k for k, last in enumerate(self.last_use)), default=0)
-        self.depth = min(len(steps), deferred + 1 + slack)
-        sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
-        received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
+        self.depth, sent, received = _ring_shape(steps, slack)
         self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
         self._recv = torch.empty(self.depth, received, dtype=torch.uint8, device=device)
 
@@ -796,6 +793,20 @@ class _Rings:
         """The step whose writes must be done before step k may receive (None: no wait)."""
         previous = k - self.depth
         return None if previous < 0 else self.last_use[previous]
+
+
+def _ring_shape(steps: list[_Step], slack: int) -> tuple[int, int, int]:
+    """Receive ring depth, and bytes of one send and one receive slot, for these steps."""
+    deferred = max((last - k for k, last in enumerate(_last_use(steps))), default=0)
+    sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
+    received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
+    return min(len(steps), deferred + 1 + slack), sent, received
+
+
+def _buffer_bytes(steps: list[_Step]) -> int:
+    """Bytes of the two rings a call allocates for these steps (for reports)."""
+    depth, sent, received = _ring_shape(steps, _HOST_LEAD + _RING_SLACK)
+    return min(2, len(steps)) * sent + depth * received
 
 
 def _split(slot: torch.Tensor, messages: list[_Message]) -> list[torch.Tensor]:
