@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,3 +34,19 @@ def real_loads() -> dict[str, np.ndarray]:
             pytest.fail("real loads not found (EPLB_REQUIRE_DATA=1); set EPLB_DATA_DIR")
         pytest.skip("real loads not found: put the data in ../shared/data or set EPLB_DATA_DIR")
     return loads
+
+
+def _run_benchmark(script: str, *args: str) -> str:
+    """Run ``benchmarks/<script>`` with ``args``; return its standard output (it must succeed)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    result = subprocess.run(
+        [sys.executable, str(path), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def run_benchmark() -> Callable[..., str]:
+    """``run_benchmark(script, *args)``: a benchmark's standard output; it must exit 0."""
+    return _run_benchmark

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,13 +35,7 @@ def test_baselines_match_eplb_without_ties():
         np.testing.assert_array_equal(logcnt, ours[2])
 
 
-def test_quick_run_prints_the_table():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_rebalance.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "DeepSeek-V2-Lite R=72" in result.stdout and "numpy loop ms" in result.stdout
-    assert "targets" in result.stdout
+def test_quick_run_prints_the_table(run_benchmark):
+    stdout = run_benchmark("bench_rebalance.py", "--quick")
+    assert "DeepSeek-V2-Lite R=72" in stdout and "numpy loop ms" in stdout
+    assert "targets" in stdout
