@@ -38,6 +38,7 @@ from eplb._validation import check_count, validate_config
 from eplb.metrics import balancedness, gpu_loads
 
 from .rearrange import (
+    DEFAULT_MAX_BATCH_BYTES,
     RearrangeStats,
     _rank_and_size,
     rearrange_expert_weights,
@@ -154,6 +155,7 @@ class ExpertBalancer:
         step_interval: int = 3000,
         apply_delay: int = 1,
         max_replicas: int | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -171,6 +173,9 @@ class ExpertBalancer:
         max_replicas: replica ranks kept in ``log2phy`` (default and maximum
             ``R - E + 1``, the most any placement can give one expert). With
             less, replicas beyond it keep their weights but receive no tokens.
+        max_batch_bytes: the step budget of each weight rearrangement (see
+            :func:`rearrange_expert_weights`): its buffers, allocated for the
+            apply step only, grow with it.
         """
         _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(
@@ -179,6 +184,7 @@ class ExpertBalancer:
         self.window_size = check_count("window_size", window_size)
         self.step_interval = check_count("step_interval", step_interval)
         self.apply_delay = check_count("apply_delay", apply_delay)
+        self.max_batch_bytes = check_count("max_batch_bytes", max_batch_bytes)
         if self.apply_delay >= self.step_interval:
             raise ValueError(
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
@@ -409,7 +415,11 @@ class ExpertBalancer:
         try:
             plan = pending.result()
             moved = rearrange_expert_weights(
-                self._host_phy2log, plan.phy2log, expert_weights, self.group
+                self._host_phy2log,
+                plan.phy2log,
+                expert_weights,
+                self.group,
+                max_batch_bytes=self.max_batch_bytes,
             )
         except BaseException as exc:
             self.error = exc

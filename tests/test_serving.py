@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import eplb.production.serving as serving
+from eplb.production.rearrange import rearrange_expert_weights
 from eplb.production.serving import ExpertBalancer
 from eplb.reference import rebalance_experts
 
@@ -186,6 +187,20 @@ def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch
     assert balancer.stats.rebalances == 1
 
 
+def test_rearrangement_gets_the_step_budget(monkeypatch):
+    balancer = _balancer(max_batch_bytes=12345)
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    budgets = []
+
+    def recording(*args, **kwargs):
+        budgets.append(kwargs["max_batch_bytes"])
+        return rearrange_expert_weights(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "rearrange_expert_weights", recording)
+    _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(7))
+    assert budgets == [12345] and balancer.stats.rebalances == 1
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -193,6 +208,7 @@ def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch
         ({"max_replicas": SLOTS - EXPERTS + 2}, ValueError, "max_replicas must be <="),
         ({"window_size": 0}, ValueError, "window_size must be >= 1"),
         ({"step_interval": 2.0}, TypeError, "step_interval must be an int"),
+        ({"max_batch_bytes": 0}, ValueError, "max_batch_bytes must be >= 1"),
         ({"group": object()}, ValueError, "not initialized"),
     ],
 )
