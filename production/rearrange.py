@@ -651,11 +651,25 @@ def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -
 
 @dataclass
 class _Batch:
-    """Copies issued in one launch: ``destinations[i] <- sources[i]`` (slot-sized views)."""
+    """Copies issued together: ``destinations[i] <- sources[i]`` (slot-sized views).
+
+    Kept per dtype (one ``add`` is one tensor of one layer, so one dtype), so
+    that issuing them is one ``_foreach_copy_`` per dtype with no per-pair work.
+    """
 
     phase: str  # for profiling: pack, local copies, unpack, post copies
-    destinations: list[torch.Tensor]
-    sources: list[torch.Tensor]
+    pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
+        default_factory=dict
+    )
+
+    def add(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+        """Queue copies that share one dtype (one tensor of one layer)."""
+        if destinations:
+            into, out_of = self.pairs.setdefault(destinations[0].dtype, ([], []))
+            into.extend(destinations)
+            out_of.extend(sources)
+            if len(into) != len(out_of):
+                raise AssertionError("copy lists differ in length")  # a bug, never bad input
 
 
 class _Launcher:
@@ -670,12 +684,7 @@ class _Launcher:
     """
 
     def run(self, batch: _Batch) -> None:
-        pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for dst, src in zip(batch.destinations, batch.sources, strict=True):
-            into, out_of = pairs.setdefault(dst.dtype, ([], []))
-            into.append(dst)
-            out_of.append(src)
-        for destinations, sources in pairs.values():
+        for destinations, sources in batch.pairs.values():
             _foreach_copy(destinations, sources)
 
 
@@ -986,11 +995,11 @@ def _allocate_staging(
 
 def _pack_batch(step: _Step, buffers: list[torch.Tensor], slots: _SlotViews) -> _Batch:
     """The step's outgoing experts copied into their messages' buffers."""
-    batch = _Batch("pack", [], [])
+    batch = _Batch("pack")
     for message, buffer in zip(step.sends, buffers, strict=True):
         for layer, tensor, offset, mine in message.parts:
-            batch.destinations.extend(slots.region_rows(buffer, layer, tensor, offset, len(mine)))
-            batch.sources.extend(slots(layer, tensor, mine))
+            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
+            batch.add(rows, slots(layer, tensor, mine))
     return batch
 
 
@@ -1011,32 +1020,31 @@ def _write_batches(
         rows = staging.get(layer, [() for _ in tensors])
         if group.staging.slots and not group.staging.done:
             group.staging.done = True
-            stage = _Batch("local copies", [], [])
+            stage = _Batch("local copies")
             for tensor in tensors:
-                stage.destinations.extend(rows[tensor])
-                stage.sources.extend(slots(layer, tensor, group.staging.slots))
+                stage.add(rows[tensor], slots(layer, tensor, group.staging.slots))
             batches.append(stage)
         for wave in group.waves:
-            batch = _Batch("local copies", [], [])
+            batch = _Batch("local copies")
             for tensor in tensors:
-                batch.destinations.extend(slots(layer, tensor, [dst for _, dst in wave]))
-                batch.sources.extend(
-                    rows[tensor][-1 - src] if src < 0 else slots(layer, tensor, [src])[0]
-                    for src, _ in wave
+                batch.add(
+                    slots(layer, tensor, [dst for _, dst in wave]),
+                    [
+                        rows[tensor][-1 - src] if src < 0 else slots(layer, tensor, [src])[0]
+                        for src, _ in wave
+                    ],
                 )
             batches.append(batch)
-    unpack = _Batch("unpack", [], [])
+    unpack = _Batch("unpack")
     for part in step.unpacks:
         buffer = received[part.step][part.message]
         rows_of = slots.region_rows(buffer, part.layer, part.tensor, part.offset, part.count)
-        unpack.destinations.extend(slots(part.layer, part.tensor, part.slots))
-        unpack.sources.extend(rows_of[r] for r in part.rows)
-    post = _Batch("post copies", [], [])
+        unpack.add(slots(part.layer, part.tensor, part.slots), [rows_of[r] for r in part.rows])
+    post = _Batch("post copies")
     for layer, filled, targets in step.post:
         for tensor in range(slots.count(layer)):
-            post.destinations.extend(slots(layer, tensor, targets))
-            post.sources.extend(slots(layer, tensor, filled))
-    return batches + [b for b in (unpack, post) if b.destinations]
+            post.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
+    return batches + [b for b in (unpack, post) if b.pairs]
 
 
 def _start(
