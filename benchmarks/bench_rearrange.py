@@ -34,6 +34,10 @@ Runs on 2 GPUs with NCCL (the default when 2 GPUs are present)::
 and on the CPU with gloo, smaller matrices, for debugging::
 
     python benchmarks/bench_rearrange.py --backend gloo --scale 16 --repeats 1
+
+Without moving anything, how each move is cut into steps (host only)::
+
+    python benchmarks/bench_rearrange.py --plan-only
 """
 
 from __future__ import annotations
