@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 #: Default bytes one pipeline step may send plus receive on one rank: 1 GiB.
-#: Measured on 2 H200s (bench_rearrange.py, DeepSeek-V3): 256 MiB steps gave
-#: 3.2x the link bound, 1 GiB 2.2-2.5x, 2 GiB 2.2-2.3x for ~7 GB more buffers.
+#: Measured on 2 H200s (bench_rearrange.py, DeepSeek-V3, before steps carried
+#: both directions): 256 MiB steps gave 3.2x the link bound, 1 GiB 2.2-2.5x,
+#: 2 GiB 2.2-2.3x for ~7 GB more buffers.
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
 
 # Receive buffers beyond what the plan's deferred writes need: steps the write
