@@ -41,18 +41,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from eplb.conformance.invariants import check_invariants  # noqa: E402
+from eplb.conformance.workloads import BENCHMARK_SHAPES  # noqa: E402
 from eplb.loads import read_load, real_loads, synthetic_load  # noqa: E402
 from eplb.production import rebalance_experts  # noqa: E402
 
-# name -> (layers, experts, R, G, N, P)
-CONFIGS = {
-    "DeepSeek-V2-Lite R=64": (26, 64, 64, 1, 1, 8),
-    "DeepSeek-V2-Lite R=72": (26, 64, 72, 1, 1, 8),
-    "DeepSeek-V3 R=288": (58, 256, 288, 8, 4, 32),
-    "DeepSeek-V3 R=320": (58, 256, 320, 8, 8, 64),
-    "Qwen3-235B R=144": (94, 128, 144, 1, 1, 16),
-    "Kimi-K2 R=448": (60, 384, 448, 1, 8, 64),
-}
+#: name -> (experts, layers, R, G, N, P), shared with the conformance suite.
+CONFIGS = BENCHMARK_SHAPES
 #: DESIGN.md's targets: (ms on one thread, x numpy loop, x torch port).
 TARGETS = {
     "DeepSeek-V3 R=288": (1.0, 20.0, 200.0),
@@ -277,7 +271,7 @@ def main() -> int:
     status = 0
     results: dict[str, list[float]] = {}
     for name in names:
-        layers, experts = CONFIGS[name][:2]
+        experts, layers = CONFIGS[name][:2]
         loads = {"synthetic": [synthetic_load(layers, experts, seed=1, skew=0.4, tokens=1 << 18)]}
         if real and experts == 256:
             loads[f"real ({len(real)})"] = [w[:layers] for w in real.values()]

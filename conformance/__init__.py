@@ -48,11 +48,12 @@ if TYPE_CHECKING:
         problems,
         register_profiles,
     )
-    from .workloads import BENCHMARK_MODELS, Workload, benchmark_workloads
+    from .workloads import BENCHMARK_MODELS, BENCHMARK_SHAPES, Workload, benchmark_workloads
 
 # public name -> submodule that defines it
 _EXPORTS = {
     "BENCHMARK_MODELS": "workloads",
+    "BENCHMARK_SHAPES": "workloads",
     "Difference": "agreement",
     "Failure": "runner",
     "INVALID_RULES": "strategies",
@@ -83,6 +84,7 @@ _EXPORTS = {
 
 __all__ = [
     "BENCHMARK_MODELS",
+    "BENCHMARK_SHAPES",
     "INVALID_RULES",
     "LOAD_KINDS",
     "SHAPE_MENU",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["BENCHMARK_MODELS", "Workload", "benchmark_workloads", "derive_load"]
+__all__ = ["BENCHMARK_MODELS", "BENCHMARK_SHAPES", "Workload", "benchmark_workloads", "derive_load"]
 
 
 @dataclass(frozen=True)
@@ -49,18 +49,19 @@ class Workload:
         return f"{self.model}[{self.source}]"
 
 
-# model -> (num_experts, num_layers, R, G, N, P)
-_MODELS = {
-    "DeepSeek-V3 R=288": (256, 58, 288, 8, 4, 32),
-    "DeepSeek-V3 R=320": (256, 58, 320, 8, 8, 64),
+#: model -> (num_experts, num_layers, R, G, N, P): the configurations that
+#: benchmarks/bench_rebalance.py times and the conformance suite fills with real
+#: loads. Kimi-K2 (no expert groups, 8 nodes: G % N != 0) takes the global policy.
+BENCHMARK_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "DeepSeek-V2-Lite R=64": (64, 26, 64, 1, 1, 8),
     "DeepSeek-V2-Lite R=72": (64, 26, 72, 1, 1, 8),
-    # Two nodes of 8 GPUs and no expert groups: G % N != 0, the global policy.
-    "Qwen3-235B R=144": (128, 94, 144, 1, 2, 16),
+    "DeepSeek-V3 R=288": (256, 58, 288, 8, 4, 32),
+    "DeepSeek-V3 R=320": (256, 58, 320, 8, 8, 64),
+    "Qwen3-235B R=144": (128, 94, 144, 1, 1, 16),
     "Kimi-K2 R=448": (384, 60, 448, 1, 8, 64),
 }
 #: The models of the production benchmark list, by name.
-BENCHMARK_MODELS: tuple[str, ...] = tuple(_MODELS)
+BENCHMARK_MODELS: tuple[str, ...] = tuple(BENCHMARK_SHAPES)
 
 
 def derive_load(real: np.ndarray, num_experts: int, num_layers: int) -> np.ndarray:
@@ -85,7 +86,7 @@ def benchmark_workloads(
     real_loads: workload name -> [58, 256] float64, as ``eplb.loads.real_loads()``.
     models: names from ``BENCHMARK_MODELS`` (default: all of them).
     """
-    chosen = _MODELS if models is None else {m: _MODELS[m] for m in models}
+    chosen = BENCHMARK_SHAPES if models is None else {m: BENCHMARK_SHAPES[m] for m in models}
     return [
         Workload(model, source, derive_load(real, experts, layers), *counts)
         for model, (experts, layers, *counts) in chosen.items()

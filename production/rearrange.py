@@ -133,18 +133,16 @@ class _Layout:
 
 @dataclass
 class _Message:
-    """One message to or from a peer (group rank), or the local staging buffer of a batch.
+    """One message to or from a peer (group rank).
 
     parts: (layer, tensor, byte offset, local slots) per region, in message order:
         the region holds that tensor's slots of those slots, one after another.
-    targets: for local staging only, per part the local slots its rows go to.
     """
 
     peer: int
     nbytes: int
     experts: int
     parts: list[tuple[int, int, int, list[int]]]
-    targets: list[list[int]] = field(default_factory=list)
 
 
 def rearrange_expert_weights(
@@ -489,23 +487,16 @@ class _Unpack:
 
 
 @dataclass
-class _Staging:
-    """The slots of one layer staged before its local copies (by its first group)."""
-
-    slots: list[int]
-    done: bool = False  # set while laying out the copies: the first group stages
-
-
-@dataclass
 class _LocalGroup:
     """Consecutive waves of one layer's local copies (see local_waves), run in one step.
 
-    The layer's first group stages ``staging.slots``.
+    The layer's first group (``stages``) first copies ``staged`` to staging rows.
     """
 
     layer: int
-    staging: _Staging
+    staged: list[int]
     waves: list[list[tuple[int, int]]]
+    stages: bool
 
 
 @dataclass
@@ -578,9 +569,8 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
         for slot, at in read_at.items():
             read_locally[layer, slot] = at
         read_locally[layer, staged] = np.maximum(read_locally[layer, staged], min(pieces))
-        staging = _Staging(staged)
         for at in sorted(pieces):
-            steps[at].local.append(_LocalGroup(layer, staging, pieces[at]))
+            steps[at].local.append(_LocalGroup(layer, staged, pieces[at], at == min(pieces)))
     write_after = np.maximum(earliest, read_locally)
 
     filled = np.zeros_like(earliest)  # step at whose end a received slot is written
@@ -673,23 +663,14 @@ class _Batch:
                 raise AssertionError("copy lists differ in length")  # a bug, never bad input
 
 
-class _Launcher:
-    """Issues the copy batches of one call, each in as few launches as possible.
+def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """Copy a whole list at once: a few fused kernels on CUDA, one memcpy per pair on the CPU.
 
-    ``torch._foreach_copy_`` copies a batch's list at once: a few fused kernels
-    per dtype on CUDA, one memcpy per pair without Python in between on the CPU.
     Index kernels (index_select / index_copy_) were slower: on the CPU up to
     100x for wide rows. (A Triton copy kernel on half the SMs overlapped better
     with NCCL in isolation, benchmarks/probe_overlap.py, but laying out its
     address tables on the host cost more than it saved here.)
     """
-
-    def run(self, batch: _Batch) -> None:
-        for destinations, sources in batch.pairs.values():
-            _foreach_copy(destinations, sources)
-
-
-def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     copy_all = getattr(torch, "_foreach_copy_", None)  # torch >= 2.2
     if copy_all is not None:
         copy_all(destinations, sources)
@@ -789,7 +770,7 @@ class _Rings:
 
     def __init__(self, steps: list[_Step], device: torch.device, slack: int) -> None:
         self.last_use = _last_use(steps)
-        self.depth, sent, received = _ring_shape(steps, slack)
+        self.depth, sent, received = _ring_shape(steps, self.last_use, slack)
         self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
         self._recv = torch.empty(self.depth, received, dtype=torch.uint8, device=device)
 
@@ -805,9 +786,12 @@ class _Rings:
         return None if previous < 0 else self.last_use[previous]
 
 
-def _ring_shape(steps: list[_Step], slack: int) -> tuple[int, int, int]:
-    """Receive ring depth, and bytes of one send and one receive slot, for these steps."""
-    deferred = max((last - k for k, last in enumerate(_last_use(steps))), default=0)
+def _ring_shape(steps: list[_Step], last_use: list[int], slack: int) -> tuple[int, int, int]:
+    """Receive ring depth, and bytes of one send and one receive slot, for these steps.
+
+    last_use: per step, the last step whose writes read its receive buffers.
+    """
+    deferred = max((last - k for k, last in enumerate(last_use)), default=0)
     sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
     received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
     return min(len(steps), deferred + 1 + slack), sent, received
@@ -815,7 +799,7 @@ def _ring_shape(steps: list[_Step], slack: int) -> tuple[int, int, int]:
 
 def _buffer_bytes(steps: list[_Step]) -> int:
     """Bytes of the two rings a call allocates for these steps (for reports)."""
-    depth, sent, received = _ring_shape(steps, _HOST_LEAD + _RING_SLACK)
+    depth, sent, received = _ring_shape(steps, _last_use(steps), _HOST_LEAD + _RING_SLACK)
     return min(2, len(steps)) * sent + depth * received
 
 
@@ -889,12 +873,11 @@ def _run(
     rings = _Rings(steps, device, _HOST_LEAD + _RING_SLACK)
     staging = _allocate_staging(steps, slots)
     received = [rings.recv(k, step) for k, step in enumerate(steps)]
-    packs = [_pack_batch(step, rings.send(k, step), slots) for k, step in enumerate(steps)]
+    sending = [rings.send(k, step) for k, step in enumerate(steps)]
+    packs = [_pack_batch(step, sending[k], slots) for k, step in enumerate(steps)]
     writes = [_write_batches(step, slots, received, staging) for step in steps]
-    launcher = _Launcher()
     if phases.enabled:
         phases.host["prep"] = time.perf_counter() - begun
-    staging.clear()  # the batches hold the views they need
     for which in ("pack", "issue", "write"):
         streams.wait(which, "current")
     phases.mark("total")
@@ -904,7 +887,7 @@ def _run(
     touched: set[int] = set()
     try:
         with streams.use("pack"):
-            _issue([packs[0]], launcher, phases)
+            _issue([packs[0]], phases)
             packed[0] = streams.record("pack")
         for k in range(len(steps) + _HOST_LEAD):
             if k < len(steps):
@@ -916,7 +899,7 @@ def _run(
                         streams.wait_event("issue", written[free])
                     phases.mark("wire wait", end=True)
                     phases.mark("wire")
-                    for work in _start(steps[k], rings.send(k, steps[k]), received[k], group):
+                    for work in _start(steps[k], sending[k], received[k], group):
                         work.wait()
                     phases.mark("wire", end=True)
                     sent[k] = streams.record("issue")
@@ -924,7 +907,7 @@ def _run(
                 with streams.use("pack"):
                     if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
                         streams.wait_event("pack", sent[k - 1])
-                    _issue([packs[k + 1]], launcher, phases)
+                    _issue([packs[k + 1]], phases)
                     packed[k + 1] = streams.record("pack")
             j = k - _HOST_LEAD  # the step whose writes are issued now
             if j >= 0:
@@ -933,7 +916,7 @@ def _run(
                     if j + 1 < len(steps):
                         streams.wait_event("write", packed[j + 1])
                     touched.update(_layers_written(steps[j]))
-                    _issue(writes[j], launcher, phases)
+                    _issue(writes[j], phases)
                     written[j] = streams.record("write")
         for which in ("pack", "issue", "write"):
             streams.wait("current", which)
@@ -950,11 +933,12 @@ def _run(
     return phases.totals()
 
 
-def _issue(batches: list[_Batch], launcher: _Launcher, phases: _Phases) -> None:
+def _issue(batches: list[_Batch], phases: _Phases) -> None:
     """Launch batches in order on the current stream, timing each phase when profiling."""
     for batch in batches:
         phases.mark(batch.phase)
-        launcher.run(batch)
+        for destinations, sources in batch.pairs.values():
+            _foreach_copy(destinations, sources)
         phases.mark(batch.phase, end=True)
 
 
@@ -982,12 +966,10 @@ def _allocate_staging(
     staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     for step in steps:
         for group in step.local:
-            if group.staging.slots and group.layer not in staging:
+            if group.stages and group.staged:
                 staging[group.layer] = [
                     slots.whole(group.layer, tensor)
-                    .new_empty(
-                        (len(group.staging.slots), *slots.whole(group.layer, tensor).shape[1:])
-                    )
+                    .new_empty((len(group.staged), *slots.whole(group.layer, tensor).shape[1:]))
                     .unbind(0)
                     for tensor in range(slots.count(group.layer))
                 ]
@@ -1019,11 +1001,10 @@ def _write_batches(
     for group in step.local:
         layer, tensors = group.layer, range(slots.count(group.layer))
         rows = staging.get(layer, [() for _ in tensors])
-        if group.staging.slots and not group.staging.done:
-            group.staging.done = True
+        if group.stages and group.staged:
             stage = _Batch("local copies")
             for tensor in tensors:
-                stage.add(rows[tensor], slots(layer, tensor, group.staging.slots))
+                stage.add(rows[tensor], slots(layer, tensor, group.staged))
             batches.append(stage)
         for wave in group.waves:
             batch = _Batch("local copies")
