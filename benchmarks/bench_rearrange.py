@@ -367,12 +367,15 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
     _fill(weights, bases, case.first, rank, shape.experts)
     maps = [torch.from_numpy(p).to(device) for p in (case.first, case.second)]
     our_messages: dict[int, int] = {}
+    our_last: dict[int, float] = {}  # when the call returned (no sync)
+    our_host: dict[int, list[float]] = {0: [], 1: []}
 
     def ours(src: int) -> None:
         stats = rearrange_expert_weights(
             maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes
         )
         our_messages[src] = stats.messages_sent
+        our_last[src] = stats.seconds
 
     def naive(src: int) -> None:
         naive_rearrange(maps[src], maps[1 - src], weights, rank)
@@ -394,6 +397,8 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
                     raise SystemExit(f"{shape.name} {name}: {bad_all.item()} slots hold wrong bits")
                 if repeat:
                     times[src].append(seconds)
+                    if name == "ours":
+                        our_host[src].append(our_last[src])
         peak = (
             f"{torch.cuda.max_memory_allocated(device) / GB:.1f}" if device.type == "cuda" else "-"
         )
@@ -415,9 +420,11 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
             maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes, profile=True
         )
         phases = ", ".join(f"{k} {v:.1f}" for k, v in stats.phase_ms.items())
+        returned = statistics.median(our_host[src]) * 1e3
         say(
             f"  phases ms, {('A->B', 'B->A')[src]}, rank {rank}, {stats.batches} steps: {phases}, "
-            f"host (call returned) {stats.seconds * 1e3:.1f}"
+            f"host (call returned) {stats.seconds * 1e3:.1f}; unprofiled moves returned after "
+            f"{returned:.1f} (median)"
         )
     weights.clear()  # free the GPU for the next shape
     if device.type == "cuda":

@@ -8,7 +8,10 @@ it times, on 2 ranks with NCCL, both ways at once,
   larger tensor (no packing);
 - a same-device copy of ``--copy-mib`` alone, as ``copy_`` calls (a
   cudaMemcpyAsync each) and as one ``torch._foreach_copy_`` (a fused kernel);
-- both at once, on two streams, against the sum of the two alone.
+- both at once, on two streams, against the sum of the two alone;
+- the one message cut into back-to-back steps (``--step-mib``, one batch of
+  one send and one receive each, on one stream), alone and beside the copy:
+  what each step costs beyond its bytes.
 
 Run under different ``NCCL_MAX_CTAS`` / ``NCCL_MIN_CTAS`` to see how the
 number of NCCL blocks changes the sharing::
@@ -105,6 +108,18 @@ def _worker(rank: int, args: argparse.Namespace, store: str) -> None:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
 
+    def wire_steps(step_mib: int) -> Callable[[], None]:
+        cut = step_mib * MIB
+        pieces = list(zip(flat_out.split(cut), flat_in.split(cut), strict=True))
+
+        def run() -> None:
+            for out, into_ in pieces:
+                ops = [dist.P2POp(dist.isend, out, peer), dist.P2POp(dist.irecv, into_, peer)]
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+
+        return run
+
     def copy_memcpy() -> None:
         for d, s in zip(dst_rows, src_rows, strict=True):
             d.copy_(s)
@@ -145,7 +160,10 @@ def _worker(rank: int, args: argparse.Namespace, store: str) -> None:
 
     wire_slots()  # warms up the channels
     results = {}
-    for name, wire in (("one message", wire_one), ("slot messages", wire_slots)):
+    wires = {"one message": wire_one, "slot messages": wire_slots}
+    for step_mib in args.step_mib:
+        wires[f"steps of {step_mib} MiB"] = wire_steps(step_mib)
+    for name, wire in wires.items():
         results[f"wire, {name}"] = _timed(wire, args.repeats)
     copies = {"copy_ (memcpy)": copy_memcpy, "_foreach_copy_": copy_foreach}
     if triton is not None:
@@ -153,9 +171,10 @@ def _worker(rank: int, args: argparse.Namespace, store: str) -> None:
             copies[f"triton {ctas} CTAs"] = triton_copy(ctas)
     for name, copy in copies.items():
         results[f"copy, {name}"] = _timed(copy, args.repeats)
-    for wname, wire in (("one message", wire_one),):
+    for wname, wire in wires.items():
         for cname, copy in copies.items():
-            results[f"both, {wname} + {cname}"] = _timed(both(wire, copy), args.repeats)
+            if wname == "one message" or cname == "_foreach_copy_":
+                results[f"both, {wname} + {cname}"] = _timed(both(wire, copy), args.repeats)
     if rank == 0:
         env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
         print(
@@ -186,6 +205,9 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=28, help="one copy call")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ctas", type=int, nargs="*", default=[16, 32, 48, 64, 96])
+    parser.add_argument(
+        "--step-mib", type=int, nargs="*", default=[256, 512, 1024, 2048], help="wire steps"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(args, str(Path(tmp) / "store")), nprocs=2, join=True)

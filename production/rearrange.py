@@ -576,17 +576,17 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
     filled = np.zeros_like(earliest)  # step at whose end a received slot is written
     for s, flight in enumerate(steps):
         for index, message in enumerate(flight.recvs):
-            due: dict[int, list[tuple[int, int]]] = {}
+            due: dict[int, tuple[list[int], list[int]]] = {}
             for layer, tensor, offset, slots in message.parts:
-                if tensor == 0:  # every tensor of a layer has the same slots
+                if tensor == 0:  # every tensor of a layer has the same slots: shared lists
                     when = np.maximum(write_after[layer, slots], s)
                     filled[layer, slots] = when
                     due = {}
-                    for row, step in enumerate(when.tolist()):
-                        due.setdefault(step, []).append((row, slots[row]))
-                for step, pairs in due.items():
-                    rows = [row for row, _ in pairs]
-                    dsts = [slot for _, slot in pairs]
+                    for row, (step, slot) in enumerate(zip(when.tolist(), slots, strict=True)):
+                        rows, dsts = due.setdefault(step, ([], []))
+                        rows.append(row)
+                        dsts.append(slot)
+                for step, (rows, dsts) in due.items():
                     steps[step].unpacks.append(
                         _Unpack(s, index, layer, tensor, offset, len(slots), rows, dsts)
                     )
@@ -861,8 +861,9 @@ def _run(
     (after that step's messages and the pack of the step after it, so no pack
     reads a slot after its write: packs of later steps never read those slots).
     No host sync; the wire never waits for writes beyond the receive ring's
-    depth. Every copy is laid out before the first one runs: the host only
-    launches.
+    depth. Each step's copies are laid out just before they are launched: the
+    GPU starts on the first pack at once, and the host, a few steps ahead of the
+    GPU, lays out the rest while the wire runs.
     """
     begun = time.perf_counter()
     slots = _SlotViews(views)
@@ -874,8 +875,6 @@ def _run(
     staging = _allocate_staging(steps, slots)
     received = [rings.recv(k, step) for k, step in enumerate(steps)]
     sending = [rings.send(k, step) for k, step in enumerate(steps)]
-    packs = [_pack_batch(step, sending[k], slots) for k, step in enumerate(steps)]
-    writes = [_write_batches(step, slots, received, staging) for step in steps]
     if phases.enabled:
         phases.host["prep"] = time.perf_counter() - begun
     for which in ("pack", "issue", "write"):
@@ -887,7 +886,7 @@ def _run(
     touched: set[int] = set()
     try:
         with streams.use("pack"):
-            _issue([packs[0]], phases)
+            _issue([_pack_batch(steps[0], sending[0], slots)], phases)
             packed[0] = streams.record("pack")
         for k in range(len(steps) + _HOST_LEAD):
             if k < len(steps):
@@ -907,7 +906,7 @@ def _run(
                 with streams.use("pack"):
                     if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
                         streams.wait_event("pack", sent[k - 1])
-                    _issue([packs[k + 1]], phases)
+                    _issue([_pack_batch(steps[k + 1], sending[k + 1], slots)], phases)
                     packed[k + 1] = streams.record("pack")
             j = k - _HOST_LEAD  # the step whose writes are issued now
             if j >= 0:
@@ -916,7 +915,7 @@ def _run(
                     if j + 1 < len(steps):
                         streams.wait_event("write", packed[j + 1])
                     touched.update(_layers_written(steps[j]))
-                    _issue(writes[j], phases)
+                    _issue(_write_batches(steps[j], slots, received, staging), phases)
                     written[j] = streams.record("write")
         for which in ("pack", "issue", "write"):
             streams.wait("current", which)
@@ -995,38 +994,40 @@ def _write_batches(
     """The writes due at the end of a step: local copies, then unpacks, then post copies.
 
     Local copies go wave by wave (a wave writes only slots earlier waves have
-    read); a layer's first group first stages its cycle-breaking slots.
+    read); a layer's first group first stages its cycle-breaking slots. Layers
+    share no memory, so the i-th waves of all layers go in one batch: as many
+    launches as the deepest layer has waves, not their sum.
     """
-    batches = []
+    stage = _Batch("local copies")
+    waves: list[_Batch] = []
     for group in step.local:
         layer, tensors = group.layer, range(slots.count(group.layer))
         rows = staging.get(layer, [() for _ in tensors])
         if group.stages and group.staged:
-            stage = _Batch("local copies")
             for tensor in tensors:
                 stage.add(rows[tensor], slots(layer, tensor, group.staged))
-            batches.append(stage)
-        for wave in group.waves:
-            batch = _Batch("local copies")
+        for i, wave in enumerate(group.waves):
+            if i == len(waves):
+                waves.append(_Batch("local copies"))
             for tensor in tensors:
-                batch.add(
+                waves[i].add(
                     slots(layer, tensor, [dst for _, dst in wave]),
                     [
                         rows[tensor][-1 - src] if src < 0 else slots(layer, tensor, [src])[0]
                         for src, _ in wave
                     ],
                 )
-            batches.append(batch)
     unpack = _Batch("unpack")
     for part in step.unpacks:
         buffer = received[part.step][part.message]
-        rows_of = slots.region_rows(buffer, part.layer, part.tensor, part.offset, part.count)
-        unpack.add(slots(part.layer, part.tensor, part.slots), [rows_of[r] for r in part.rows])
+        view = slots.whole(part.layer, part.tensor)
+        region = _region(buffer, view, part.offset, part.count)
+        unpack.add(slots(part.layer, part.tensor, part.slots), [region[r] for r in part.rows])
     post = _Batch("post copies")
     for layer, filled, targets in step.post:
         for tensor in range(slots.count(layer)):
             post.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
-    return batches + [b for b in (unpack, post) if b.pairs]
+    return [b for b in (stage, *waves, unpack, post) if b.pairs]
 
 
 def _start(
