@@ -245,12 +245,18 @@ def _slowest(seconds: float, device: torch.device) -> float:
 
 def _timed(run: Callable[[], object], device: torch.device) -> float:
     """Seconds from a common start to the end of the slowest rank's last copy."""
+    return _timed_own(run, device)[0]
+
+
+def _timed_own(run: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """``_timed``, and this rank's own seconds."""
     dist.barrier()
     _sync(device)
     start = time.perf_counter()
     run()
     _sync(device)
-    return _slowest(time.perf_counter() - start, device)
+    own = time.perf_counter() - start
+    return _slowest(own, device), own
 
 
 def _peer_copy_bandwidth(nbytes: int, device: torch.device, repeats: int) -> float:
@@ -369,6 +375,7 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
     our_messages: dict[int, int] = {}
     our_last: dict[int, float] = {}  # when the call returned (no sync)
     our_host: dict[int, list[float]] = {0: [], 1: []}
+    our_own: dict[int, list[float]] = {0: [], 1: []}  # this rank's own time
 
     def ours(src: int) -> None:
         stats = rearrange_expert_weights(
@@ -387,7 +394,7 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
             torch.cuda.reset_peak_memory_stats(device)
         for repeat in range(args.repeats + 1):  # the first round trip warms up
             for src in (0, 1):
-                seconds = _timed(lambda src=src, method=method: method(src), device)
+                seconds, own = _timed_own(lambda src=src, method=method: method(src), device)
                 bad = _mismatches(
                     weights, bases, (case.second, case.first)[src], rank, shape.experts
                 )
@@ -399,6 +406,7 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
                     times[src].append(seconds)
                     if name == "ours":
                         our_host[src].append(our_last[src])
+                        our_own[src].append(own)
         peak = (
             f"{torch.cuda.max_memory_allocated(device) / GB:.1f}" if device.type == "cuda" else "-"
         )
@@ -421,11 +429,16 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
         )
         phases = ", ".join(f"{k} {v:.1f}" for k, v in stats.phase_ms.items())
         returned = statistics.median(our_host[src]) * 1e3
-        say(
+        own = statistics.median(our_own[src]) * 1e3
+        line = (
             f"  phases ms, {('A->B', 'B->A')[src]}, rank {rank}, {stats.batches} steps: {phases}, "
-            f"host (call returned) {stats.seconds * 1e3:.1f}; unprofiled moves returned after "
-            f"{returned:.1f} (median)"
+            f"host (call returned) {stats.seconds * 1e3:.1f}; unprofiled moves (medians): "
+            f"returned after {returned:.1f}, done after {own:.1f}"
         )
+        lines: list[str | None] = [None] * RANKS
+        dist.all_gather_object(lines, line)
+        for each in lines:
+            say(each)
     weights.clear()  # free the GPU for the next shape
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -30,11 +30,12 @@ How it keeps the link busy and the result exact:
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 import numbers
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -181,7 +182,34 @@ def rearrange_expert_weights(
     Raises TypeError/ValueError on bad input, on every rank and before any weight
     is touched. A failure while moving raises RuntimeError naming the layers this
     rank had already (possibly partly) rewritten.
+
+    Python's cyclic garbage collector is paused during the call (and resumed if
+    it was on): a collection in the middle, triggered by the call's many small
+    objects, cost up to several ms of host time, and the other rank waits for it.
     """
+    with _gc_paused():
+        return _rearrange(old_phy2log, new_phy2log, expert_weights, group, max_batch_bytes, profile)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _rearrange(
+    old_phy2log: torch.Tensor,
+    new_phy2log: torch.Tensor,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    group: dist.ProcessGroup | None,
+    max_batch_bytes: int,
+    profile: bool,
+) -> RearrangeStats:
     start = time.perf_counter()
     rank, world_size = _rank_and_size(group)
     error: Exception | None = None

@@ -10,6 +10,8 @@ here without trusting the worker.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import re
 from dataclasses import dataclass, field
@@ -380,6 +382,34 @@ def test_single_rank_moves_locally_bit_for_bit():
             np.testing.assert_array_equal(g, w)
     assert stats.bytes_sent == stats.bytes_received == stats.messages_sent == 0
     assert stats.local_copies == int((old != new).sum())
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+@pytest.mark.parametrize("bad", [False, True])
+def test_garbage_collector_paused_during_the_call_only(monkeypatch, enabled_before, bad):
+    rng = np.random.default_rng(7)
+    old = _random_placement(rng, 2, 6, 8)
+    new = _random_placement(rng, 2, 6, 8)
+    weights = _weights(_expected(3, old, range(8)), "cpu")
+    seen = []
+    plan = rearrange_module.plan_rearrangement
+
+    def spy(*args):
+        seen.append(gc.isenabled())
+        return plan(*args)
+
+    monkeypatch.setattr(rearrange_module, "plan_rearrangement", spy)
+    budget = 0 if bad else 1 << 20
+    try:
+        (gc.enable if enabled_before else gc.disable)()
+        with pytest.raises(ValueError) if bad else contextlib.nullcontext():
+            rearrange_expert_weights(
+                torch.from_numpy(old), torch.from_numpy(new), weights, max_batch_bytes=budget
+            )
+        assert gc.isenabled() == enabled_before
+    finally:
+        gc.enable()
+    assert seen == ([] if bad else [False])
 
 
 def _bad_calls(old: np.ndarray, new: np.ndarray, weights: list) -> list[tuple[str, dict, type]]:
