@@ -62,9 +62,9 @@ __all__ = [
 ]
 
 #: Default bytes one pipeline step may send plus receive on one rank: 1 GiB.
-#: Measured on 2 H200s (bench_rearrange.py, DeepSeek-V3, before steps carried
-#: both directions): 256 MiB steps gave 3.2x the link bound, 1 GiB 2.2-2.5x,
-#: 2 GiB 2.2-2.3x for ~7 GB more buffers.
+#: Measured on 2 H200s (bench_rearrange.py, 2026-11-29): DeepSeek-V3 1.44-1.48x
+#: the link bound with 7.6-8.6 GB of buffers per rank; 2 GiB steps gave
+#: 1.37-1.40x with 10.5-12.3 GB (DeepSeek-V2-Lite: 1.9-2.2x either way).
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
 
 # Receive buffers beyond what the plan's deferred writes need: steps the write
@@ -104,7 +104,9 @@ class RearrangeStats:
     phase_ms: with ``profile=True`` on CUDA, GPU milliseconds per phase (pack,
         exposed wire wait, local copies, unpack, post copies, total), summed over
         steps; phases on different streams overlap, so they add up to more than
-        the total. Also ``plan (host)``. Empty otherwise.
+        the total. Also host milliseconds: ``host <phase>``, and ``plan (host)``
+        before the first launch, split into checks and plan, the cross-rank
+        agreement, and the program. Empty otherwise.
     """
 
     bytes_sent: int
@@ -228,11 +230,13 @@ def _rearrange(
         digest = _digest(old, new, layout.signature, world_size)
     except (TypeError, ValueError) as exc:
         error = exc
+    checked = time.perf_counter()
     if world_size > 1:
         _agree(group, rank, world_size, error, digest, _collective_device(group, device))
     if error is not None:
         raise error
     assert layout is not None
+    agreed = time.perf_counter()
     steps = _program(plan, layout, rank, max_batch_bytes)
     planned = time.perf_counter()
     with torch.no_grad(), _on_device(device):
@@ -240,6 +244,9 @@ def _rearrange(
         phases = _run(steps, views, device, group, rank, profile)
     if phases:
         phases["plan (host)"] = (planned - start) * 1e3
+        phases["of which checks and plan"] = (checked - start) * 1e3
+        phases["agreement"] = (agreed - checked) * 1e3
+        phases["program"] = (planned - agreed) * 1e3
     return RearrangeStats(
         bytes_sent=sum(m.nbytes for b in steps for m in b.sends),
         bytes_received=sum(m.nbytes for b in steps for m in b.recvs),
