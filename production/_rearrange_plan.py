@@ -384,12 +384,21 @@ def _deal_turns(
     writer = by_written[where]
     has_writer = slot_written[writer] == slot_read
     key = np.where(urgent, -1, 0)
-    group = np.stack([t[:, 0], rank_class, t[:, 2], t[:, 4]], axis=1)
+    # One int64 sort key per round, (group, key, expert), instead of a six-key
+    # lexsort: this runs before the first byte moves. Group ids are dense ranks.
+    by_group = np.lexsort((t[:, 4], t[:, 2], rank_class, t[:, 0]))
+    group_key = np.stack([t[:, 0], rank_class, t[:, 2], t[:, 4]], axis=1)[by_group]
+    new_group = np.ones(len(t), dtype=bool)
+    new_group[1:] = (group_key[1:] != group_key[:-1]).any(axis=1)
+    group = np.empty(len(t), dtype=np.int64)
+    group[by_group] = np.cumsum(new_group) - 1
+    experts = int(t[:, 1].max()) + 1
+    keys = len(t) + 2  # key + 1 is in 0 .. len(t) + 1
     turn = np.zeros(len(t), dtype=np.int64)
     for _ in range(rounds + 1):
-        grouped = np.lexsort((t[:, 1], key, t[:, 4], t[:, 2], rank_class, t[:, 0]))
+        grouped = np.argsort((group * keys + key + 1) * experts + t[:, 1], kind="stable")
         starts = np.ones(len(t), dtype=bool)
-        starts[1:] = (group[grouped[1:]] != group[grouped[:-1]]).any(axis=1)
+        starts[1:] = group[grouped[1:]] != group[grouped[:-1]]
         first = np.maximum.accumulate(np.where(starts, np.arange(len(t)), 0))
         turn[grouped] = np.arange(len(t)) - first
         key = np.where(urgent, -1, np.where(has_writer, turn[writer], len(t)))

@@ -35,7 +35,7 @@ import hashlib
 import math
 import numbers
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -106,7 +106,8 @@ class RearrangeStats:
         steps; phases on different streams overlap, so they add up to more than
         the total. Also host milliseconds: ``host <phase>``, and ``plan (host)``
         before the first launch, split into checks and plan, the cross-rank
-        agreement, and the program. Empty otherwise.
+        agreement, and the messages (the writes are scheduled while the first
+        steps move: ``host schedule writes``). Empty otherwise.
     """
 
     bytes_sent: int
@@ -237,16 +238,24 @@ def _rearrange(
         raise error
     assert layout is not None
     agreed = time.perf_counter()
-    steps = _program(plan, layout, rank, max_batch_bytes)
+    steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
     planned = time.perf_counter()
     with torch.no_grad(), _on_device(device):
         views = [[_bit_view(t) for t in layer] for layer in expert_weights]
-        phases = _run(steps, views, device, group, rank, profile)
+        phases = _run(
+            steps,
+            views,
+            device,
+            group,
+            rank,
+            profile,
+            lambda: _program_writes(plan, rank, steps, schedule),
+        )
     if phases:
         phases["plan (host)"] = (planned - start) * 1e3
         phases["of which checks and plan"] = (checked - start) * 1e3
         phases["agreement"] = (agreed - checked) * 1e3
-        phases["program"] = (planned - agreed) * 1e3
+        phases["messages"] = (planned - agreed) * 1e3
     return RearrangeStats(
         bytes_sent=sum(m.nbytes for b in steps for m in b.sends),
         bytes_received=sum(m.nbytes for b in steps for m in b.recvs),
@@ -407,7 +416,8 @@ def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_siz
                     f"expert_weights[0][0] on {device}"
                 )
             try:
-                _bit_view(tensor)
+                if template is None:  # later layers must match these dtypes
+                    _bit_view(tensor)
             except (KeyError, RuntimeError) as exc:
                 raise TypeError(
                     f"{where} has dtype {tensor.dtype}, which cannot be moved as bits"
@@ -546,13 +556,28 @@ class _Step:
 
 
 def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: int) -> list[_Step]:
-    """This rank's steps: messages with their byte layout, and when each slot is written.
+    """This rank's steps: messages with their byte layout, and when each slot is written."""
+    steps, sched = _program_messages(plan, layout, rank, max_step_bytes)
+    _program_writes(plan, rank, steps, sched)
+    return steps
 
-    A write to slot X is issued at the end of step s, after the packs of step
-    s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
-    local copies of a layer run before unpacks and post copies that overwrite
-    their sources. Slots are local here (0 .. R/P - 1). Per-slot facts are dense
-    [layers, R/P] arrays: this runs on the host before the first byte moves.
+
+@dataclass
+class _Schedule:
+    """What :func:`_program_writes` needs from :func:`_program_messages`."""
+
+    t: np.ndarray  # [T, 6] the plan's transfers in step order
+    step_of: np.ndarray  # [T] the step of each
+    last_pack: np.ndarray  # [layers, R/P] the last step packing each local slot
+
+
+def _program_messages(
+    plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: int
+) -> tuple[list[_Step], _Schedule]:
+    """This rank's steps with their messages only: all the first steps need to start.
+
+    The writes (:func:`_program_writes`) are scheduled while the first steps
+    move: they take longer to work out on the host than the messages.
     """
     per_rank = plan.slots_per_rank
     base = rank * per_rank
@@ -568,6 +593,22 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
     theirs = t[:, 4] == rank
     for s, messages in _messages(step_of[theirs], t[theirs][:, [0, 2, 5]] - [0, 0, base], layout):
         steps[s].recvs = messages
+    return steps, _Schedule(t, step_of, last_pack)
+
+
+def _program_writes(plan: RearrangePlan, rank: int, steps: list[_Step], sched: _Schedule) -> None:
+    """Fill in when each slot is written: local copies, unpacks and post copies.
+
+    A write to slot X is issued at the end of step s, after the packs of step
+    s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
+    local copies of a layer run before unpacks and post copies that overwrite
+    their sources. Slots are local here (0 .. R/P - 1). Per-slot facts are dense
+    [layers, R/P] arrays.
+    """
+    per_rank = plan.slots_per_rank
+    base = rank * per_rank
+    t, step_of, last_pack = sched.t, sched.step_of, sched.last_pack
+    num_steps = len(steps)
 
     # No write of a layer before the first step moving anything of it (or of a
     # later layer): a failure then leaves later layers untouched.
@@ -629,7 +670,6 @@ def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: in
     for layer, src, dst in post.tolist():
         at = max(int(filled[layer, src]), int(write_after[layer, dst]))
         steps[at].post.append((layer, [src], [dst]))
-    return steps
 
 
 def _messages(
@@ -794,31 +834,54 @@ class _Streams:
 
 
 class _Rings:
-    """Send and receive buffers, allocated once per call and reused step after step.
+    """Send and receive buffers, allocated per call and reused step after step.
 
     Step k packs into send slot k % 2 and receives into receive slot k % depth.
     A send slot is reused once its previous step's messages are done; a receive
     slot once every write reading it is done. ``depth`` leaves room for writes
     the plan defers past their receive step, plus ``slack`` steps for the write
     stream to fall behind (a layer's local copies) without stalling the wire.
+    The writes are scheduled while the first steps move, so the ring starts
+    with the slots those steps need and grows once (:meth:`extend`).
     """
 
-    def __init__(self, steps: list[_Step], device: torch.device, slack: int) -> None:
-        self.last_use = _last_use(steps)
-        self.depth, sent, received = _ring_shape(steps, self.last_use, slack)
+    def __init__(self, steps: list[_Step], device: torch.device, first: int) -> None:
+        self._steps = steps
+        _, sent, self._received = _ring_shape(steps, list(range(len(steps))), 0)
         self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
-        self._recv = torch.empty(self.depth, received, dtype=torch.uint8, device=device)
+        self._recv = [
+            torch.empty(self._received, dtype=torch.uint8, device=device)
+            for _ in range(min(first, len(steps)))
+        ]
+        self.depth = len(self._recv)
+        self.last_use: list[int] | None = None
+
+    def extend(self, slack: int) -> None:
+        """Grow to the full depth once the writes are scheduled (on the current stream)."""
+        self.last_use = _last_use(self._steps)
+        depth = max(_ring_shape(self._steps, self.last_use, slack)[0], self.depth)
+        device = self._send.device
+        self._recv += [
+            torch.empty(self._received, dtype=torch.uint8, device=device)
+            for _ in range(depth - len(self._recv))
+        ]
+        self.depth = depth
 
     def send(self, k: int, step: _Step) -> list[torch.Tensor]:
         return _split(self._send[k % 2], step.sends)
 
     def recv(self, k: int, step: _Step) -> list[torch.Tensor]:
+        if k >= self.depth and self.last_use is None:
+            raise AssertionError("receive ring used past its first slots before extend()")
         return _split(self._recv[k % self.depth], step.recvs)
 
     def recv_free_after(self, k: int) -> int | None:
         """The step whose writes must be done before step k may receive (None: no wait)."""
         previous = k - self.depth
-        return None if previous < 0 else self.last_use[previous]
+        if previous < 0:
+            return None
+        assert self.last_use is not None  # k >= depth: extended (recv raised otherwise)
+        return self.last_use[previous]
 
 
 def _ring_shape(steps: list[_Step], last_use: list[int], slack: int) -> tuple[int, int, int]:
@@ -888,6 +951,7 @@ def _run(
     group: dist.ProcessGroup | None,
     rank: int,
     profile: bool,
+    schedule_writes: Callable[[], None],
 ) -> dict[str, float]:
     """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
 
@@ -896,19 +960,21 @@ def _run(
     (after that step's messages and the pack of the step after it, so no pack
     reads a slot after its write: packs of later steps never read those slots).
     No host sync; the wire never waits for writes beyond the receive ring's
-    depth. Each step's copies are laid out just before they are launched: the
-    GPU starts on the first pack at once, and the host, a few steps ahead of the
-    GPU, lays out the rest while the wire runs.
+    depth. ``steps`` come with their messages only: ``schedule_writes`` fills
+    in their writes, called once the first steps are issued, so the host works
+    it out while they move. Each step's copies are laid out just before they are
+    launched, while earlier steps move.
     """
     begun = time.perf_counter()
     slots = _SlotViews(views)
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
     # Allocated on the current stream, which waits for every stream at the end:
-    # this memory is reused only after its last use.
-    rings = _Rings(steps, device, _HOST_LEAD + _RING_SLACK)
-    staging = _allocate_staging(steps, slots)
-    received = [rings.recv(k, step) for k, step in enumerate(steps)]
+    # this memory is reused only after its last use. Steps 0 .. _HOST_LEAD are
+    # issued before the writes are known.
+    rings = _Rings(steps, device, _HOST_LEAD + 1)
+    staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    received: list[list[torch.Tensor]] = []
     sending = [rings.send(k, step) for k, step in enumerate(steps)]
     if phases.enabled:
         phases.host["prep"] = time.perf_counter() - begun
@@ -925,6 +991,7 @@ def _run(
             packed[0] = streams.record("pack")
         for k in range(len(steps) + _HOST_LEAD):
             if k < len(steps):
+                received.append(rings.recv(k, steps[k]))
                 with streams.use("issue"):
                     phases.mark("wire wait")
                     streams.wait_event("issue", packed[k])
@@ -944,6 +1011,13 @@ def _run(
                     _issue([_pack_batch(steps[k + 1], sending[k + 1], slots)], phases)
                     packed[k + 1] = streams.record("pack")
             j = k - _HOST_LEAD  # the step whose writes are issued now
+            if j == 0:
+                scheduled = time.perf_counter()
+                schedule_writes()
+                rings.extend(_HOST_LEAD + _RING_SLACK)
+                staging = _allocate_staging(steps, slots)
+                if phases.enabled:
+                    phases.host["schedule writes"] = time.perf_counter() - scheduled
             if j >= 0:
                 with streams.use("write"):
                     streams.wait_event("write", sent[j])
