@@ -711,8 +711,9 @@ def _layout_message(peer: int, layers: np.ndarray, slots: np.ndarray, layout: _L
 
 def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -> torch.Tensor:
     """``count`` slots shaped like ``view``'s (its bit view) inside a message buffer."""
-    nbytes = count * view[0].numel() * view.element_size()
-    return buffer[offset : offset + nbytes].view(view.dtype).view(count, *view.shape[1:])
+    row = view.shape[1:]
+    nbytes = count * math.prod(row) * view.element_size()
+    return buffer.narrow(0, offset, nbytes).view(view.dtype).view(count, *row)
 
 
 @dataclass
@@ -763,11 +764,16 @@ class _SlotViews:
 
     def __call__(self, layer: int, tensor: int, slots: list[int]) -> list[torch.Tensor]:
         """The views of the given local slots of one tensor of one layer."""
-        key = (layer, tensor)
-        if key not in self._split:
-            self._split[key] = self._views[layer][tensor].unbind(0)
-        split = self._split[key]
+        split = self.rows(layer, tensor)
         return [split[s] for s in slots]
+
+    def rows(self, layer: int, tensor: int) -> tuple[torch.Tensor, ...]:
+        """The views of every local slot of one tensor of one layer."""
+        key = (layer, tensor)
+        split = self._split.get(key)
+        if split is None:
+            split = self._split[key] = self._views[layer][tensor].unbind(0)
+        return split
 
     def whole(self, layer: int, tensor: int) -> torch.Tensor:
         """The bit view of one tensor of one layer, all its slots."""
@@ -1118,20 +1124,20 @@ def _write_batches(
         for i, wave in enumerate(group.waves):
             if i == len(waves):
                 waves.append(_Batch("local copies"))
+            dsts = [dst for _, dst in wave]
+            srcs = [src for src, _ in wave]
             for tensor in tensors:
+                split, staged = slots.rows(layer, tensor), rows[tensor]
                 waves[i].add(
-                    slots(layer, tensor, [dst for _, dst in wave]),
-                    [
-                        rows[tensor][-1 - src] if src < 0 else slots(layer, tensor, [src])[0]
-                        for src, _ in wave
-                    ],
+                    [split[d] for d in dsts], [staged[-1 - s] if s < 0 else split[s] for s in srcs]
                 )
     unpack = _Batch("unpack")
     for part in step.unpacks:
         buffer = received[part.step][part.message]
-        view = slots.whole(part.layer, part.tensor)
-        region = _region(buffer, view, part.offset, part.count)
-        unpack.add(slots(part.layer, part.tensor, part.slots), [region[r] for r in part.rows])
+        region = _region(buffer, slots.whole(part.layer, part.tensor), part.offset, part.count)
+        # unbind makes every row in one call; one row at a time costs more per row.
+        held = region.unbind(0) if 2 * len(part.rows) > part.count else region
+        unpack.add(slots(part.layer, part.tensor, part.slots), [held[r] for r in part.rows])
     post = _Batch("post copies")
     for layer, filled, targets in step.post:
         for tensor in range(slots.count(layer)):
