@@ -164,7 +164,8 @@ class ExpertBalancer:
             of ``group``.
         device: where the buffers live (the device the forward pass runs on).
         group: the EP process group; None is the default group, or a single
-            rank when torch.distributed is not initialized.
+            rank when torch.distributed is not initialized. With NCCL, give it
+            high-priority streams (see ``rearrange_expert_weights``).
         window_size: steps of load kept in the sliding window.
         step_interval: steps between rebalances.
         apply_delay: steps between computing a placement and applying it
