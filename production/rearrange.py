@@ -21,7 +21,11 @@ How it keeps the link busy and the result exact:
   batches are unpacked. Packs, the wire and writes run on three streams that
   meet through events only, so the wire waits for its own pack and a free
   receive buffer, never for unrelated copies; buffers come from two rings
-  allocated once per call. Layers never share memory, so this is safe.
+  allocated per call. Layers never share memory, so this is safe.
+- The host stays ahead and out of the way: only the messages are worked out
+  before the first launch; the writes are scheduled while the first steps
+  move, and each step's copies are laid out just before they are launched.
+  The cyclic garbage collector is paused for the call.
 - Bits move through integer views (8-byte words where a slot is one dense
   block), so every dtype ships exactly; slot copies are issued as lists through
   ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
