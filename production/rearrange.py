@@ -861,7 +861,7 @@ class _Rings:
 
     def __init__(self, steps: list[_Step], device: torch.device, first: int) -> None:
         self._steps = steps
-        _, sent, self._received = _ring_shape(steps, list(range(len(steps))), 0)
+        sent, self._received = _slot_bytes(steps)
         self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
         self._recv = [
             torch.empty(self._received, dtype=torch.uint8, device=device)
@@ -873,7 +873,7 @@ class _Rings:
     def extend(self, slack: int) -> None:
         """Grow to the full depth once the writes are scheduled (on the current stream)."""
         self.last_use = _last_use(self._steps)
-        depth = max(_ring_shape(self._steps, self.last_use, slack)[0], self.depth)
+        depth = max(_ring_depth(self._steps, self.last_use, slack), self.depth)
         device = self._send.device
         self._recv += [
             torch.empty(self._received, dtype=torch.uint8, device=device)
@@ -898,20 +898,29 @@ class _Rings:
         return self.last_use[previous]
 
 
-def _ring_shape(steps: list[_Step], last_use: list[int], slack: int) -> tuple[int, int, int]:
-    """Receive ring depth, and bytes of one send and one receive slot, for these steps.
+def _slot_bytes(steps: list[_Step]) -> tuple[int, int]:
+    """Bytes of one send and one receive ring slot: the most any step sends and receives."""
+    sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
+    received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
+    return sent, received
+
+
+def _ring_depth(steps: list[_Step], last_use: list[int], slack: int) -> int:
+    """Receive ring slots: the most steps a write is deferred past its receive, + 1 + slack.
 
     last_use: per step, the last step whose writes read its receive buffers.
     """
     deferred = max((last - k for k, last in enumerate(last_use)), default=0)
-    sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
-    received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
-    return min(len(steps), deferred + 1 + slack), sent, received
+    return min(len(steps), deferred + 1 + slack)
 
 
 def _buffer_bytes(steps: list[_Step]) -> int:
     """Bytes of the two rings a call allocates for these steps (for reports)."""
-    depth, sent, received = _ring_shape(steps, _last_use(steps), _HOST_LEAD + _RING_SLACK)
+    sent, received = _slot_bytes(steps)
+    depth = max(
+        _ring_depth(steps, _last_use(steps), _HOST_LEAD + _RING_SLACK),
+        min(_HOST_LEAD + 1, len(steps)),
+    )
     return min(2, len(steps)) * sent + depth * received
 
 
