@@ -13,6 +13,10 @@ it times, on 2 ranks with NCCL, both ways at once,
   one send and one receive each, on one stream), alone and beside the copy:
   what each step costs beyond its bytes.
 
+With ``--registered`` the wire buffers come from NCCL's allocator and are
+registered with the communicator (NCCL >= 2.23 then moves intra-node
+send/recv without its internal staging copies).
+
 Run under different ``NCCL_MAX_CTAS`` / ``NCCL_MIN_CTAS`` to see how the
 number of NCCL blocks changes the sharing::
 
@@ -85,8 +89,17 @@ def _worker(rank: int, args: argparse.Namespace, store: str) -> None:
     # Slots of a tensor twice as large, every other one sent: strided like real slots.
     weights = torch.ones(2 * slots, slot, dtype=torch.uint8, device=device)
     into = torch.empty(2 * slots, slot, dtype=torch.uint8, device=device)
-    flat_out = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    flat_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    pool = None
+    if args.registered:  # NCCL's allocator, registered with the communicator (zero-copy P2P)
+        backend = dist.group.WORLD._get_backend(device)
+        pool = torch.cuda.MemPool(backend.mem_allocator)
+        with torch.cuda.use_mem_pool(pool):
+            flat_out = torch.ones(nbytes, dtype=torch.uint8, device=device)
+            flat_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        backend.register_mem_pool(pool)
+    else:
+        flat_out = torch.ones(nbytes, dtype=torch.uint8, device=device)
+        flat_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
     chunk = args.chunk_mib * MIB
     chunks = args.copy_mib // args.chunk_mib
     copy_src = torch.ones(chunks, chunk, dtype=torch.uint8, device=device).view(torch.int64)
@@ -160,7 +173,9 @@ def _worker(rank: int, args: argparse.Namespace, store: str) -> None:
 
     wire_slots()  # warms up the channels
     results = {}
-    wires = {"one message": wire_one, "slot messages": wire_slots}
+    wires = {"one message": wire_one}
+    if not args.registered:  # slot messages come from unregistered memory
+        wires["slot messages"] = wire_slots
     for step_mib in args.step_mib:
         wires[f"steps of {step_mib} MiB"] = wire_steps(step_mib)
     for name, wire in wires.items():
@@ -175,10 +190,16 @@ def _worker(rank: int, args: argparse.Namespace, store: str) -> None:
         for cname, copy in copies.items():
             if wname == "one message" or cname == "_foreach_copy_":
                 results[f"both, {wname} + {cname}"] = _timed(both(wire, copy), args.repeats)
+    if pool is not None:
+        torch.cuda.synchronize()
+        dist.barrier()
+        dist.group.WORLD._get_backend(device).deregister_mem_pool(pool)
     if rank == 0:
         env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
         print(
-            f"NCCL {torch.cuda.nccl.version()}, env {env}; wire {args.mib} MiB per direction "
+            f"NCCL {torch.cuda.nccl.version()}, env {env}, wire buffers "
+            f"{'registered' if args.registered else 'not registered'}; "
+            f"wire {args.mib} MiB per direction "
             f"({slots} slots of {args.slot_mib} MiB), copy {args.copy_mib} MiB "
             f"({chunks} chunks)"
         )
@@ -205,6 +226,11 @@ def main() -> None:
     parser.add_argument("--chunk-mib", type=int, default=28, help="one copy call")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ctas", type=int, nargs="*", default=[16, 32, 48, 64, 96])
+    parser.add_argument(
+        "--registered",
+        action="store_true",
+        help="wire buffers from NCCL's allocator, registered with the communicator",
+    )
     parser.add_argument(
         "--step-mib", type=int, nargs="*", default=[256, 512, 1024, 2048], help="wire steps"
     )
