@@ -35,6 +35,10 @@ With ``--high-priority-nccl`` the group's NCCL streams run at high CUDA
 priority (as ``TORCH_NCCL_HIGH_PRIORITY=1`` does): the wire's kernels then get
 SMs ahead of the pack and write copies (what we recommend for serving).
 
+With ``--kept-buffers`` every move takes its message buffers from one
+``RearrangeBuffers`` (with NCCL: registered with the communicator, so NCCL
+moves them without its staging copies).
+
 and on the CPU with gloo, smaller matrices, for debugging::
 
     python benchmarks/bench_rearrange.py --backend gloo --scale 16 --repeats 1
@@ -64,6 +68,7 @@ import torch.multiprocessing as mp
 from eplb.loads import find_data_dir, read_load
 from eplb.production.rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
+    RearrangeBuffers,
     plan_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
@@ -341,10 +346,12 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
     peer = _slowest(peer, device)  # rank 0's figure, shared
     one_way = _p2p_bandwidth(bw_bytes, device, rank, False, args.bw_repeats)
     both_ways = _p2p_bandwidth(bw_bytes, device, rank, True, args.bw_repeats)
+    buffers = RearrangeBuffers(None, device) if args.kept_buffers else None
     priority = os.environ.get("TORCH_NCCL_HIGH_PRIORITY", "0") not in ("", "0")
     say(
         f"backend {args.backend}, {RANKS} ranks, device {_device_name(device)}"
         + (", NCCL streams at high priority" if priority and args.backend == "nccl" else "")
+        + (f", kept buffers (registered: {buffers.registered})" if buffers is not None else "")
     )
     say(f"placements: {PLACEMENT_SOURCE}, {args.first} <-> {args.second}")
     say(
@@ -363,8 +370,10 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
     say(header)
     say("-" * len(header))
     for case in cases:
-        _run_case(case, args, rank, device, (peer, both_ways), say)
+        _run_case(case, args, rank, device, (peer, both_ways), say, buffers)
         dist.barrier()
+    if buffers is not None:
+        buffers.close()
     dist.destroy_process_group()
 
 
@@ -372,7 +381,15 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, say) -> None:
+def _run_case(
+    case: Case,
+    args,
+    rank: int,
+    device: torch.device,
+    link: tuple,
+    say,
+    buffers: RearrangeBuffers | None,
+) -> None:
     """Time and check both methods on one shape; link: (peer copy, NCCL both-ways) bytes/s."""
     shape = case.shape
     per_rank = shape.slots // RANKS
@@ -390,7 +407,7 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
 
     def ours(src: int) -> None:
         stats = rearrange_expert_weights(
-            maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes
+            maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes, buffers=buffers
         )
         our_messages[src] = stats.messages_sent
         our_last[src] = stats.seconds
@@ -436,7 +453,12 @@ def _run_case(case: Case, args, rank: int, device: torch.device, link: tuple, sa
     # One more move per direction with CUDA events per phase (not in the times above).
     for src in (0, 1):
         stats = rearrange_expert_weights(
-            maps[src], maps[1 - src], weights, max_batch_bytes=args.max_batch_bytes, profile=True
+            maps[src],
+            maps[1 - src],
+            weights,
+            max_batch_bytes=args.max_batch_bytes,
+            profile=True,
+            buffers=buffers,
         )
         phases = ", ".join(f"{k} {v:.1f}" for k, v in stats.phase_ms.items())
         returned = statistics.median(our_host[src]) * 1e3
@@ -558,6 +580,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bw-mib", type=int, default=1024, help="bytes of the link measurements")
     parser.add_argument("--bw-repeats", type=int, default=10)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--kept-buffers",
+        action="store_true",
+        help="one RearrangeBuffers for all moves (with NCCL: registered with the communicator)",
+    )
     parser.add_argument(
         "--high-priority-nccl",
         action="store_true",

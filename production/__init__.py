@@ -8,6 +8,7 @@ Never imports JAX.
 """
 
 from .rearrange import (
+    RearrangeBuffers,
     RearrangePlan,
     RearrangeStats,
     plan_rearrangement,
@@ -20,6 +21,7 @@ from .serving import BalancerStats, ExpertBalancer
 __all__ = [
     "BalancerStats",
     "ExpertBalancer",
+    "RearrangeBuffers",
     "RearrangePlan",
     "RearrangeStats",
     "plan_rearrangement",

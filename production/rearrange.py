@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ from ._rearrange_plan import (
 
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
+    "RearrangeBuffers",
     "RearrangePlan",
     "RearrangeStats",
     "plan_rearrangement",
@@ -161,6 +162,7 @@ def rearrange_expert_weights(
     *,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     profile: bool = False,
+    buffers: RearrangeBuffers | None = None,
 ) -> RearrangeStats:
     """Rewrite this rank's expert slots in place for a new placement (collective).
 
@@ -186,6 +188,9 @@ def rearrange_expert_weights(
         Local copies stage one slot per cycle of moves, no more.
     profile: record CUDA events per phase into ``phase_ms`` (one host sync at the
         end; for benchmarks).
+    buffers: a :class:`RearrangeBuffers` of this group and device, to take the
+        message buffers from (kept between calls and, with NCCL, registered with
+        the communicator); every rank passes one or none. None: allocated per call.
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
@@ -199,7 +204,9 @@ def rearrange_expert_weights(
     objects, cost up to several ms of host time, and the other rank waits for it.
     """
     with _gc_paused():
-        return _rearrange(old_phy2log, new_phy2log, expert_weights, group, max_batch_bytes, profile)
+        return _rearrange(
+            old_phy2log, new_phy2log, expert_weights, group, max_batch_bytes, profile, buffers
+        )
 
 
 @contextlib.contextmanager
@@ -220,6 +227,7 @@ def _rearrange(
     group: dist.ProcessGroup | None,
     max_batch_bytes: int,
     profile: bool,
+    buffers: RearrangeBuffers | None,
 ) -> RearrangeStats:
     start = time.perf_counter()
     rank, world_size = _rank_and_size(group)
@@ -235,8 +243,10 @@ def _rearrange(
             raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
         if max_batch_bytes < 1:
             raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
+        _check_buffers(buffers, group, device)
         plan = plan_rearrangement(old, new, world_size)
-        digest = _digest(old, new, layout.signature, world_size)
+        # Registered and unregistered buffers must not meet in one NCCL call.
+        digest = _digest(old, new, f"{layout.signature} kept={buffers is not None}", world_size)
     except (TypeError, ValueError) as exc:
         error = exc
     checked = time.perf_counter()
@@ -258,6 +268,7 @@ def _rearrange(
             rank,
             profile,
             lambda: _program_writes(plan, rank, steps, schedule),
+            buffers._allocating() if buffers is not None else contextlib.nullcontext,
         )
     if phases:
         phases["plan (host)"] = (planned - start) * 1e3
@@ -278,6 +289,87 @@ def _rearrange(
         seconds=time.perf_counter() - start,
         phase_ms=phases,
     )
+
+
+class RearrangeBuffers:
+    """Message buffers kept from one rearrangement to the next (opt-in).
+
+    Pass one to :func:`rearrange_expert_weights` (``buffers=``) on every rank of
+    ``group``. With NCCL the buffers come from NCCL's own allocator, through a
+    memory pool registered with the group's communicator: NCCL (>= 2.23) then
+    moves send/recv within a node without its internal staging copies, so the
+    wire takes fewer SMs and less memory bandwidth from the copies running
+    beside it. The pool keeps what the largest call needed (its memory is not
+    given back between calls) until :meth:`close`, which every rank must call
+    before the group is destroyed (a registered pool outliving its
+    communicator breaks NCCL's teardown). On the CPU (gloo), or in a group of
+    one, nothing is kept or registered: buffers are allocated per call.
+
+    group: the EP process group (default: the world).
+    device: the CUDA device of this rank's expert weights (default: the current
+        one for NCCL). Making one opens the group's point-to-point channels
+        (:func:`warmup_rearrangement`): registration needs the communicator.
+    """
+
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+    ) -> None:
+        self.group = group
+        world_size = _rank_and_size(group)[1]
+        if device is None:
+            device = _collective_device(group, torch.device("cpu")) if world_size > 1 else "cpu"
+        self.device = torch.device(device)
+        self._pool: torch.cuda.MemPool | None = None
+        self._backend: Any = None  # ProcessGroupNCCL where registered
+        self.closed = False
+        if self.device.type == "cuda" and world_size > 1:
+            warmup_rearrangement(group, self.device)
+            owner: Any = group if group is not None else dist.group.WORLD
+            backend: Any = owner._get_backend(self.device)
+            self._pool = torch.cuda.MemPool(backend.mem_allocator)
+            backend.register_mem_pool(self._pool)  # later segments register as they come
+            self._backend = backend
+
+    @property
+    def registered(self) -> bool:
+        """Whether the buffers come from a pool registered with NCCL."""
+        return self._pool is not None
+
+    def close(self) -> None:
+        """Deregister and free the kept buffers (waits for this device first). Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._pool is not None:
+            torch.cuda.synchronize(self.device)
+            self._backend.deregister_mem_pool(self._pool)
+            self._pool = self._backend = None
+
+    def __enter__(self) -> RearrangeBuffers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _allocating(self) -> Callable[[], AbstractContextManager[object]]:
+        pool = self._pool
+        if pool is None:
+            return contextlib.nullcontext
+        return lambda: torch.cuda.use_mem_pool(pool)
+
+
+def _check_buffers(buffers: object, group: dist.ProcessGroup | None, device: torch.device) -> None:
+    """``buffers`` must be None or an open RearrangeBuffers of this group and device."""
+    if buffers is None:
+        return
+    if not isinstance(buffers, RearrangeBuffers):
+        raise TypeError(f"buffers must be a RearrangeBuffers or None, got {type(buffers).__name__}")
+    if buffers.closed:
+        raise ValueError("buffers was closed: make a new RearrangeBuffers")
+    if buffers.group is not group:
+        raise ValueError("buffers belongs to another process group than group")
+    if buffers.registered and buffers.device != device:
+        raise ValueError(f"buffers live on {buffers.device}, the expert weights on {device}")
 
 
 def warmup_rearrangement(
@@ -859,14 +951,22 @@ class _Rings:
     with the slots those steps need and grows once (:meth:`extend`).
     """
 
-    def __init__(self, steps: list[_Step], device: torch.device, first: int) -> None:
+    def __init__(
+        self,
+        steps: list[_Step],
+        device: torch.device,
+        first: int,
+        allocating: Callable[[], AbstractContextManager[object]],
+    ) -> None:
         self._steps = steps
+        self._allocating = allocating  # where the buffers come from (RearrangeBuffers)
         sent, self._received = _slot_bytes(steps)
-        self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
-        self._recv = [
-            torch.empty(self._received, dtype=torch.uint8, device=device)
-            for _ in range(min(first, len(steps)))
-        ]
+        with allocating():
+            self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
+            self._recv = [
+                torch.empty(self._received, dtype=torch.uint8, device=device)
+                for _ in range(min(first, len(steps)))
+            ]
         self.depth = len(self._recv)
         self.last_use: list[int] | None = None
 
@@ -875,10 +975,11 @@ class _Rings:
         self.last_use = _last_use(self._steps)
         depth = max(_ring_depth(self._steps, self.last_use, slack), self.depth)
         device = self._send.device
-        self._recv += [
-            torch.empty(self._received, dtype=torch.uint8, device=device)
-            for _ in range(depth - len(self._recv))
-        ]
+        with self._allocating():
+            self._recv += [
+                torch.empty(self._received, dtype=torch.uint8, device=device)
+                for _ in range(depth - len(self._recv))
+            ]
         self.depth = depth
 
     def send(self, k: int, step: _Step) -> list[torch.Tensor]:
@@ -975,6 +1076,7 @@ def _run(
     rank: int,
     profile: bool,
     schedule_writes: Callable[[], None],
+    allocating: Callable[[], AbstractContextManager[object]],
 ) -> dict[str, float]:
     """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
 
@@ -995,7 +1097,7 @@ def _run(
     # Allocated on the current stream, which waits for every stream at the end:
     # this memory is reused only after its last use. Steps 0 .. _HOST_LEAD are
     # issued before the writes are known.
-    rings = _Rings(steps, device, _HOST_LEAD + 1)
+    rings = _Rings(steps, device, _HOST_LEAD + 1, allocating)
     staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     received: list[list[torch.Tensor]] = []
     sending = [rings.send(k, step) for k, step in enumerate(steps)]

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from eplb.production import rearrange as rearrange_module
 from eplb.production._rearrange_plan import local_waves, split_steps
 from eplb.production.rearrange import (
+    RearrangeBuffers,
     RearrangePlan,
     plan_rearrangement,
     rearrange_expert_weights,
@@ -453,6 +454,41 @@ def test_single_rank_refuses_bad_input_and_touches_nothing():
                 np.testing.assert_array_equal(g, w, err_msg=rule)
 
 
+def test_buffers_are_checked_before_anything_moves():
+    rng = np.random.default_rng(8)
+    old = _random_placement(rng, 3, 6, 8)
+    new = _random_placement(rng, 3, 6, 8)
+    weights = _weights(_expected(4, old, range(8)), "cpu")
+    before = _raw(weights)
+    maps = torch.from_numpy(old), torch.from_numpy(new)
+    with RearrangeBuffers() as buffers:
+        assert not buffers.registered  # no process group: nothing to register with
+        with pytest.raises(TypeError, match="buffers must be a RearrangeBuffers"):
+            rearrange_expert_weights(*maps, weights, buffers=object())
+        with pytest.raises(ValueError, match="another process group"):
+            rearrange_expert_weights(*maps, weights, group=None, buffers=_other_group())
+    assert buffers.closed
+    buffers.close()  # twice is fine
+    with pytest.raises(ValueError, match="buffers was closed"):
+        rearrange_expert_weights(*maps, weights, buffers=buffers)
+    for got, want in zip(_raw(weights), before, strict=True):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    # An open one moves the weights as without it.
+    with RearrangeBuffers() as buffers:
+        rearrange_expert_weights(*maps, weights, buffers=buffers)
+    for got, want in zip(_raw(weights), _expected(4, new, range(8)), strict=True):
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+
+
+def _other_group() -> RearrangeBuffers:
+    """The same buffers, claiming another group (the check compares identity only)."""
+    other = RearrangeBuffers()
+    other.group = object()  # type: ignore[assignment]
+    return other
+
+
 def test_single_rank_handles_odd_offsets_and_strides():
     # Slots that start at odd byte offsets or are not dense still move exactly.
     rng = np.random.default_rng(8)
@@ -512,6 +548,8 @@ def _scenarios() -> list[Scenario]:
             Scenario(f"first-dim-one-rank-{ranks}", ranks, old, new, 6, fault="first dim"),
             Scenario(f"maps-differ-{ranks}", ranks, old, new, 7, fault="maps differ"),
             Scenario(f"fails-midway-{ranks}", ranks, old, new, 8, {"max_batch_bytes": 1}, "midway"),
+            # Three calls (there, back, there again) through one RearrangeBuffers.
+            Scenario(f"kept-buffers-{ranks}", ranks, old, new, 9, {"buffers": True}),
         ]
     return found
 
@@ -535,6 +573,16 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
     if scenario.fault == "maps differ" and rank == scenario.ranks - 1:
         new[1] = old[1]
     result: dict[str, Any] = {"error": None, "stats": None}
+    kwargs = dict(scenario.kwargs)
+    buffers = None
+    if kwargs.pop("buffers", False):
+        buffers = RearrangeBuffers(group, device if device != "cpu" else None)
+        result["registered"] = buffers.registered
+        for there, back in ((old, new), (new, old)):
+            rearrange_expert_weights(
+                torch.from_numpy(there), torch.from_numpy(back), weights, group, buffers=buffers
+            )
+        kwargs["buffers"] = buffers
     original = rearrange_module._start
     if scenario.fault == "midway":
         calls = []
@@ -558,13 +606,15 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
             torch.from_numpy(new),
             weights,
             group,
-            **scenario.kwargs,
+            **kwargs,
         )
         result["stats"] = stats.__dict__
     except Exception as exc:
         result["error"] = (type(exc).__name__, str(exc))
     finally:
         rearrange_module._start = original
+        if buffers is not None:
+            buffers.close()
     result["weights"] = _raw(weights)
     return result
 
@@ -652,6 +702,15 @@ def test_stats_match_the_plan(gloo_results, name):
         assert s["messages_sent"] <= peers_per_batch and s["messages_received"] <= peers_per_batch
     assert sum(s["bytes_sent"] for s in stats) == sum(s["bytes_received"] for s in stats)
     assert sum(s["messages_sent"] for s in stats) == sum(s["messages_received"] for s in stats)
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_kept_buffers_on_gloo_are_plain(gloo_results, ranks):
+    # Three calls through one RearrangeBuffers ended exact (above); on the CPU
+    # nothing is registered.
+    assert [r["registered"] for r in gloo_results[f"kept-buffers-{ranks}"].values()] == [
+        False
+    ] * ranks
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])
@@ -752,3 +811,5 @@ def test_nccl_two_gpus(tmp_path):
             assert [kind for kind, _ in errors] == ["ValueError"] * 2
     for name in (n for n in names if not SCENARIOS[n].fault):
         _assert_holds(SCENARIOS[name], results[name], SCENARIOS[name].new)
+    # Kept buffers come from a pool registered with NCCL.
+    assert [results["kept-buffers-2"][r]["registered"] for r in range(2)] == [True, True]
