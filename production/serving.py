@@ -39,6 +39,7 @@ from eplb.metrics import balancedness, gpu_loads
 
 from .rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
+    RearrangeBuffers,
     RearrangeStats,
     _rank_and_size,
     rearrange_expert_weights,
@@ -156,6 +157,7 @@ class ExpertBalancer:
         apply_delay: int = 1,
         max_replicas: int | None = None,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        keep_buffers: bool = False,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -175,8 +177,12 @@ class ExpertBalancer:
             ``R - E + 1``, the most any placement can give one expert). With
             less, replicas beyond it keep their weights but receive no tokens.
         max_batch_bytes: the step budget of each weight rearrangement (see
-            :func:`rearrange_expert_weights`): its buffers, allocated for the
-            apply step only, grow with it.
+            :func:`rearrange_expert_weights`): its buffers grow with it.
+        keep_buffers: keep the rearrangement's message buffers from one
+            rebalance to the next in a :class:`RearrangeBuffers` (with NCCL,
+            registered with the communicator: faster, but the memory stays
+            reserved); :meth:`close` releases them, before the group is
+            destroyed. False: allocated for the apply step only.
         """
         _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(
@@ -186,6 +192,8 @@ class ExpertBalancer:
         self.step_interval = check_count("step_interval", step_interval)
         self.apply_delay = check_count("apply_delay", apply_delay)
         self.max_batch_bytes = check_count("max_batch_bytes", max_batch_bytes)
+        if not isinstance(keep_buffers, bool):
+            raise TypeError(f"keep_buffers must be a bool, got {type(keep_buffers).__name__}")
         if self.apply_delay >= self.step_interval:
             raise ValueError(
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
@@ -243,8 +251,13 @@ class ExpertBalancer:
         self._pending: Future[_Plan] | None = None
         self._apply_at = 0
 
-        # The first rebalance should not pay for opening the P2P channels.
-        warmup_rearrangement(group, self.device if cuda else None)
+        # The first rebalance should not pay for opening the P2P channels
+        # (RearrangeBuffers opens them too).
+        self._buffers = (
+            RearrangeBuffers(group, self.device if cuda else None) if keep_buffers else None
+        )
+        if self._buffers is None:
+            warmup_rearrangement(group, self.device if cuda else None)
 
         initial = np.tile(np.arange(num_replicas) % experts, (layers, 1))
         self._host_phy2log = torch.from_numpy(initial)
@@ -342,8 +355,13 @@ class ExpertBalancer:
         self.error = None
 
     def close(self) -> None:
-        """Stop the worker thread (waits for a placement being computed)."""
+        """Stop the worker thread (waits for a placement being computed) and free kept buffers.
+
+        Call it on every rank before destroying the process group.
+        """
         self._executor.shutdown(wait=True)
+        if self._buffers is not None:
+            self._buffers.close()
 
     @property
     def failed(self) -> bool:
@@ -421,6 +439,7 @@ class ExpertBalancer:
                 expert_weights,
                 self.group,
                 max_batch_bytes=self.max_batch_bytes,
+                buffers=self._buffers,
             )
         except BaseException as exc:
             self.error = exc

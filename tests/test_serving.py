@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import eplb.production.serving as serving
-from eplb.production.rearrange import rearrange_expert_weights
+from eplb.production.rearrange import RearrangeBuffers, rearrange_expert_weights
 from eplb.production.serving import ExpertBalancer
 from eplb.reference import rebalance_experts
 
@@ -201,9 +201,37 @@ def test_rearrangement_gets_the_step_budget(monkeypatch):
     assert budgets == [12345] and balancer.stats.rebalances == 1
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_kept_buffers_go_to_every_rearrangement_and_close_with_the_balancer(monkeypatch, keep):
+    balancer = _balancer(keep_buffers=keep)
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    given = []
+
+    def recording(*args, **kwargs):
+        given.append(kwargs["buffers"])
+        return rearrange_expert_weights(*args, **kwargs)
+
+    monkeypatch.setattr(serving, "rearrange_expert_weights", recording)
+    _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(balancer.step_interval):  # to the next rebalance
+        for layer in range(LAYERS):
+            balancer.route(layer, _skewed_ids(generator, 40, 2, LAYERS - 1 - layer))
+        balancer.step(weights)
+    assert balancer.stats.rebalances == 2 and len(given) == 2
+    if keep:  # one RearrangeBuffers for both, open until close()
+        assert isinstance(given[0], RearrangeBuffers) and given[1] is given[0]
+        assert not given[0].closed
+    else:
+        assert given == [None, None]
+    balancer.close()
+    assert not keep or given[0].closed
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
+        ({"keep_buffers": 1}, TypeError, "keep_buffers must be a bool"),
         ({"apply_delay": 3}, ValueError, "apply_delay must be < step_interval"),
         ({"max_replicas": SLOTS - EXPERTS + 2}, ValueError, "max_replicas must be <="),
         ({"window_size": 0}, ValueError, "window_size must be >= 1"),
