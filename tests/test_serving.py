@@ -187,37 +187,38 @@ def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch
     assert balancer.stats.rebalances == 1
 
 
-def test_rearrangement_gets_the_step_budget(monkeypatch):
-    balancer = _balancer(max_batch_bytes=12345)
-    weights = _encoded_weights(balancer.phy2log, 0, 1)
-    budgets = []
+def _record_rearrangements(monkeypatch) -> list[dict]:
+    """The keyword arguments of every rearrangement the balancer makes from now on."""
+    calls: list[dict] = []
 
     def recording(*args, **kwargs):
-        budgets.append(kwargs["max_batch_bytes"])
+        calls.append(kwargs)
         return rearrange_expert_weights(*args, **kwargs)
 
     monkeypatch.setattr(serving, "rearrange_expert_weights", recording)
+    return calls
+
+
+def test_rearrangement_gets_the_step_budget(monkeypatch):
+    balancer = _balancer(max_batch_bytes=12345)
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    calls = _record_rearrangements(monkeypatch)
     _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(7))
-    assert budgets == [12345] and balancer.stats.rebalances == 1
+    assert [c["max_batch_bytes"] for c in calls] == [12345] and balancer.stats.rebalances == 1
 
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_kept_buffers_go_to_every_rearrangement_and_close_with_the_balancer(monkeypatch, keep):
     balancer = _balancer(keep_buffers=keep)
     weights = _encoded_weights(balancer.phy2log, 0, 1)
-    given = []
-
-    def recording(*args, **kwargs):
-        given.append(kwargs["buffers"])
-        return rearrange_expert_weights(*args, **kwargs)
-
-    monkeypatch.setattr(serving, "rearrange_expert_weights", recording)
+    calls = _record_rearrangements(monkeypatch)
     _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(7))
     generator = torch.Generator().manual_seed(8)
     for _ in range(balancer.step_interval):  # to the next rebalance
         for layer in range(LAYERS):
             balancer.route(layer, _skewed_ids(generator, 40, 2, LAYERS - 1 - layer))
         balancer.step(weights)
+    given = [c["buffers"] for c in calls]
     assert balancer.stats.rebalances == 2 and len(given) == 2
     if keep:  # one RearrangeBuffers for both, open until close()
         assert isinstance(given[0], RearrangeBuffers) and given[1] is given[0]
