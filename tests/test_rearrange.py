@@ -370,6 +370,13 @@ def test_local_waves_match_reading_everything_first(seed, size):
 # ----------------------------------------------------- one rank, no process group
 
 
+def _assert_holds_bits(weights: list, want: list, message: str = "") -> None:
+    """Every tensor of every layer holds exactly ``want``'s bits."""
+    for got, expected in zip(_raw(weights), want, strict=True):
+        for g, w in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, w, err_msg=message)
+
+
 def test_single_rank_moves_locally_bit_for_bit():
     rng = np.random.default_rng(5)
     old = _random_placement(rng, 3, 6, 8)
@@ -378,9 +385,7 @@ def test_single_rank_moves_locally_bit_for_bit():
     # Model parameters (leaves that require grad) are rewritten in place as well.
     weights[1] = [torch.nn.Parameter(t, requires_grad=t.is_floating_point()) for t in weights[1]]
     stats = rearrange_expert_weights(torch.from_numpy(old), torch.from_numpy(new), weights)
-    for got, want in zip(_raw(weights), _expected(9, new, range(8)), strict=True):
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g, w)
+    _assert_holds_bits(weights, _expected(9, new, range(8)))
     assert stats.bytes_sent == stats.bytes_received == stats.messages_sent == 0
     assert stats.local_copies == int((old != new).sum())
 
@@ -440,25 +445,25 @@ def _bad_calls(old: np.ndarray, new: np.ndarray, weights: list) -> list[tuple[st
     ]
 
 
-def test_single_rank_refuses_bad_input_and_touches_nothing():
-    rng = np.random.default_rng(6)
+def _one_rank_case(seed: int, content: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Two random placements of 3 layers, 6 experts, 8 slots, and weights holding the first."""
+    rng = np.random.default_rng(seed)
     old = _random_placement(rng, 3, 6, 8)
     new = _random_placement(rng, 3, 6, 8)
-    weights = _weights(_expected(1, old, range(8)), "cpu")
+    return old, new, _weights(_expected(content, old, range(8)), "cpu")
+
+
+def test_single_rank_refuses_bad_input_and_touches_nothing():
+    old, new, weights = _one_rank_case(6, 1)
     before = _raw(weights)
     for rule, kwargs, error in _bad_calls(old, new, weights):
         with pytest.raises(error):
             rearrange_expert_weights(**kwargs)
-        for got, want in zip(_raw(weights), before, strict=True):
-            for g, w in zip(got, want, strict=True):
-                np.testing.assert_array_equal(g, w, err_msg=rule)
+        _assert_holds_bits(weights, before, rule)
 
 
 def test_buffers_are_checked_before_anything_moves():
-    rng = np.random.default_rng(8)
-    old = _random_placement(rng, 3, 6, 8)
-    new = _random_placement(rng, 3, 6, 8)
-    weights = _weights(_expected(4, old, range(8)), "cpu")
+    old, new, weights = _one_rank_case(8, 4)
     before = _raw(weights)
     maps = torch.from_numpy(old), torch.from_numpy(new)
     with RearrangeBuffers() as buffers:
@@ -471,15 +476,11 @@ def test_buffers_are_checked_before_anything_moves():
     buffers.close()  # twice is fine
     with pytest.raises(ValueError, match="buffers was closed"):
         rearrange_expert_weights(*maps, weights, buffers=buffers)
-    for got, want in zip(_raw(weights), before, strict=True):
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g, w)
+    _assert_holds_bits(weights, before)
     # An open one moves the weights as without it.
     with RearrangeBuffers() as buffers:
         rearrange_expert_weights(*maps, weights, buffers=buffers)
-    for got, want in zip(_raw(weights), _expected(4, new, range(8)), strict=True):
-        for g, w in zip(got, want, strict=True):
-            np.testing.assert_array_equal(g, w)
+    _assert_holds_bits(weights, _expected(4, new, range(8)))
 
 
 def _other_group() -> RearrangeBuffers:
