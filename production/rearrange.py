@@ -326,6 +326,11 @@ class RearrangeBuffers:
             warmup_rearrangement(group, self.device)
             owner: Any = group if group is not None else dist.group.WORLD
             backend: Any = owner._get_backend(self.device)
+            if not hasattr(backend, "mem_allocator") or not hasattr(backend, "register_mem_pool"):
+                raise RuntimeError(
+                    "RearrangeBuffers needs a NCCL process group whose backend has "
+                    "mem_allocator and register_mem_pool (a newer torch)"
+                )
             self._pool = torch.cuda.MemPool(backend.mem_allocator)
             backend.register_mem_pool(self._pool)  # later segments register as they come
             self._backend = backend
@@ -366,10 +371,16 @@ def _check_buffers(buffers: object, group: dist.ProcessGroup | None, device: tor
         raise TypeError(f"buffers must be a RearrangeBuffers or None, got {type(buffers).__name__}")
     if buffers.closed:
         raise ValueError("buffers was closed: make a new RearrangeBuffers")
-    if buffers.group is not group:
+    if not _same_group(buffers.group, group):
         raise ValueError("buffers belongs to another process group than group")
     if buffers.registered and buffers.device != device:
         raise ValueError(f"buffers live on {buffers.device}, the expert weights on {device}")
+
+
+def _same_group(a: object, b: object) -> bool:
+    """None stands for the world group."""
+    world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return (world if a is None else a) is (world if b is None else b)
 
 
 def warmup_rearrangement(

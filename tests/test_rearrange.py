@@ -577,7 +577,9 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
     kwargs = dict(scenario.kwargs)
     buffers = None
     if kwargs.pop("buffers", False):
-        buffers = RearrangeBuffers(group, device if device != "cpu" else None)
+        # For the whole world, the buffers name it while the calls pass None.
+        owner = dist.group.WORLD if group is None else group
+        buffers = RearrangeBuffers(owner, device if device != "cpu" else None)
         result["registered"] = buffers.registered
         for there, back in ((old, new), (new, old)):
             rearrange_expert_weights(
