@@ -35,6 +35,11 @@ With ``--high-priority-nccl`` the group's NCCL streams run at high CUDA
 priority (as ``TORCH_NCCL_HIGH_PRIORITY=1`` does): the wire's kernels then get
 SMs ahead of the pack and write copies (what we recommend for serving).
 
+With ``--keep-slots`` placement B is reordered within each GPU so that experts
+staying on a GPU keep their slots (``keep_experts_in_place``, what
+``ExpertBalancer(keep_slots=True)`` does): the same transfers, far fewer local
+copies.
+
 With ``--kept-buffers`` every move takes its message buffers from one
 ``RearrangeBuffers`` (with NCCL: registered with the communicator, so NCCL
 moves them without its staging copies).
@@ -69,6 +74,7 @@ from eplb.loads import find_data_dir, read_load
 from eplb.production.rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
     RearrangeBuffers,
+    keep_experts_in_place,
     plan_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
@@ -515,7 +521,7 @@ def _plan_report(cases: list[Case], max_batch_bytes: int) -> None:
 
     print(
         f"{'shape':<17} {'move':<6} {'rank':>4} {'steps':>6} {'one-way steps':>13} "
-        f"{'deferred':>8} {'buffers GB':>10} {'program ms':>10}"
+        f"{'deferred':>8} {'buffers GB':>10} {'program ms':>10} {'local copies':>12}"
     )
     for case in cases:
         shape = case.shape
@@ -544,7 +550,8 @@ def _plan_report(cases: list[Case], max_batch_bytes: int) -> None:
                 deferred = max(u - k for k, u in enumerate(last))
                 print(
                     f"{shape.name:<17} {('A->B', 'B->A')[src]:<6} {rank:>4} {len(steps):>6} "
-                    f"{one_way:>13} {deferred:>8} {_buffer_bytes(steps) / GB:>10.2f} {ms:>10.1f}"
+                    f"{one_way:>13} {deferred:>8} {_buffer_bytes(steps) / GB:>10.2f} {ms:>10.1f} "
+                    f"{int((plan.local_copies[:, 2] // (shape.slots // RANKS) == rank).sum()):>12}"
                 )
 
 
@@ -581,6 +588,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bw-repeats", type=int, default=10)
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
+        "--keep-slots",
+        action="store_true",
+        help="placement B reordered within each GPU so that experts keep their slots "
+        "(keep_experts_in_place): far fewer local copies",
+    )
+    parser.add_argument(
         "--kept-buffers",
         action="store_true",
         help="one RearrangeBuffers for all moves (with NCCL: registered with the communicator)",
@@ -605,9 +618,10 @@ def main(argv: list[str] | None = None) -> None:
     cases = []
     for shape in _shapes(args):
         assert len(shape.layers) * shape.experts * 3 < 2**15, "keys must fit int16"
-        cases.append(
-            Case(shape, _placement(loads[args.first], shape), _placement(loads[args.second], shape))
-        )
+        first, second = (_placement(loads[w], shape) for w in (args.first, args.second))
+        if args.keep_slots:
+            second = keep_experts_in_place(first, second, RANKS)
+        cases.append(Case(shape, first, second))
         gb = len(shape.layers) * (shape.slots // RANKS) * shape.expert_bytes / GB
         print(
             f"{shape.name}: {len(shape.layers)} layers, {shape.expert_bytes / 1e6:.1f} MB per "

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RearrangePlan", "local_waves", "plan_rearrangement", "split_steps"]
+__all__ = [
+    "RearrangePlan",
+    "keep_experts_in_place",
+    "local_waves",
+    "plan_rearrangement",
+    "split_steps",
+]
 
 _TURN_ROUNDS = 3  # see _deal_turns
 
@@ -219,6 +225,72 @@ def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int
         num_slots=slots,
         world_size=ranks,
     )
+
+
+def keep_experts_in_place(old_phy2log: object, new_phy2log: object, world_size: int) -> np.ndarray:
+    """``new_phy2log`` with each GPU's slots reordered so that experts stay where they are.
+
+    old_phy2log: [layers, R] int, the expert each slot holds now.
+    new_phy2log: [layers, R] int, the placement to move to; every id must occur
+        in ``old_phy2log``'s layer (as for :func:`plan_rearrangement`).
+    world_size: P; GPU r holds slots r*R/P .. (r+1)*R/P - 1.
+
+    Returns [layers, R] int64: per layer and GPU the same multiset of experts as
+    ``new_phy2log`` (so the same loads and replica counts), with every expert
+    that GPU already holds left in a slot that holds it now, as many times as
+    both placements have it there. The order of slots within a GPU does not
+    matter to serving, but every slot that changes is a copy: between two real
+    DeepSeek-V2-Lite placements this turns 981 local copies into 26 (the
+    transfers between GPUs stay the same). Not the SPEC placement: apply it
+    where the slot order is free.
+    """
+    old, new = check_maps(old_phy2log, new_phy2log, world_size)
+    layers, slots = old.shape
+    ranks = int(world_size)
+    per_rank = slots // ranks
+    experts = int(max(old.max(), new.max())) + 1
+    gpu = np.arange(layers)[:, None] * ranks + np.arange(slots)[None, :] // per_rank
+    # Slots that already hold their new expert stay; among the others, the k-th
+    # copy of an expert on a GPU, in slot order, meets the k-th copy in the other
+    # placement. Vectorized over all (layer, GPU) at once: this runs for every
+    # rebalance. (Matching equal slots first keeps the result a fixed point.)
+    kept = old == new
+    placed = kept.copy()
+    rest = np.flatnonzero(~kept)
+    old_key = _copy_keys((gpu * experts + old).ravel()[rest], per_rank)
+    new_key = _copy_keys((gpu * experts + new).ravel()[rest], per_rank)
+    np.put(kept, rest[_member(old_key, new_key)], True)
+    np.put(placed, rest[_member(new_key, old_key)], True)
+    out = np.where(kept, old, -1)
+    # The other slots of a GPU take its other entries, both in slot order: both
+    # counts are per_rank minus the kept ones, and row-major order groups by GPU.
+    out[~kept] = new[~placed]
+    return out
+
+
+def _member(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """[n] bool: which ``keys`` occur in ``among`` (np.isin sorts both, twice as slow here)."""
+    if not among.size:
+        return np.zeros(keys.size, dtype=bool)
+    ordered = np.sort(among)
+    at = np.minimum(np.searchsorted(ordered, keys), ordered.size - 1)
+    return ordered[at] == keys
+
+
+def _copy_keys(key: np.ndarray, per_rank: int) -> np.ndarray:
+    """``key * per_rank + k`` for each entry that is the k-th occurrence of its key (in order).
+
+    key: [n] int, (layer, GPU, expert) codes in slot order; a key occurs at most
+    per_rank times (once per slot of its GPU), so the results are distinct.
+    """
+    order = np.argsort(key, kind="stable")
+    sorted_keys = key[order]
+    starts = np.ones(key.size, dtype=bool)
+    starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    first = np.maximum.accumulate(np.where(starts, np.arange(key.size), 0))
+    occurrence = np.empty(key.size, dtype=np.int64)
+    occurrence[order] = np.arange(key.size) - first
+    return key * per_rank + occurrence
 
 
 def _frozen(table: np.ndarray, width: int) -> np.ndarray:

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from ._rearrange_plan import (
     RearrangePlan,
     check_maps,
+    keep_experts_in_place,
     local_waves,
     plan_rearrangement,
     split_steps,
@@ -61,6 +62,7 @@ __all__ = [
     "RearrangeBuffers",
     "RearrangePlan",
     "RearrangeStats",
+    "keep_experts_in_place",
     "plan_rearrangement",
     "rearrange_expert_weights",
     "warmup_rearrangement",

@@ -10,6 +10,7 @@ here without trusting the worker.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -32,6 +33,7 @@ from eplb.production._rearrange_plan import local_waves, split_steps
 from eplb.production.rearrange import (
     RearrangeBuffers,
     RearrangePlan,
+    keep_experts_in_place,
     plan_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
@@ -314,6 +316,68 @@ def test_steps_use_every_direction_at_once(ranks):
         at = t[step == s]
         assert {(int(a), int(b)) for a, b in at[:, [2, 4]]} == pairs, f"step {s}: {at[:, [2, 4]]}"
     assert step.max() + 1 == per_rank
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    ranks=st.sampled_from([1, 2, 3, 4]),
+    per_rank=st.integers(1, 6),
+    stacked=st.booleans(),
+)
+def test_keep_experts_in_place_keeps_the_most_and_changes_no_gpu(seed, ranks, per_rank, stacked):
+    rng = np.random.default_rng(seed)
+    slots = ranks * per_rank
+    experts = max(1, slots - int(rng.integers(0, slots)))
+    make = _stacked_placement if stacked and slots - 3 >= experts else _random_placement
+    old = make(rng, 3, experts, slots)
+    new = _random_placement(rng, 3, experts, slots)
+    out = keep_experts_in_place(old, new, ranks)
+    kept = 0
+    for layer in range(3):
+        for rank in range(ranks):
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            # The same experts on each GPU, as often: the same loads.
+            assert sorted(out[layer, mine].tolist()) == sorted(new[layer, mine].tolist())
+            # As many slots keep their expert as the two multisets share.
+            before = collections.Counter(old[layer, mine].tolist())
+            after = collections.Counter(new[layer, mine].tolist())
+            kept += sum((before & after).values())
+    assert int((out == old).sum()) == kept
+    np.testing.assert_array_equal(keep_experts_in_place(old, out, ranks), out)  # idempotent
+    plan = plan_rearrangement(old, out, ranks)
+    assert len(plan.transfers) == len(plan_rearrangement(old, new, ranks).transfers)
+
+
+def test_keep_experts_in_place_cuts_local_copies_of_real_placements(real_loads):
+    # Two real DeepSeek-V2-Lite-sized placements (64 experts, 72 slots, 2 GPUs):
+    # most experts stay on their GPU, but the SPEC placement orders its slots
+    # afresh, so almost all of them would be copied between slots.
+    from eplb.production import rebalance_experts
+
+    placements = []
+    for workload in ("prefill_in1024", "decode_in1000out1000"):
+        load = real_loads[workload][3:29].reshape(26, 64, 4).sum(axis=2)
+        placements.append(rebalance_experts(torch.from_numpy(load), 72, 1, 1, 2)[0].numpy())
+    old, new = placements
+    spec = plan_rearrangement(old, new, 2)
+    kept = plan_rearrangement(old, keep_experts_in_place(old, new, 2), 2)
+    assert len(kept.transfers) == len(spec.transfers)
+    assert len(spec.local_copies) > 500 and len(kept.local_copies) * 10 < len(spec.local_copies)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "ranks", "error", "match"),
+    [
+        ([[0, 1]], [[0, 1, 1]], 1, ValueError, "same shape"),
+        ([[0, 1, 2]], [[0, 1, 2]], 2, ValueError, "world size must divide"),
+        ([[0, 1]], [[0, 2]], 1, ValueError, "no slot of old_phy2log holds"),
+        ([[0.0, 1.0]], [[0, 1]], 1, TypeError, "integers"),
+    ],
+)
+def test_keep_experts_in_place_refuses_bad_maps(old, new, ranks, error, match):
+    with pytest.raises(error, match=match):
+        keep_experts_in_place(np.array(old), np.array(new), ranks)
 
 
 def _apply_waves(content: list[int], copies: list[tuple[int, int]]) -> tuple[list[int], int]:

@@ -3,6 +3,7 @@ right, on one rank, on two gloo ranks, in the end-to-end example, and in a CUDA 
 
 from __future__ import annotations
 
+import collections
 import re
 import socket
 import subprocess
@@ -187,6 +188,29 @@ def test_failed_rearrangement_keeps_maps_skips_intervals_until_reset(monkeypatch
     assert balancer.stats.rebalances == 1
 
 
+def test_kept_slots_give_the_same_gpus_with_fewer_copies():
+    balancer = _balancer(apply_delay=2, step_interval=4, keep_slots=True)
+    before = balancer.phy2log.clone()
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    load = _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(2))
+
+    placement = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, 1)
+    spec, logcnt = torch.from_numpy(placement[0]), torch.from_numpy(placement[2])
+    # One GPU: the same experts as the SPEC placement, as often, in other slots.
+    assert torch.equal(balancer.phy2log.sort(dim=1).values, spec.sort(dim=1).values)
+    assert torch.equal(balancer.logcnt, logcnt)
+    kept = int((balancer.phy2log == before).sum())
+    assert kept > int((spec == before).sum())
+    assert kept == sum(
+        sum((collections.Counter(a.tolist()) & collections.Counter(b.tolist())).values())
+        for a, b in zip(before, spec, strict=True)
+    )
+    _assert_maps_consistent(balancer)
+    _assert_weights_follow(weights, balancer.phy2log, 0, 1)
+    _assert_routes_to_holders(balancer, _skewed_ids(torch.Generator().manual_seed(3), 200, 2, 1), 1)
+    balancer.close()
+
+
 def _record_rearrangements(monkeypatch) -> list[dict]:
     """The keyword arguments of every rearrangement the balancer makes from now on."""
     calls: list[dict] = []
@@ -233,6 +257,7 @@ def test_kept_buffers_go_to_every_rearrangement_and_close_with_the_balancer(monk
     ("kwargs", "error", "match"),
     [
         ({"keep_buffers": 1}, TypeError, "keep_buffers must be a bool"),
+        ({"keep_slots": "yes"}, TypeError, "keep_slots must be a bool"),
         ({"apply_delay": 3}, ValueError, "apply_delay must be < step_interval"),
         ({"max_replicas": SLOTS - EXPERTS + 2}, ValueError, "max_replicas must be <="),
         ({"window_size": 0}, ValueError, "window_size must be >= 1"),
@@ -272,14 +297,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _two_rank_checks(rank: int, world: int, port: int) -> None:
+def _two_rank_checks(rank: int, world: int, port: int, keep_slots: bool) -> None:
     """Runs in each spawned rank: one rebalance over gloo, checked from every side."""
     torch.set_num_threads(1)  # one core per rank: more threads only contend
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        balancer = _balancer(world)
+        balancer = _balancer(world, keep_slots=keep_slots)
         weights = _encoded_weights(balancer.phy2log, rank, world)
         addresses = [t.data_ptr() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)]
         load = _run_until_rebalance(
@@ -287,7 +312,14 @@ def _two_rank_checks(rank: int, world: int, port: int) -> None:
         )
         dist.all_reduce(load)
         phy2log, _, logcnt = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
-        assert torch.equal(balancer.phy2log, torch.from_numpy(phy2log))
+        if keep_slots:  # the same experts on each GPU, in other slots
+            per_gpu = (LAYERS, world, SLOTS // world)
+            assert torch.equal(
+                balancer.phy2log.reshape(per_gpu).sort(dim=2).values,
+                torch.from_numpy(phy2log).reshape(per_gpu).sort(dim=2).values,
+            )
+        else:
+            assert torch.equal(balancer.phy2log, torch.from_numpy(phy2log))
         assert torch.equal(balancer.logcnt, torch.from_numpy(logcnt))
         assert [t.data_ptr() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)] == (
             addresses
@@ -303,8 +335,9 @@ def _two_rank_checks(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def test_two_ranks_over_gloo():
-    mp.spawn(_two_rank_checks, args=(2, _free_port()), nprocs=2, join=True)
+@pytest.mark.parametrize("keep_slots", [False, True])
+def test_two_ranks_over_gloo(keep_slots):
+    mp.spawn(_two_rank_checks, args=(2, _free_port(), keep_slots), nprocs=2, join=True)
 
 
 def test_example_runs_and_balancedness_improves():
