@@ -85,6 +85,10 @@ _RING_SLACK = 2
 # have issued them, so one rank's host running late stalls the link for both.
 _HOST_LEAD = 2
 
+# Receive slots a call starts with: steps 0 .. _HOST_LEAD are issued before the
+# writes (and so the full ring depth) are known.
+_FIRST_RECV_SLOTS = _HOST_LEAD + 1
+
 # Regions inside a message start at multiples of this, so that each can be viewed
 # as its tensor's dtype (view(dtype) needs an aligned offset) with aligned loads.
 _ALIGN = 64
@@ -203,7 +207,7 @@ def rearrange_expert_weights(
 
     Python's cyclic garbage collector is paused during the call (and resumed if
     it was on): a collection in the middle, triggered by the call's many small
-    objects, cost up to several ms of host time, and the other rank waits for it.
+    objects, stalls this rank's host for milliseconds, and the other rank waits.
     """
     with _gc_paused():
         return _rearrange(
@@ -1033,7 +1037,7 @@ def _buffer_bytes(steps: list[_Step]) -> int:
     sent, received = _slot_bytes(steps)
     depth = max(
         _ring_depth(steps, _last_use(steps), _HOST_LEAD + _RING_SLACK),
-        min(_HOST_LEAD + 1, len(steps)),
+        min(_FIRST_RECV_SLOTS, len(steps)),
     )
     return min(2, len(steps)) * sent + depth * received
 
@@ -1108,9 +1112,8 @@ def _run(
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
     # Allocated on the current stream, which waits for every stream at the end:
-    # this memory is reused only after its last use. Steps 0 .. _HOST_LEAD are
-    # issued before the writes are known.
-    rings = _Rings(steps, device, _HOST_LEAD + 1, allocating)
+    # this memory is reused only after its last use.
+    rings = _Rings(steps, device, _FIRST_RECV_SLOTS, allocating)
     staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
     received: list[list[torch.Tensor]] = []
     sending = [rings.send(k, step) for k, step in enumerate(steps)]

@@ -188,8 +188,7 @@ class ExpertBalancer:
         keep_slots: reorder each new placement's slots within every GPU so that
             experts staying on a GPU keep their slots
             (:func:`keep_experts_in_place`): the same loads, far fewer local
-            copies (between two real DeepSeek-V2-Lite placements, 26 instead of
-            981), but ``phy2log`` is then no longer the SPEC placement itself.
+            copies, but ``phy2log`` is then no longer the SPEC placement itself.
         """
         _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 
+def _report(run_benchmark, *args: str) -> list[list[str]]:
+    """The --plan-only rows: two shapes, two moves, two ranks; columns: name, move,
+    rank, steps, one-way steps, deferred, buffers GB, program ms, local copies."""
+    stdout = run_benchmark("bench_rearrange.py", "--plan-only", *args)
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("DeepSeek")]
+    assert len(rows) == 8, stdout
+    return rows
+
+
 def test_plan_report_steps_use_both_directions(real_loads, run_benchmark):
     # The fixture fails or skips the test where the real loads are missing.
-    stdout = run_benchmark("bench_rearrange.py", "--plan-only")
-    rows = [line.split() for line in stdout.splitlines() if line.startswith("DeepSeek")]
-    # Two shapes, two moves, two ranks; columns: name, move, rank, steps, one-way
-    # steps, deferred, buffers GB, program ms.
-    assert len(rows) == 8, stdout
+    rows = _report(run_benchmark)
     for row in rows:
         steps, one_way, deferred, buffers = int(row[3]), int(row[4]), int(row[5]), float(row[6])
         # Sorted by sender, 46-50 of DeepSeek-V3's 62-63 steps went one way and one
@@ -17,3 +22,12 @@ def test_plan_report_steps_use_both_directions(real_loads, run_benchmark):
         # step of a layer one way.
         assert one_way <= 1, row
         assert deferred <= steps and buffers < 10, row
+
+
+def test_kept_slots_cut_local_copies_of_the_real_placements(real_loads, run_benchmark):
+    # The SPEC placement orders each GPU's slots afresh, so almost every expert
+    # that stays on a GPU is still copied to another slot; kept slots avoid that.
+    spec, kept = _report(run_benchmark), _report(run_benchmark, "--keep-slots")
+    for a, b in zip(spec, kept, strict=True):
+        assert a[:3] == b[:3]
+        assert int(a[8]) > 400 and int(b[8]) * 10 < int(a[8]), (a, b)
