@@ -40,6 +40,10 @@ staying on a GPU keep their slots (``keep_experts_in_place``, what
 ``ExpertBalancer(keep_slots=True)`` does): the same transfers, far fewer local
 copies.
 
+With ``--pin-cpus`` each rank's process (and the threads NCCL starts) runs on
+the CPUs of its GPU's NUMA node only, as serving engines pin theirs: the host
+launches every step, so where its threads run shows in the times.
+
 With ``--kept-buffers`` every move takes its message buffers from one
 ``RearrangeBuffers`` (with NCCL: registered with the communicator, so NCCL
 moves them without its staging copies).
@@ -334,6 +338,9 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
             os.environ["TORCH_NCCL_HIGH_PRIORITY"] = "1"
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
+        local_cpus = _gpu_local_cpus(device)
+        if args.pin_cpus and local_cpus:  # before NCCL starts its threads, which inherit it
+            os.sched_setaffinity(0, local_cpus)
         dist.init_process_group(
             "nccl", init_method=f"file://{store}", rank=rank, world_size=RANKS, device_id=device
         )
@@ -359,6 +366,12 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
         + (", NCCL streams at high priority" if priority and args.backend == "nccl" else "")
         + (f", kept buffers (registered: {buffers.registered})" if buffers is not None else "")
     )
+    cpus: list[str | None] = [None] * RANKS
+    dist.all_gather_object(cpus, _cpu_list(os.sched_getaffinity(0)))
+    say(
+        f"host CPUs per rank: {cpus} of {os.cpu_count()}"
+        + (" (pinned to each GPU's NUMA node)" if args.pin_cpus else "")
+    )
     say(f"placements: {PLACEMENT_SOURCE}, {args.first} <-> {args.second}")
     say(
         f"link, {args.bw_mib} MiB: peer copy GPU0->GPU1 {peer / GB:.0f} GB/s; send/recv one way "
@@ -381,6 +394,32 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
     if buffers is not None:
         buffers.close()
     dist.destroy_process_group()
+
+
+def _gpu_local_cpus(device: torch.device) -> set[int]:
+    """The CPUs of the GPU's NUMA node (Linux sysfs); empty where unknown."""
+    props = torch.cuda.get_device_properties(device)
+    address = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    try:
+        text = (Path("/sys/bus/pci/devices") / address / "local_cpulist").read_text().strip()
+    except OSError:
+        return set()
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus & os.sched_getaffinity(0)
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    """``0-15,32-47`` for a set of CPU ids."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
 
 
 def _device_name(device: torch.device) -> str:
@@ -602,6 +641,11 @@ def main(argv: list[str] | None = None) -> None:
         "--high-priority-nccl",
         action="store_true",
         help="NCCL's streams at high priority (TORCH_NCCL_HIGH_PRIORITY=1), ahead of copy kernels",
+    )
+    parser.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="pin each rank's process to the CPUs of its GPU's NUMA node (as serving does)",
     )
     parser.add_argument(
         "--plan-only",

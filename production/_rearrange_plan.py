@@ -169,9 +169,12 @@ def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int
     TypeError/ValueError otherwise. Replicas of an expert are taken to hold the
     same weights, so any of them may serve as the source.
     """
-    old, new = check_maps(old_phy2log, new_phy2log, world_size)
+    return _plan_checked(*check_maps(old_phy2log, new_phy2log, world_size), int(world_size))
+
+
+def _plan_checked(old: np.ndarray, new: np.ndarray, ranks: int) -> RearrangePlan:
+    """:func:`plan_rearrangement` of maps :func:`check_maps` has returned."""
     layers, slots = old.shape
-    ranks = int(world_size)
     per_rank = slots // ranks
     holdings = _Holdings(old, ranks)
     rank_of = np.arange(slots) // per_rank
@@ -362,21 +365,39 @@ def _choose_senders(
     start, count = holdings.holders(req_layer, req_expert)
     src = holdings.holder[start].copy()  # the only holder where forced
     ranks = holdings.ranks
-    total = [0] * ranks
-    bounds = np.searchsorted(req_layer, np.arange(num_layers + 1))
+    forced = count == 1
+    sent_rows = (
+        np.bincount(req_layer[forced] * ranks + src[forced], minlength=num_layers * ranks)
+        .reshape(num_layers, ranks)
+        .tolist()
+    )
+    # Layer by layer, fewest holders first; lexsort is stable, so among equally
+    # constrained requests the plan order (rank, expert) decides.
+    free = np.flatnonzero(~forced)
+    free = free[np.lexsort((count[free], req_layer[free]))]
+    # One loop over all layers' free requests in plain ints: this runs before
+    # the first byte moves, and numpy calls per layer cost more than the loop.
     holder = holdings.holder.tolist()
-    for layer in range(num_layers):
-        lo, hi = bounds[layer], bounds[layer + 1]
-        sent = np.bincount(src[lo:hi][count[lo:hi] == 1], minlength=ranks).tolist()
-        free = lo + np.nonzero(count[lo:hi] > 1)[0]
-        # Stable: among equally constrained requests, the plan order (rank, expert) decides.
-        for request in free[np.argsort(count[free], kind="stable")].tolist():
-            first = int(start[request])
-            candidates = holder[first : first + int(count[request])]
-            best = min(candidates, key=lambda r: (sent[r], total[r], r))
-            src[request] = best
-            sent[best] += 1
-        total = [t + c for t, c in zip(total, sent, strict=True)]
+    total = [0] * ranks
+    layer, sent = 0, sent_rows[0]
+    chosen = []
+    for at, first, many in zip(
+        req_layer[free].tolist(), start[free].tolist(), count[free].tolist(), strict=True
+    ):
+        while layer < at:  # the sends of finished layers count from now on
+            total = [t + c for t, c in zip(total, sent, strict=True)]
+            layer += 1
+            sent = sent_rows[layer]
+        # Holders come in ascending rank, so a strict < keeps the lowest rank.
+        best = holder[first]
+        key = (sent[best], total[best])
+        for candidate in holder[first + 1 : first + many]:
+            other = (sent[candidate], total[candidate])
+            if other < key:
+                best, key = candidate, other
+        chosen.append(best)
+        sent[best] += 1
+    src[free] = chosen
     return src
 
 
@@ -420,19 +441,27 @@ def split_steps(
     # Sorted by sender, steps went one way at a time and left the other
     # direction of each link idle (half the bandwidth).
     order = np.lexsort((t[:, 4], t[:, 2], turn, rank_class, t[:, 0]))
-    step = np.zeros(order.size, dtype=np.int64)
+    # Every transfer weighs one expert, so the budget is a count per rank.
+    per_step = max_step_bytes // expert_nbytes
+    if per_step == 0:  # a lone expert exceeds the budget: one transfer per step
+        return order, np.arange(order.size, dtype=np.int64)
+    # A plain loop on ints: it runs before the first byte moves, and numpy per
+    # row (or per step, for steps of a few experts) costs more than it saves.
+    step = [0] * order.size
     used = [0] * plan.world_size
     current = 0
-    empty = True
-    for i, (src, dst) in enumerate(t[order][:, [2, 4]].tolist()):
-        if not empty and max(used[src], used[dst]) + expert_nbytes > max_step_bytes:
+    ordered = t[order]
+    for i, (src, dst) in enumerate(
+        zip(ordered[:, 2].tolist(), ordered[:, 4].tolist(), strict=True)
+    ):
+        a, b = used[src], used[dst]
+        if (a if a > b else b) >= per_step:  # never on a step's first transfer
             current += 1
             used = [0] * plan.world_size
-        used[src] += expert_nbytes
-        used[dst] += expert_nbytes
+        used[src] += 1
+        used[dst] += 1
         step[i] = current
-        empty = False
-    return order, step
+    return order, np.array(step, dtype=np.int64)
 
 
 def _deal_turns(

@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from ._rearrange_plan import (
     RearrangePlan,
+    _plan_checked,
     check_maps,
     keep_experts_in_place,
     local_waves,
@@ -116,9 +117,10 @@ class RearrangeStats:
         exposed wire wait, local copies, unpack, post copies, total), summed over
         steps; phases on different streams overlap, so they add up to more than
         the total. Also host milliseconds: ``host <phase>``, and ``plan (host)``
-        before the first launch, split into checks and plan, the cross-rank
-        agreement, and the messages (the writes are scheduled while the first
-        steps move: ``host schedule writes``). Empty otherwise.
+        before the first launch, split into the checks, the plan and messages
+        (made while the ranks' verdicts on their input cross the wire), and the
+        wait for those verdicts still left (the writes are scheduled while the
+        first steps move: ``host schedule writes``). Empty otherwise.
     """
 
     bytes_sent: int
@@ -242,7 +244,7 @@ def _rearrange(
     layout: _Layout | None = None
     device = torch.device("cpu")
     try:
-        old, new = _maps_to_host(old_phy2log, new_phy2log)
+        old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
         layout = _check_weights(expert_weights, old.shape, world_size)
         device = layout.device or device
         if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
@@ -250,20 +252,27 @@ def _rearrange(
         if max_batch_bytes < 1:
             raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
         _check_buffers(buffers, group, device)
-        plan = plan_rearrangement(old, new, world_size)
         # Registered and unregistered buffers must not meet in one NCCL call.
         digest = _digest(old, new, f"{layout.signature} kept={buffers is not None}", world_size)
     except (TypeError, ValueError) as exc:
         error = exc
     checked = time.perf_counter()
+    agreement = None
     if world_size > 1:
-        _agree(group, rank, world_size, error, digest, _collective_device(group, device))
+        agreement = _Agreement(
+            group, rank, world_size, error is not None, digest, _collective_device(group, device)
+        )
+    if error is None:
+        assert layout is not None
+        # Planned before the verdicts arrive; nothing is touched until they do.
+        plan = _plan_checked(old, new, world_size)
+        steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
+    planned = time.perf_counter()
+    if agreement is not None:
+        agreement.finish(error)
     if error is not None:
         raise error
-    assert layout is not None
     agreed = time.perf_counter()
-    steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
-    planned = time.perf_counter()
     with torch.no_grad(), _on_device(device):
         views = [[_bit_view(t) for t in layer] for layer in expert_weights]
         phases = _run(
@@ -277,10 +286,10 @@ def _rearrange(
             buffers._allocating() if buffers is not None else contextlib.nullcontext,
         )
     if phases:
-        phases["plan (host)"] = (planned - start) * 1e3
-        phases["of which checks and plan"] = (checked - start) * 1e3
-        phases["agreement"] = (agreed - checked) * 1e3
-        phases["messages"] = (planned - agreed) * 1e3
+        phases["plan (host)"] = (agreed - start) * 1e3
+        phases["of which checks"] = (checked - start) * 1e3
+        phases["plan and messages"] = (planned - checked) * 1e3
+        phases["agreement wait"] = (agreed - planned) * 1e3
     return RearrangeStats(
         bytes_sent=sum(m.nbytes for b in steps for m in b.sends),
         bytes_received=sum(m.nbytes for b in steps for m in b.recvs),
@@ -440,8 +449,10 @@ def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return rank, dist.get_world_size(group)
 
 
-def _maps_to_host(old_phy2log: object, new_phy2log: object) -> tuple[np.ndarray, np.ndarray]:
-    """Both maps as host int64 arrays, in one device-to-host copy where both are on a device."""
+def _maps_to_host(
+    old_phy2log: object, new_phy2log: object, world_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps, checked, as host int64 arrays (one device-to-host copy where both are on one)."""
     for name, phy2log in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
         if not isinstance(phy2log, (torch.Tensor, np.ndarray)):
             raise TypeError(
@@ -459,10 +470,10 @@ def _maps_to_host(old_phy2log: object, new_phy2log: object) -> tuple[np.ndarray,
         and old_phy2log.shape == new_phy2log.shape
     ):
         both = torch.stack((old_phy2log.to(torch.int64), new_phy2log.to(torch.int64))).cpu()
-        return both[0].numpy(), both[1].numpy()
+        return check_maps(both[0].numpy(), both[1].numpy(), world_size)
     old = old_phy2log.detach().cpu() if isinstance(old_phy2log, torch.Tensor) else old_phy2log
     new = new_phy2log.detach().cpu() if isinstance(new_phy2log, torch.Tensor) else new_phy2log
-    return check_maps(old, new, 1)
+    return check_maps(old, new, world_size)
 
 
 def _bit_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -579,44 +590,63 @@ def _collective_device(group: dist.ProcessGroup | None, device: torch.device) ->
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _agree(
-    group: dist.ProcessGroup | None,
-    rank: int,
-    world_size: int,
-    error: Exception | None,
-    digest: int,
-    device: torch.device,
-) -> None:
-    """Raise on every rank if any rank refused its input or the ranks' inputs differ.
+class _Agreement:
+    """Every rank's verdict on its input, exchanged while the host plans (one all-reduce).
 
     One all-reduce (max) of [refused flag per rank, fingerprint, -fingerprint]:
     equal fingerprints have max == -max(-x). Refusing only locally would leave
-    the other ranks waiting for messages that never come.
+    the other ranks waiting for messages that never come. It is started as soon
+    as the input is checked and awaited (:meth:`finish`) once the plan is made:
+    the host plans while the few bytes cross the wire and while a slower rank
+    catches up, instead of waiting for them first.
     """
-    flags = torch.zeros(world_size + 2, dtype=torch.int64)
-    flags[rank] = error is not None
-    flags[world_size] = digest
-    flags[world_size + 1] = -digest
-    # On the pack stream, this exchange and the host's wait for it queue behind
-    # nothing the serving stream holds (the forward pass in flight): the host
-    # waits for a few bytes on the wire, not for the GPU to drain.
-    with _Streams(device).use("pack"):
-        flags = flags.to(device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        reduced = flags.cpu().tolist()
-    if error is not None:
-        return  # the caller raises this rank's own error
-    refused = [r for r in range(world_size) if reduced[r]]
-    if refused:
-        raise ValueError(
-            f"rank(s) {refused} of the group refused their input (see their error); "
-            "no weights were changed"
-        )
-    if reduced[world_size] != -reduced[world_size + 1]:
-        raise ValueError(
-            "old_phy2log, new_phy2log and the shapes and dtypes of expert_weights must be "
-            "the same on every rank of the group; they differ. No weights were changed"
-        )
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        rank: int,
+        world_size: int,
+        refused: bool,
+        digest: int,
+        device: torch.device,
+    ) -> None:
+        self._world_size = world_size
+        flags = torch.zeros(world_size + 2, dtype=torch.int64)
+        flags[rank] = refused
+        flags[world_size] = digest
+        flags[world_size + 1] = -digest
+        # On the pack stream, this exchange and the host's wait for it queue behind
+        # nothing the serving stream holds (the forward pass in flight): the host
+        # waits for a few bytes on the wire, not for the GPU to drain.
+        self._streams = _Streams(device)
+        with self._streams.use("pack"):
+            self._flags = flags.to(device)
+            self._work = dist.all_reduce(
+                self._flags, op=dist.ReduceOp.MAX, group=group, async_op=True
+            )
+
+    def finish(self, error: Exception | None) -> None:
+        """Wait for the verdicts; raise if another rank refused or the inputs differ.
+
+        A rank that refused its own input (``error``) returns: its caller raises that.
+        """
+        with self._streams.use("pack"):
+            self._work.wait()
+            reduced = self._flags.cpu().tolist()
+        if error is not None:
+            return
+        world_size = self._world_size
+        refused = [r for r in range(world_size) if reduced[r]]
+        if refused:
+            raise ValueError(
+                f"rank(s) {refused} of the group refused their input (see their error); "
+                "no weights were changed"
+            )
+        if reduced[world_size] != -reduced[world_size + 1]:
+            raise ValueError(
+                "old_phy2log, new_phy2log and the shapes and dtypes of expert_weights must be "
+                "the same on every rank of the group; they differ. No weights were changed"
+            )
 
 
 class _on_device:
@@ -795,35 +825,49 @@ def _messages(
     """Per step, one message per peer, from (layer, peer, local slot) rows in plan order.
 
     step_of: [rows] int, the step of each row (non-decreasing).
+    rows: [rows, 3] int, (layer, peer, local slot); layers ascend within a step
+        (the plan's order), so each message holds its layers one after another.
+
+    A message lays out its experts layer by layer, tensor by tensor: a region per
+    (layer, tensor) with that tensor's rows of the layer's slots, in row order.
+    Both sides of a message see the same rows in the same order.
     """
+    if not len(rows):
+        return []
     # Stable: within a (step, peer), the plan's (layer, expert) order is kept.
     sort = np.lexsort((rows[:, 1], step_of))
     rows, step_of = rows[sort], step_of[sort]
+    new_message = np.ones(len(rows), dtype=bool)
+    new_message[1:] = (np.diff(step_of) != 0) | (np.diff(rows[:, 1]) != 0)
+    new_run = new_message.copy()  # a run: one layer of one message
+    new_run[1:] |= np.diff(rows[:, 0]) != 0
+    starts = np.flatnonzero(new_run)
+    stops = np.append(starts[1:], len(rows)).tolist()
+    # Whole arrays to Python once, then a loop over runs (a few per message):
+    # this runs before the first byte moves.
+    slots = rows[:, 2].tolist()
     found: dict[int, list[_Message]] = {}
-    cuts = np.flatnonzero(np.diff(step_of) | np.diff(rows[:, 1])) + 1
-    for group in np.split(np.arange(len(rows)), cuts) if len(rows) else []:
-        message = _layout_message(int(rows[group[0], 1]), rows[group, 0], rows[group, 2], layout)
-        if message.nbytes:  # all tensors empty: nothing to ship
-            found.setdefault(int(step_of[group[0]]), []).append(message)
-    return list(found.items())
-
-
-def _layout_message(peer: int, layers: np.ndarray, slots: np.ndarray, layout: _Layout) -> _Message:
-    """Lay out the given (layer, local slot) experts: layer by layer, tensor by tensor.
-
-    layers, slots: [experts] int, in message order (layers ascending). Both sides
-    of a message call this with the same layers in the same order.
-    """
-    by_layer: dict[int, list[int]] = {}
-    for layer, slot in zip(layers.tolist(), slots.tolist(), strict=True):
-        by_layer.setdefault(layer, []).append(slot)
-    parts = []
-    position = 0
-    for layer, mine in by_layer.items():
+    message: _Message | None = None
+    for start, stop, opens, layer, peer, step in zip(
+        starts.tolist(),
+        stops,
+        new_message[starts].tolist(),
+        rows[starts, 0].tolist(),
+        rows[starts, 1].tolist(),
+        step_of[starts].tolist(),
+        strict=True,
+    ):
+        if opens:
+            message = _Message(peer, 0, 0, [])
+            found.setdefault(step, []).append(message)
+        assert message is not None  # the first run opens a message
+        mine = slots[start:stop]  # shared by the layer's tensors
         for tensor in range(len(layout.slot_nbytes)):
-            parts.append((layer, tensor, position, mine))
-            position += layout.region(tensor, len(mine))
-    return _Message(peer, position, len(slots), parts)
+            message.parts.append((layer, tensor, message.nbytes, mine))
+            message.nbytes += layout.region(tensor, len(mine))
+        message.experts += len(mine)
+    # All tensors empty: nothing to ship.
+    return [(step, kept) for step, sent in found.items() if (kept := [m for m in sent if m.nbytes])]
 
 
 def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -> torch.Tensor:

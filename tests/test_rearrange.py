@@ -445,13 +445,13 @@ def test_garbage_collector_paused_during_the_call_only(monkeypatch, enabled_befo
     new = _random_placement(rng, 2, 6, 8)
     weights = _weights(_expected(3, old, range(8)), "cpu")
     seen = []
-    plan = rearrange_module.plan_rearrangement
+    plan = rearrange_module._plan_checked
 
     def spy(*args):
         seen.append(gc.isenabled())
         return plan(*args)
 
-    monkeypatch.setattr(rearrange_module, "plan_rearrangement", spy)
+    monkeypatch.setattr(rearrange_module, "_plan_checked", spy)
     budget = 0 if bad else 1 << 20
     try:
         (gc.enable if enabled_before else gc.disable)()
