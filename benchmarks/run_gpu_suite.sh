@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one call on a 2-GPU H200 machine (device tool,
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
-#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots example
+#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example
 # The real loads travel in .data/ (an ignored copy made by the caller).
 set -uo pipefail
 OUT=${OUT:-/tmp/eplb-gpu}
 mkdir -p "$OUT"
 export EPLB_DATA_DIR=${EPLB_DATA_DIR:-$PWD/.data/deepseek-r1-expert-load}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-parts=${*:-tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots example}
+parts=${*:-tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example}
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
@@ -25,6 +25,8 @@ for part in $parts; do
     rearrange-hp) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl 2>&1 | tee "$OUT/bench_rearrange_hp.log" ;;
     rearrange-kept) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers 2>&1 | tee "$OUT/bench_rearrange_kept.log" ;;
     rearrange-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers --keep-slots 2>&1 | tee "$OUT/bench_rearrange_slots.log" ;;
+    rearrange-ahead) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers --plan-ahead 2>&1 | tee "$OUT/bench_rearrange_ahead.log" ;;
+    rearrange-ahead-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers --plan-ahead --keep-slots 2>&1 | tee "$OUT/bench_rearrange_ahead_slots.log" ;;
     example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log" ;;
     *) echo "unknown part $part"; status=2 ;;
   esac

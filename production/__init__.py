@@ -8,11 +8,13 @@ Never imports JAX.
 """
 
 from .rearrange import (
+    PreparedRearrangement,
     RearrangeBuffers,
     RearrangePlan,
     RearrangeStats,
     keep_experts_in_place,
     plan_rearrangement,
+    prepare_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
 )
@@ -22,11 +24,13 @@ from .serving import BalancerStats, ExpertBalancer
 __all__ = [
     "BalancerStats",
     "ExpertBalancer",
+    "PreparedRearrangement",
     "RearrangeBuffers",
     "RearrangePlan",
     "RearrangeStats",
     "keep_experts_in_place",
     "plan_rearrangement",
+    "prepare_rearrangement",
     "rearrange_expert_weights",
     "rebalance_experts",
     "warmup_rearrangement",

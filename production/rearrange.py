@@ -34,6 +34,7 @@ How it keeps the link busy and the result exact:
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import math
@@ -60,11 +61,13 @@ from ._rearrange_plan import (
 
 __all__ = [
     "DEFAULT_MAX_BATCH_BYTES",
+    "PreparedRearrangement",
     "RearrangeBuffers",
     "RearrangePlan",
     "RearrangeStats",
     "keep_experts_in_place",
     "plan_rearrangement",
+    "prepare_rearrangement",
     "rearrange_expert_weights",
     "warmup_rearrangement",
 ]
@@ -171,6 +174,7 @@ def rearrange_expert_weights(
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     profile: bool = False,
     buffers: RearrangeBuffers | None = None,
+    prepared: PreparedRearrangement | None = None,
 ) -> RearrangeStats:
     """Rewrite this rank's expert slots in place for a new placement (collective).
 
@@ -199,6 +203,9 @@ def rearrange_expert_weights(
     buffers: a :class:`RearrangeBuffers` of this group and device, to take the
         message buffers from (kept between calls and, with NCCL, registered with
         the communicator); every rank passes one or none. None: allocated per call.
+    prepared: this rank's share of the move, worked out ahead by
+        :func:`prepare_rearrangement` from the same arguments (checked), so the
+        call plans nothing; ranks may mix prepared and unprepared calls.
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
@@ -213,7 +220,118 @@ def rearrange_expert_weights(
     """
     with _gc_paused():
         return _rearrange(
-            old_phy2log, new_phy2log, expert_weights, group, max_batch_bytes, profile, buffers
+            old_phy2log,
+            new_phy2log,
+            expert_weights,
+            group,
+            max_batch_bytes,
+            profile,
+            buffers,
+            prepared,
+        )
+
+
+class PreparedRearrangement:
+    """This rank's share of one move, worked out ahead (:func:`prepare_rearrangement`).
+
+    Pass it to :func:`rearrange_expert_weights` (``prepared=``) with the same
+    maps, tensor shapes and dtypes, group and ``max_batch_bytes``; the call
+    checks that they match (a fingerprint) and refuses otherwise. It can be
+    used more than once.
+
+    rank, world_size: where it was made for.
+    max_batch_bytes: the step budget it was cut with.
+    seconds: host seconds :func:`prepare_rearrangement` took (what the call saves).
+    """
+
+    def __init__(
+        self, key: int, rank: int, world_size: int, max_batch_bytes: int, steps: list[_Step]
+    ) -> None:
+        self._key = key
+        self.rank = rank
+        self.world_size = world_size
+        self.max_batch_bytes = max_batch_bytes
+        self._steps = steps
+        self.seconds = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"PreparedRearrangement(rank={self.rank}, world_size={self.world_size}, "
+            f"steps={len(self._steps)}, max_batch_bytes={self.max_batch_bytes})"
+        )
+
+
+def prepare_rearrangement(
+    old_phy2log: torch.Tensor,
+    new_phy2log: torch.Tensor,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    group: dist.ProcessGroup | None = None,
+    *,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+) -> PreparedRearrangement:
+    """Work out this rank's share of a move ahead of :func:`rearrange_expert_weights`.
+
+    The same arguments as :func:`rearrange_expert_weights`, whose host planning
+    this does ahead: the transfer plan, the messages and when each slot is
+    written. Pure host work on the maps and the tensors' shapes and dtypes: no
+    collective, no device work, no weight read or written, so a serving engine
+    can run it on a worker thread while the GPU serves (``ExpertBalancer`` does),
+    and the call then moves weights at once: the host time of planning no longer
+    delays the first byte.
+
+    old_phy2log, new_phy2log: [layers, R] int (any device), as for the call.
+    expert_weights: per layer, this rank's weight tensors (only their shapes,
+        dtypes and device are read).
+    group: the EP process group, for this rank and the group size (default: the world).
+
+    Raises TypeError/ValueError on bad input, as the call would.
+    """
+    start = time.perf_counter()
+    rank, world_size = _rank_and_size(group)
+    old, new, layout = _check_input(
+        old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
+    )
+    plan = _plan_checked(old, new, world_size)
+    steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
+    _program_writes(plan, rank, steps, schedule)
+    prepared = PreparedRearrangement(
+        _digest(old, new, layout.signature, world_size),
+        rank,
+        world_size,
+        int(max_batch_bytes),
+        steps,
+    )
+    prepared.seconds = time.perf_counter() - start
+    return prepared
+
+
+def _already_scheduled() -> None:
+    """The writes of a prepared move: scheduled by :func:`prepare_rearrangement`."""
+
+
+def _check_prepared(
+    prepared: object, key: int, rank: int, world_size: int, max_batch_bytes: int
+) -> None:
+    """Refuse a prepared move made for another call."""
+    if not isinstance(prepared, PreparedRearrangement):
+        raise TypeError(
+            "prepared must be a PreparedRearrangement from prepare_rearrangement, got "
+            f"{type(prepared).__name__}"
+        )
+    if (prepared.rank, prepared.world_size) != (rank, world_size):
+        raise ValueError(
+            f"prepared was made for rank {prepared.rank} of {prepared.world_size}; this is rank "
+            f"{rank} of {world_size}"
+        )
+    if prepared.max_batch_bytes != max_batch_bytes:
+        raise ValueError(
+            f"prepared was made with max_batch_bytes={prepared.max_batch_bytes}, this call "
+            f"has {max_batch_bytes}"
+        )
+    if prepared._key != key:
+        raise ValueError(
+            "prepared was made for other maps or other expert_weights shapes and dtypes than "
+            "this call's; no weights were changed"
         )
 
 
@@ -236,6 +354,7 @@ def _rearrange(
     max_batch_bytes: int,
     profile: bool,
     buffers: RearrangeBuffers | None,
+    prepared: PreparedRearrangement | None,
 ) -> RearrangeStats:
     start = time.perf_counter()
     rank, world_size = _rank_and_size(group)
@@ -244,16 +363,16 @@ def _rearrange(
     layout: _Layout | None = None
     device = torch.device("cpu")
     try:
-        old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
-        layout = _check_weights(expert_weights, old.shape, world_size)
+        old, new, layout = _check_input(
+            old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
+        )
         device = layout.device or device
-        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
-            raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
-        if max_batch_bytes < 1:
-            raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
         _check_buffers(buffers, group, device)
+        key = _digest(old, new, layout.signature, world_size)
+        if prepared is not None:
+            _check_prepared(prepared, key, rank, world_size, max_batch_bytes)
         # Registered and unregistered buffers must not meet in one NCCL call.
-        digest = _digest(old, new, f"{layout.signature} kept={buffers is not None}", world_size)
+        digest = key ^ (buffers is not None)
     except (TypeError, ValueError) as exc:
         error = exc
     checked = time.perf_counter()
@@ -262,11 +381,15 @@ def _rearrange(
         agreement = _Agreement(
             group, rank, world_size, error is not None, digest, _collective_device(group, device)
         )
-    if error is None:
+    schedule_writes: Callable[[], None] = _already_scheduled
+    if error is None and prepared is not None:
+        steps = prepared._steps
+    elif error is None:
         assert layout is not None
         # Planned before the verdicts arrive; nothing is touched until they do.
         plan = _plan_checked(old, new, world_size)
         steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
+        schedule_writes = functools.partial(_program_writes, plan, rank, steps, schedule)
     planned = time.perf_counter()
     if agreement is not None:
         agreement.finish(error)
@@ -282,7 +405,7 @@ def _rearrange(
             group,
             rank,
             profile,
-            lambda: _program_writes(plan, rank, steps, schedule),
+            schedule_writes,
             buffers._allocating() if buffers is not None else contextlib.nullcontext,
         )
     if phases:
@@ -447,6 +570,23 @@ def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if rank < 0:
         raise ValueError("this process is not a member of group")
     return rank, dist.get_world_size(group)
+
+
+def _check_input(
+    old_phy2log: object,
+    new_phy2log: object,
+    expert_weights: object,
+    world_size: int,
+    max_batch_bytes: object,
+) -> tuple[np.ndarray, np.ndarray, _Layout]:
+    """The checks :func:`rearrange_expert_weights` and :func:`prepare_rearrangement` share."""
+    old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
+    layout = _check_weights(expert_weights, old.shape, world_size)
+    if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
+        raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
+    if max_batch_bytes < 1:
+        raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
+    return old, new, layout
 
 
 def _maps_to_host(

@@ -17,7 +17,9 @@ load (SPEC.md) without blocking the compute stream:
    only if the worker has not finished), moves the expert weights to it
    (:func:`eplb.production.rearrange_expert_weights`, a collective) and
    updates the maps in place, ordered on the compute stream after every
-   forward pass already queued.
+   forward pass already queued. The worker has already worked out this rank's
+   share of that move (:func:`eplb.production.prepare_rearrangement`), so the
+   rearrangement starts moving at once.
 
 The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
 """
@@ -39,10 +41,12 @@ from eplb.metrics import balancedness, gpu_loads
 
 from .rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
+    PreparedRearrangement,
     RearrangeBuffers,
     RearrangeStats,
     _rank_and_size,
     keep_experts_in_place,
+    prepare_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
 )
@@ -65,7 +69,8 @@ class BalancerStats:
     waits: int = 0
     #: The step at which the last placement was applied (0: none yet).
     last_rebalance_step: int = 0
-    #: Worker-thread seconds spent computing the last placement (off the critical path).
+    #: Worker-thread seconds spent computing the last placement and preparing its
+    #: weight rearrangement (off the critical path).
     last_plan_seconds: float = 0.0
     #: Host seconds the last apply spent inside ``step()``: waiting for the worker,
     #: issuing the weight rearrangement and the map updates.
@@ -88,6 +93,7 @@ class _Plan(NamedTuple):
     balancedness_before: float
     balancedness_after: float
     seconds: float
+    prepared: PreparedRearrangement | None  # None: its preparation refused the input
 
 
 class ExpertBalancer:
@@ -335,7 +341,7 @@ class ExpertBalancer:
             applied = True
         if self.stats.steps % self.step_interval == 0:
             if self.error is None:
-                self._start_rebalance()
+                self._start_rebalance(expert_weights)
             else:
                 self.stats.skipped += 1
         return applied
@@ -385,7 +391,7 @@ class ExpertBalancer:
         self._step_load.zero_()
         self._window_pos = (self._window_pos + 1) % self.window_size
 
-    def _start_rebalance(self) -> None:
+    def _start_rebalance(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         self._snapshot.copy_(self._window_total)
         multi_rank = self.num_gpus > 1
         if self._side_stream is None:
@@ -403,11 +409,15 @@ class ExpertBalancer:
                 self._host_load.copy_(self._snapshot, non_blocking=True)
                 self._copied = torch.cuda.Event()
                 self._copied.record()
-        self._pending = self._executor.submit(self._plan)
+        self._pending = self._executor.submit(self._plan, expert_weights)
         self._apply_at = self.stats.steps + self.apply_delay
 
-    def _plan(self) -> _Plan:
-        """Worker thread: wait for the load to reach the host, compute the placement."""
+    def _plan(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> _Plan:
+        """Worker thread: wait for the load to reach the host, compute the placement.
+
+        Then prepare this rank's share of the move to it (only the weights'
+        shapes and dtypes are read): the apply then moves weights at once.
+        """
         if self._copied is not None:
             self._copied.synchronize()
         start = time.perf_counter()
@@ -437,8 +447,28 @@ class ExpertBalancer:
                 log2phy.pin_memory(),
                 logcnt.pin_memory(),
             )
+        try:
+            prepared: PreparedRearrangement | None = prepare_rearrangement(
+                self._host_phy2log,
+                phy2log,
+                expert_weights,
+                self.group,
+                max_batch_bytes=self.max_batch_bytes,
+            )
+        except (TypeError, ValueError):
+            # The apply's call checks again, on every rank at once, and refuses
+            # there: a refusal here alone would leave the other ranks waiting.
+            prepared = None
         seconds = time.perf_counter() - start
-        return _Plan(phy2log, log2phy, logcnt, float(before.mean()), float(after.mean()), seconds)
+        return _Plan(
+            phy2log,
+            log2phy,
+            logcnt,
+            float(before.mean()),
+            float(after.mean()),
+            seconds,
+            prepared,
+        )
 
     def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         assert self._pending is not None
@@ -455,6 +485,7 @@ class ExpertBalancer:
                 self.group,
                 max_batch_bytes=self.max_batch_bytes,
                 buffers=self._buffers,
+                prepared=plan.prepared,
             )
         except BaseException as exc:
             self.error = exc

@@ -31,10 +31,12 @@ from hypothesis import strategies as st
 from eplb.production import rearrange as rearrange_module
 from eplb.production._rearrange_plan import local_waves, split_steps
 from eplb.production.rearrange import (
+    PreparedRearrangement,
     RearrangeBuffers,
     RearrangePlan,
     keep_experts_in_place,
     plan_rearrangement,
+    prepare_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
 )
@@ -465,6 +467,80 @@ def test_garbage_collector_paused_during_the_call_only(monkeypatch, enabled_befo
     assert seen == ([] if bad else [False])
 
 
+def test_prepared_call_plans_nothing_and_ends_the_same(monkeypatch):
+    rng = np.random.default_rng(8)
+    old = _random_placement(rng, 3, 6, 8)
+    new = _random_placement(rng, 3, 6, 8)
+    weights = _weights(_expected(4, old, range(8)), "cpu")
+    before = _raw(weights)
+    prepared = prepare_rearrangement(torch.from_numpy(old), torch.from_numpy(new), weights)
+    assert isinstance(prepared, PreparedRearrangement) and prepared.seconds > 0
+    assert (prepared.rank, prepared.world_size) == (0, 1)
+    for got, want in zip(_raw(weights), before, strict=True):  # preparing reads no weight
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    planned = []
+    plan = rearrange_module._plan_checked
+    monkeypatch.setattr(
+        rearrange_module, "_plan_checked", lambda *args: planned.append(1) or plan(*args)
+    )
+    stats = rearrange_expert_weights(
+        torch.from_numpy(old), torch.from_numpy(new), weights, prepared=prepared
+    )
+    assert planned == []
+    _assert_holds_bits(weights, _expected(4, new, range(8)))
+    unprepared = rearrange_expert_weights(torch.from_numpy(new), torch.from_numpy(old), weights)
+    assert planned == [1]
+    _assert_holds_bits(weights, _expected(4, old, range(8)))
+    assert stats.local_copies == unprepared.local_copies == int((old != new).sum())
+    # Used again, from the same weights, it ends the same.
+    maps = torch.from_numpy(old), torch.from_numpy(new)
+    rearrange_expert_weights(*maps, weights, prepared=prepared)
+    _assert_holds_bits(weights, _expected(4, new, range(8)))
+
+
+def test_prepared_for_another_call_is_refused_before_any_weight_is_touched():
+    rng = np.random.default_rng(9)
+    old = _random_placement(rng, 2, 6, 8)
+    new = _random_placement(rng, 2, 6, 8)
+    weights = _weights(_expected(5, old, range(8)), "cpu")
+    maps = torch.from_numpy(old), torch.from_numpy(new)
+    prepared = prepare_rearrangement(*maps, weights, max_batch_bytes=1 << 20)
+    other_maps = prepare_rearrangement(maps[0], maps[0], weights)
+    other_shapes = prepare_rearrangement(*maps, [layer[:1] + layer[2:] for layer in weights])
+    refused = [
+        ({"prepared": object()}, TypeError, "prepared must be a PreparedRearrangement"),
+        ({"prepared": prepared}, ValueError, "max_batch_bytes=1048576, this call has"),
+        ({"prepared": other_maps}, ValueError, "other maps or other expert_weights"),
+        ({"prepared": other_shapes}, ValueError, "other maps or other expert_weights"),
+    ]
+    for kwargs, kind, match in refused:
+        with pytest.raises(kind, match=match):
+            rearrange_expert_weights(*maps, weights, **kwargs)
+        _assert_holds_bits(weights, _expected(5, old, range(8)))
+
+
+def test_prepare_refuses_bad_input_like_the_call():
+    rng = np.random.default_rng(10)
+    old = _random_placement(rng, 2, 6, 8)
+    weights = _weights(_expected(6, old, range(8)), "cpu")
+    for kwargs, kind in [
+        ({"new_phy2log": torch.from_numpy(old + 100)}, ValueError),
+        ({"new_phy2log": torch.from_numpy(old).float()}, TypeError),
+        ({"max_batch_bytes": 0}, ValueError),
+        ({"expert_weights": weights[:1]}, ValueError),
+    ]:
+        args = {
+            "old_phy2log": torch.from_numpy(old),
+            "new_phy2log": torch.from_numpy(old),
+            "expert_weights": weights,
+        } | kwargs
+        with pytest.raises(kind):
+            prepare_rearrangement(**args)
+        with pytest.raises(kind):
+            rearrange_expert_weights(**args)
+
+
 def _bad_calls(old: np.ndarray, new: np.ndarray, weights: list) -> list[tuple[str, dict, type]]:
     """(rule, keyword arguments of a refused call, exception type)."""
     good = {
@@ -598,6 +674,18 @@ def _scenarios() -> list[Scenario]:
             Scenario(f"fails-midway-{ranks}", ranks, old, new, 8, {"max_batch_bytes": 1}, "midway"),
             # Three calls (there, back, there again) through one RearrangeBuffers.
             Scenario(f"kept-buffers-{ranks}", ranks, old, new, 9, {"buffers": True}),
+            # Every rank but the last prepares its share ahead (ranks may mix).
+            Scenario(f"prepared-{ranks}", ranks, old, new, 10, {"prepared": True}),
+            Scenario(
+                f"prepared-tiny-budget-{ranks}",
+                ranks,
+                stacked,
+                new,
+                11,
+                {"prepared": True, "max_batch_bytes": 1},
+            ),
+            # Rank 1 prepared a move to other maps than the call's.
+            Scenario(f"prepared-other-maps-{ranks}", ranks, old, new, 12, fault="prepared"),
         ]
     return found
 
@@ -633,6 +721,14 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
                 torch.from_numpy(there), torch.from_numpy(back), weights, group, buffers=buffers
             )
         kwargs["buffers"] = buffers
+    if kwargs.pop("prepared", False) and rank < scenario.ranks - 1:
+        kwargs["prepared"] = prepare_rearrangement(
+            torch.from_numpy(old), torch.from_numpy(new), weights, group, **kwargs
+        )
+    if scenario.fault == "prepared" and rank == 1:
+        kwargs["prepared"] = prepare_rearrangement(
+            torch.from_numpy(old), torch.from_numpy(old), weights, group
+        )
     original = rearrange_module._start
     if scenario.fault == "midway":
         calls = []
@@ -805,6 +901,7 @@ def test_tiny_budget_gives_one_step_per_transfer(gloo_results, ranks):
         ("missing-expert", None, "no rank can provide", "no rank can provide"),
         ("first-dim-one-rank", 1, "first dimension", r"rank\(s\) \[1\] .* refused"),
         ("maps-differ", None, "differ", "differ"),
+        ("prepared-other-maps", 1, "prepared was made for other maps", r"rank\(s\) \[1\]"),
     ],
 )
 def test_bad_input_is_refused_everywhere_and_touches_nothing(

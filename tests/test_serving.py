@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import eplb.production.rearrange as rearrange_module
 import eplb.production.serving as serving
-from eplb.production.rearrange import RearrangeBuffers, rearrange_expert_weights
+from eplb.production.rearrange import (
+    PreparedRearrangement,
+    RearrangeBuffers,
+    rearrange_expert_weights,
+)
 from eplb.production.serving import ExpertBalancer
 from eplb.reference import rebalance_experts
 
@@ -229,6 +235,38 @@ def test_rearrangement_gets_the_step_budget(monkeypatch):
     calls = _record_rearrangements(monkeypatch)
     _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(7))
     assert [c["max_batch_bytes"] for c in calls] == [12345] and balancer.stats.rebalances == 1
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_worker_prepares_the_move_and_the_apply_plans_nothing(monkeypatch, refused):
+    balancer = _balancer(apply_delay=2, step_interval=4)
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    calls = _record_rearrangements(monkeypatch)
+    planned_on: list[str] = []
+    plan = rearrange_module._plan_checked
+
+    def spy(*args):
+        planned_on.append(threading.current_thread().name)
+        return plan(*args)
+
+    monkeypatch.setattr(rearrange_module, "_plan_checked", spy)
+    if refused:  # the call checks again and moves (here: one rank, nothing to refuse)
+
+        def refusing(*args, **kwargs):
+            raise ValueError("refused by the worker")
+
+        monkeypatch.setattr(serving, "prepare_rearrangement", refusing)
+    _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(7))
+    assert balancer.stats.rebalances == 1 and balancer.error is None
+    (call,) = calls
+    if refused:
+        assert call["prepared"] is None
+        assert planned_on == [threading.main_thread().name]
+    else:
+        assert isinstance(call["prepared"], PreparedRearrangement)
+        assert planned_on and all(n.startswith("eplb-plan") for n in planned_on)
+    _assert_weights_follow(weights, balancer.phy2log, 0, 1)
+    balancer.close()
 
 
 @pytest.mark.parametrize("keep", [False, True])
