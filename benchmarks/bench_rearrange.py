@@ -47,8 +47,9 @@ GPU serves; the time it took is printed with the phases. The call then checks
 its input, agrees with the other rank and moves.
 
 With ``--pin-cpus`` each rank's process (and the threads NCCL starts) runs on
-the CPUs of its GPU's NUMA node only, as serving engines pin theirs: the host
-launches every step, so where its threads run shows in the times.
+its own share of the CPUs of its GPU's NUMA node, as serving engines pin
+theirs: the host launches every step, so where its threads run shows in the
+times.
 
 With ``--kept-buffers`` every move takes its message buffers from one
 ``RearrangeBuffers`` (with NCCL: registered with the communicator, so NCCL
@@ -345,9 +346,9 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
             os.environ["TORCH_NCCL_HIGH_PRIORITY"] = "1"
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        local_cpus = _gpu_local_cpus(device)
-        if args.pin_cpus and local_cpus:  # before NCCL starts its threads, which inherit it
-            os.sched_setaffinity(0, local_cpus)
+        mine = _own_cpus(rank)
+        if args.pin_cpus and mine:  # before NCCL starts its threads, which inherit it
+            os.sched_setaffinity(0, mine)
         dist.init_process_group(
             "nccl", init_method=f"file://{store}", rank=rank, world_size=RANKS, device_id=device
         )
@@ -378,7 +379,7 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
     dist.all_gather_object(cpus, _cpu_list(os.sched_getaffinity(0)))
     say(
         f"host CPUs per rank: {cpus} of {os.cpu_count()}"
-        + (" (pinned to each GPU's NUMA node)" if args.pin_cpus else "")
+        + (" (pinned: each rank its share of its GPU's NUMA node)" if args.pin_cpus else "")
     )
     say(f"placements: {PLACEMENT_SOURCE}, {args.first} <-> {args.second}")
     say(
@@ -402,6 +403,17 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
     if buffers is not None:
         buffers.close()
     dist.destroy_process_group()
+
+
+def _own_cpus(rank: int) -> set[int]:
+    """This rank's share of its GPU's NUMA-node CPUs: the node's CPUs split evenly
+    between the ranks whose GPUs share it, so that no two ranks' hosts compete."""
+    local = [_gpu_local_cpus(torch.device("cuda", r)) for r in range(RANKS)]
+    sharing = [r for r in range(RANKS) if local[r] == local[rank]]
+    cpus = sorted(local[rank])
+    share = len(cpus) // len(sharing)
+    index = sharing.index(rank)
+    return set(cpus[index * share : (index + 1) * share])
 
 
 def _gpu_local_cpus(device: torch.device) -> set[int]:
@@ -676,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pin-cpus",
         action="store_true",
-        help="pin each rank's process to the CPUs of its GPU's NUMA node (as serving does)",
+        help="pin each rank's process to its share of its GPU's NUMA-node CPUs (as serving does)",
     )
     parser.add_argument(
         "--plan-only",

@@ -3,6 +3,7 @@
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
 #   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example
 # The real loads travel in .data/ (an ignored copy made by the caller).
+# BENCH_FLAGS: extra flags for every bench_rearrange.py run (e.g. "--repeats 5").
 set -uo pipefail
 OUT=${OUT:-/tmp/eplb-gpu}
 mkdir -p "$OUT"
@@ -21,12 +22,12 @@ for part in $parts; do
   case $part in
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests_gpu.log" ;;
     transfer) python3 benchmarks/check_transfer.py --data-dir "$EPLB_DATA_DIR" 2>&1 | tee "$OUT/check_transfer.log" ;;
-    rearrange) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" 2>&1 | tee "$OUT/bench_rearrange.log" ;;
-    rearrange-hp) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl 2>&1 | tee "$OUT/bench_rearrange_hp.log" ;;
-    rearrange-kept) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers 2>&1 | tee "$OUT/bench_rearrange_kept.log" ;;
-    rearrange-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers --keep-slots 2>&1 | tee "$OUT/bench_rearrange_slots.log" ;;
-    rearrange-ahead) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers --plan-ahead 2>&1 | tee "$OUT/bench_rearrange_ahead.log" ;;
-    rearrange-ahead-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" --skip-naive --high-priority-nccl --kept-buffers --plan-ahead --keep-slots 2>&1 | tee "$OUT/bench_rearrange_ahead_slots.log" ;;
+    rearrange) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench_rearrange.log" ;;
+    rearrange-hp) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl 2>&1 | tee "$OUT/bench_rearrange_hp.log" ;;
+    rearrange-kept) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers 2>&1 | tee "$OUT/bench_rearrange_kept.log" ;;
+    rearrange-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --keep-slots 2>&1 | tee "$OUT/bench_rearrange_slots.log" ;;
+    rearrange-ahead) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --plan-ahead 2>&1 | tee "$OUT/bench_rearrange_ahead.log" ;;
+    rearrange-ahead-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --plan-ahead --keep-slots 2>&1 | tee "$OUT/bench_rearrange_ahead_slots.log" ;;
     example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log" ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
