@@ -245,13 +245,20 @@ class PreparedRearrangement:
     """
 
     def __init__(
-        self, key: int, rank: int, world_size: int, max_batch_bytes: int, steps: list[_Step]
+        self,
+        key: int,
+        rank: int,
+        world_size: int,
+        max_batch_bytes: int,
+        steps: list[_Step],
+        work: _SlotWork,
     ) -> None:
         self._key = key
         self.rank = rank
         self.world_size = world_size
         self.max_batch_bytes = max_batch_bytes
         self._steps = steps
+        self._work = work  # used where the call gets these very tensors
         self.seconds = 0.0
 
     def __repr__(self) -> str:
@@ -272,16 +279,19 @@ def prepare_rearrangement(
     """Work out this rank's share of a move ahead of :func:`rearrange_expert_weights`.
 
     The same arguments as :func:`rearrange_expert_weights`, whose host planning
-    this does ahead: the transfer plan, the messages and when each slot is
-    written. Pure host work on the maps and the tensors' shapes and dtypes: no
+    this does ahead: the transfer plan, the messages, when each slot is written
+    and the slot side of every copy (views of the weights' slots). Pure host
+    work on the maps and the tensors' shapes, dtypes and addresses: no
     collective, no device work, no weight read or written, so a serving engine
     can run it on a worker thread while the GPU serves (``ExpertBalancer`` does),
     and the call then moves weights at once: the host time of planning no longer
-    delays the first byte.
+    delays the first byte, and the host has less left to lay out while the
+    steps move. Called with other tensors of the same shapes, the call still
+    uses the plan and lays the copies out itself.
 
     old_phy2log, new_phy2log: [layers, R] int (any device), as for the call.
-    expert_weights: per layer, this rank's weight tensors (only their shapes,
-        dtypes and device are read).
+    expert_weights: per layer, this rank's weight tensors (views are made, no
+        data is read); the prepared move keeps references to them.
     group: the EP process group, for this rank and the group size (default: the world).
 
     Raises TypeError/ValueError on bad input, as the call would.
@@ -294,12 +304,15 @@ def prepare_rearrangement(
     plan = _plan_checked(old, new, world_size)
     steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
     _program_writes(plan, rank, steps, schedule)
+    with torch.no_grad():
+        work = _SlotWork(expert_weights, steps, ahead=True)
     prepared = PreparedRearrangement(
         _digest(old, new, layout.signature, world_size),
         rank,
         world_size,
         int(max_batch_bytes),
         steps,
+        work,
     )
     prepared.seconds = time.perf_counter() - start
     return prepared
@@ -397,10 +410,12 @@ def _rearrange(
         raise error
     agreed = time.perf_counter()
     with torch.no_grad(), _on_device(device):
-        views = [[_bit_view(t) for t in layer] for layer in expert_weights]
+        work = prepared._work if prepared is not None else None
+        if work is None or not work.made_from(expert_weights):
+            work = _SlotWork(expert_weights, steps, ahead=False)
         phases = _run(
             steps,
-            views,
+            work,
             device,
             group,
             rank,
@@ -1080,6 +1095,10 @@ class _SlotViews:
         """The bit view of one tensor of one layer, all its slots."""
         return self._views[layer][tensor]
 
+    @property
+    def num_layers(self) -> int:
+        return len(self._views)
+
     def count(self, layer: int) -> int:
         """Tensors per layer."""
         return len(self._views[layer])
@@ -1271,7 +1290,7 @@ class _Phases:
 
 def _run(
     steps: list[_Step],
-    views: list[list[torch.Tensor]],
+    slot_work: _SlotWork,
     device: torch.device,
     group: dist.ProcessGroup | None,
     rank: int,
@@ -1289,10 +1308,11 @@ def _run(
     depth. ``steps`` come with their messages only: ``schedule_writes`` fills
     in their writes, called once the first steps are issued, so the host works
     it out while they move. Each step's copies are laid out just before they are
-    launched, while earlier steps move.
+    launched, while earlier steps move; their slot sides come from ``slot_work``
+    where it has them (a prepared move): only the buffer sides are left.
     """
     begun = time.perf_counter()
-    slots = _SlotViews(views)
+    slots = slot_work.slots
     streams = _Streams(device)
     phases = _Phases(profile and streams.cuda)
     # Allocated on the current stream, which waits for every stream at the end:
@@ -1312,7 +1332,7 @@ def _run(
     touched: set[int] = set()
     try:
         with streams.use("pack"):
-            _issue([_pack_batch(steps[0], sending[0], slots)], phases)
+            _issue([_pack_batch(steps[0], sending[0], slots, slot_work.pack[0])], phases)
             packed[0] = streams.record("pack")
         for k in range(len(steps) + _HOST_LEAD):
             if k < len(steps):
@@ -1333,7 +1353,10 @@ def _run(
                 with streams.use("pack"):
                     if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
                         streams.wait_event("pack", sent[k - 1])
-                    _issue([_pack_batch(steps[k + 1], sending[k + 1], slots)], phases)
+                    _issue(
+                        [_pack_batch(steps[k + 1], sending[k + 1], slots, slot_work.pack[k + 1])],
+                        phases,
+                    )
                     packed[k + 1] = streams.record("pack")
             j = k - _HOST_LEAD  # the step whose writes are issued now
             if j == 0:
@@ -1349,14 +1372,23 @@ def _run(
                     if j + 1 < len(steps):
                         streams.wait_event("write", packed[j + 1])
                     touched.update(_layers_written(steps[j]))
-                    _issue(_write_batches(steps[j], slots, received, staging), phases)
+                    _issue(
+                        _write_batches(
+                            steps[j],
+                            slots,
+                            received,
+                            staging,
+                            slot_work.writes(j),
+                        ),
+                        phases,
+                    )
                     written[j] = streams.record("write")
         for which in ("pack", "issue", "write"):
             streams.wait("current", which)
         phases.mark("total", end=True)
     except Exception as exc:
         changed = sorted(touched)
-        unchanged = sorted(set(range(len(views))) - touched)
+        unchanged = sorted(set(range(slots.num_layers)) - touched)
         raise RuntimeError(
             f"rearrange_expert_weights failed on rank {rank}: {type(exc).__name__}: {exc}. "
             f"Layers {changed} of this rank may already hold new weights (some only partly); "
@@ -1409,14 +1441,33 @@ def _allocate_staging(
     return staging
 
 
-def _pack_batch(step: _Step, buffers: list[torch.Tensor], slots: _SlotViews) -> _Batch:
-    """The step's outgoing experts copied into their messages' buffers."""
+def _pack_batch(
+    step: _Step,
+    buffers: list[torch.Tensor],
+    slots: _SlotViews,
+    sources: list[list[torch.Tensor]] | None,
+) -> _Batch:
+    """The step's outgoing experts copied into their messages' buffers.
+
+    sources: the slot views of each message part, in order (None: made here).
+    """
     batch = _Batch("pack")
+    i = 0
     for message, buffer in zip(step.sends, buffers, strict=True):
         for layer, tensor, offset, mine in message.parts:
             rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
-            batch.add(rows, slots(layer, tensor, mine))
+            batch.add(rows, sources[i] if sources is not None else slots(layer, tensor, mine))
+            i += 1
     return batch
+
+
+def _pack_sources(step: _Step, slots: _SlotViews) -> list[list[torch.Tensor]]:
+    """The slot views each of the step's message parts packs, in order."""
+    return [
+        slots(layer, tensor, mine)
+        for message in step.sends
+        for layer, tensor, _, mine in message.parts
+    ]
 
 
 def _write_batches(
@@ -1424,8 +1475,39 @@ def _write_batches(
     slots: _SlotViews,
     received: list[list[torch.Tensor]],
     staging: dict[int, list[tuple[torch.Tensor, ...]]],
+    ahead: tuple[list[_Batch] | None, list[list[torch.Tensor]] | None, _Batch | None],
 ) -> list[_Batch]:
     """The writes due at the end of a step: local copies, then unpacks, then post copies.
+
+    ahead: the local copies, the unpacks' destinations and the post copies,
+        laid out ahead (each None: made here).
+    """
+    local, unpacked, post = ahead
+    if local is None:
+        local = _local_batches(step, slots, staging)
+    if unpacked is None:
+        unpacked = _unpack_destinations(step, slots)
+    unpack = _Batch("unpack")
+    for part, destinations in zip(step.unpacks, unpacked, strict=True):
+        buffer = received[part.step][part.message]
+        region = _region(buffer, slots.whole(part.layer, part.tensor), part.offset, part.count)
+        # unbind makes every row in one call; one row at a time costs more per row.
+        held = region.unbind(0) if 2 * len(part.rows) > part.count else region
+        unpack.add(destinations, [held[r] for r in part.rows])
+    if post is None:
+        post = _post_batch(step, slots)
+    return [b for b in (*local, unpack, post) if b.pairs]
+
+
+def _unpack_destinations(step: _Step, slots: _SlotViews) -> list[list[torch.Tensor]]:
+    """The slot views each of the step's unpacks writes, in order."""
+    return [slots(part.layer, part.tensor, part.slots) for part in step.unpacks]
+
+
+def _local_batches(
+    step: _Step, slots: _SlotViews, staging: dict[int, list[tuple[torch.Tensor, ...]]]
+) -> list[_Batch]:
+    """The step's local copies: staging of cycle-breaking slots, then wave by wave.
 
     Local copies go wave by wave (a wave writes only slots earlier waves have
     read); a layer's first group first stages its cycle-breaking slots. Layers
@@ -1450,18 +1532,72 @@ def _write_batches(
                 waves[i].add(
                     [split[d] for d in dsts], [staged[-1 - s] if s < 0 else split[s] for s in srcs]
                 )
-    unpack = _Batch("unpack")
-    for part in step.unpacks:
-        buffer = received[part.step][part.message]
-        region = _region(buffer, slots.whole(part.layer, part.tensor), part.offset, part.count)
-        # unbind makes every row in one call; one row at a time costs more per row.
-        held = region.unbind(0) if 2 * len(part.rows) > part.count else region
-        unpack.add(slots(part.layer, part.tensor, part.slots), [held[r] for r in part.rows])
+    return [stage, *waves]
+
+
+def _post_batch(step: _Step, slots: _SlotViews) -> _Batch:
+    """Copies into second slots of experts this step received (from their first slot)."""
     post = _Batch("post copies")
     for layer, filled, targets in step.post:
         for tensor in range(slots.count(layer)):
             post.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
-    return [b for b in (stage, *waves, unpack, post) if b.pairs]
+    return post
+
+
+class _SlotWork:
+    """The slot side of every step's copies: views of the weights' slots.
+
+    Made in the call, it only wraps the weights (views are made as steps are
+    laid out). Made ahead (:func:`prepare_rearrangement`, ``ahead=True``), it
+    also lays out each step's pack sources, local copies, unpack destinations
+    and post copies, which touch slots only: the call then lays out only the
+    buffer sides. Views of
+    the weights, never their data: making them reads and writes nothing.
+    """
+
+    def __init__(
+        self, expert_weights: Sequence[Sequence[torch.Tensor]], steps: list[_Step], ahead: bool
+    ) -> None:
+        self._weights = [list(layer) for layer in expert_weights]
+        self._meta = _tensor_meta(self._weights)
+        self.slots = _SlotViews([[_bit_view(t) for t in layer] for layer in self._weights])
+        count = len(steps)
+        self.pack: list[list[list[torch.Tensor]] | None] = [None] * count
+        self.local: list[list[_Batch] | None] = [None] * count
+        self.unpack: list[list[list[torch.Tensor]] | None] = [None] * count
+        self.post: list[_Batch | None] = [None] * count
+        if not ahead:
+            return
+        for k, step in enumerate(steps):
+            self.pack[k] = _pack_sources(step, self.slots)
+            # Staging rows are allocated per call: a step copying through them
+            # lays out its local copies in the call.
+            if not any(group.staged for group in step.local):
+                self.local[k] = _local_batches(step, self.slots, {})
+            self.unpack[k] = _unpack_destinations(step, self.slots)
+            self.post[k] = _post_batch(step, self.slots)
+
+    def writes(
+        self, k: int
+    ) -> tuple[list[_Batch] | None, list[list[torch.Tensor]] | None, _Batch | None]:
+        """What step k's writes have laid out ahead (see :func:`_write_batches`)."""
+        return self.local[k], self.unpack[k], self.post[k]
+
+    def made_from(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Whether ``expert_weights`` are the very tensors this was made from, unchanged."""
+        if len(expert_weights) != len(self._weights) or any(
+            len(given) != len(mine) or any(a is not b for a, b in zip(given, mine, strict=True))
+            for given, mine in zip(expert_weights, self._weights, strict=True)
+        ):
+            return False
+        return _tensor_meta(self._weights) == self._meta
+
+
+def _tensor_meta(weights: list[list[torch.Tensor]]) -> list[tuple[object, ...]]:
+    """Where each tensor's memory is and how it is laid out (an in-place resize changes it)."""
+    return [
+        (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for layer in weights for t in layer
+    ]
 
 
 def _start(

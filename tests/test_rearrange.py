@@ -499,6 +499,41 @@ def test_prepared_call_plans_nothing_and_ends_the_same(monkeypatch):
     _assert_holds_bits(weights, _expected(4, new, range(8)))
 
 
+def test_prepared_views_serve_only_the_tensors_they_were_made_from(monkeypatch):
+    rng = np.random.default_rng(11)
+    old = _random_placement(rng, 3, 6, 8)
+    new = _random_placement(rng, 3, 6, 8)
+    weights = _weights(_expected(7, old, range(8)), "cpu")
+    maps = torch.from_numpy(old), torch.from_numpy(new)
+    prepared = prepare_rearrangement(*maps, weights)
+    made = []
+    original = rearrange_module._SlotWork.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(kwargs.get("ahead"))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(rearrange_module._SlotWork, "__init__", counting)
+    # Other tensors of the same shapes (a reloaded copy): the plan serves, the
+    # views are made anew, and the prepared tensors stay as they were.
+    copy = _weights(_expected(7, old, range(8)), "cpu")
+    rearrange_expert_weights(*maps, copy, prepared=prepared)
+    assert made == [False]
+    _assert_holds_bits(copy, _expected(7, new, range(8)))
+    _assert_holds_bits(weights, _expected(7, old, range(8)))
+    # The very tensors: their prepared views serve, none are made.
+    rearrange_expert_weights(*maps, weights, prepared=prepared)
+    assert made == [False]
+    _assert_holds_bits(weights, _expected(7, new, range(8)))
+    # The same tensor objects with new memory since: the views are made anew.
+    rearrange_expert_weights(maps[1], maps[0], weights)
+    weights[0][0].data = weights[0][0].data.clone()
+    made.clear()
+    rearrange_expert_weights(*maps, weights, prepared=prepared)
+    assert made == [False]
+    _assert_holds_bits(weights, _expected(7, new, range(8)))
+
+
 def test_prepared_for_another_call_is_refused_before_any_weight_is_touched():
     rng = np.random.default_rng(9)
     old = _random_placement(rng, 2, 6, 8)
