@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workload", default=None, help="real load file stem (default: first)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--prepare-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the balancer's worker thread prepares the weight move (ExpertBalancer's default)",
+    )
+    parser.add_argument(
         "--timing",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -213,6 +219,7 @@ def run(args: argparse.Namespace, rank: int, blocking: bool) -> Run:
         window_size=args.steps,
         # The baseline rebalances by hand; its balancer only records and routes.
         step_interval=10**9 if blocking else args.steps,
+        prepare_ahead=args.prepare_ahead,
     )
     model = ToyMoE(args, balancer, rank)
     x_check = torch.randn(

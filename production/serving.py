@@ -166,6 +166,7 @@ class ExpertBalancer:
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         keep_buffers: bool = False,
         keep_slots: bool = False,
+        prepare_ahead: bool = True,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -195,6 +196,11 @@ class ExpertBalancer:
             experts staying on a GPU keep their slots
             (:func:`keep_experts_in_place`): the same loads, far fewer local
             copies, but ``phy2log`` is then no longer the SPEC placement itself.
+        prepare_ahead: the worker thread also prepares this rank's share of the
+            move (:func:`eplb.production.prepare_rearrangement`), so the apply
+            starts moving at once. Its Python work then shares the interpreter
+            lock with the serving thread while the forward passes run; False
+            plans inside the apply instead.
         """
         _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(
@@ -204,10 +210,15 @@ class ExpertBalancer:
         self.step_interval = check_count("step_interval", step_interval)
         self.apply_delay = check_count("apply_delay", apply_delay)
         self.max_batch_bytes = check_count("max_batch_bytes", max_batch_bytes)
-        for name, flag in (("keep_buffers", keep_buffers), ("keep_slots", keep_slots)):
+        for name, flag in (
+            ("keep_buffers", keep_buffers),
+            ("keep_slots", keep_slots),
+            ("prepare_ahead", prepare_ahead),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.keep_slots = keep_slots
+        self.prepare_ahead = prepare_ahead
         if self.apply_delay >= self.step_interval:
             raise ValueError(
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
@@ -447,14 +458,16 @@ class ExpertBalancer:
                 log2phy.pin_memory(),
                 logcnt.pin_memory(),
             )
+        prepared: PreparedRearrangement | None = None
         try:
-            prepared: PreparedRearrangement | None = prepare_rearrangement(
-                self._host_phy2log,
-                phy2log,
-                expert_weights,
-                self.group,
-                max_batch_bytes=self.max_batch_bytes,
-            )
+            if self.prepare_ahead:
+                prepared = prepare_rearrangement(
+                    self._host_phy2log,
+                    phy2log,
+                    expert_weights,
+                    self.group,
+                    max_batch_bytes=self.max_batch_bytes,
+                )
         except (TypeError, ValueError):
             # The apply's call checks again, on every rank at once, and refuses
             # there: a refusal here alone would leave the other ranks waiting.

@@ -237,9 +237,10 @@ def test_rearrangement_gets_the_step_budget(monkeypatch):
     assert [c["max_batch_bytes"] for c in calls] == [12345] and balancer.stats.rebalances == 1
 
 
-@pytest.mark.parametrize("refused", [False, True])
-def test_the_worker_prepares_the_move_and_the_apply_plans_nothing(monkeypatch, refused):
-    balancer = _balancer(apply_delay=2, step_interval=4)
+@pytest.mark.parametrize("mode", ["ahead", "refused", "off"])
+def test_the_worker_prepares_the_move_and_the_apply_plans_nothing(monkeypatch, mode):
+    refused = mode != "ahead"
+    balancer = _balancer(apply_delay=2, step_interval=4, prepare_ahead=mode != "off")
     weights = _encoded_weights(balancer.phy2log, 0, 1)
     calls = _record_rearrangements(monkeypatch)
     planned_on: list[str] = []
@@ -250,7 +251,7 @@ def test_the_worker_prepares_the_move_and_the_apply_plans_nothing(monkeypatch, r
         return plan(*args)
 
     monkeypatch.setattr(rearrange_module, "_plan_checked", spy)
-    if refused:  # the call checks again and moves (here: one rank, nothing to refuse)
+    if mode == "refused":  # the call checks again and moves (one rank, nothing to refuse)
 
         def refusing(*args, **kwargs):
             raise ValueError("refused by the worker")
@@ -296,6 +297,7 @@ def test_kept_buffers_go_to_every_rearrangement_and_close_with_the_balancer(monk
     [
         ({"keep_buffers": 1}, TypeError, "keep_buffers must be a bool"),
         ({"keep_slots": "yes"}, TypeError, "keep_slots must be a bool"),
+        ({"prepare_ahead": None}, TypeError, "prepare_ahead must be a bool"),
         ({"apply_delay": 3}, ValueError, "apply_delay must be < step_interval"),
         ({"max_replicas": SLOTS - EXPERTS + 2}, ValueError, "max_replicas must be <="),
         ({"window_size": 0}, ValueError, "window_size must be >= 1"),
