@@ -23,9 +23,12 @@ How it keeps the link busy and the result exact:
   receive buffer, never for unrelated copies; buffers come from two rings
   allocated per call. Layers never share memory, so this is safe.
 - The host stays ahead and out of the way: only the messages are worked out
-  before the first launch; the writes are scheduled while the first steps
-  move, and each step's copies are laid out just before they are launched.
-  The cyclic garbage collector is paused for the call.
+  before the first launch (while the input check's all-reduce crosses the
+  wire); the writes are scheduled while the first steps move, and each step's
+  copies are laid out just before they are launched. The cyclic garbage
+  collector is paused for the call. :func:`prepare_rearrangement` does all of
+  that planning ahead, on a worker thread, with the slot side of every copy:
+  the call then checks, agrees and moves.
 - Bits move through integer views (8-byte words where a slot is one dense
   block), so every dtype ships exactly; slot copies are issued as lists through
   ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).

@@ -31,3 +31,19 @@ def test_kept_slots_cut_local_copies_of_the_real_placements(real_loads, run_benc
     for a, b in zip(spec, kept, strict=True):
         assert a[:3] == b[:3]
         assert int(a[8]) > 400 and int(b[8]) * 10 < int(a[8]), (a, b)
+
+
+def test_moves_prepared_ahead_end_exact_over_gloo(real_loads, run_benchmark):
+    # The benchmark checks every slot bit for bit after each move and exits
+    # non-zero otherwise; here with the recommended options, on 2 gloo ranks.
+    stdout = run_benchmark(
+        "bench_rearrange.py",
+        *("--backend", "gloo", "--scale", "32", "--repeats", "1", "--shapes", "v2-lite"),
+        *("--skip-naive", "--plan-ahead", "--kept-buffers", "--keep-slots"),
+        *("--bw-mib", "8", "--bw-repeats", "1"),
+    )
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("DeepSeek-V2-Lite")]
+    assert [(r[1], r[2]) for r in rows] == [("A->B", "ours"), ("B->A", "ours")], stdout
+    assert all(float(r[9]) > 0 for r in rows), stdout  # x bound, a figure
+    assert "moves prepared ahead" in stdout
+    assert stdout.count("prepared ahead in") == 4, stdout  # 2 moves x 2 ranks
