@@ -123,7 +123,8 @@ class ExpertBalancer:
 
     Schedule: at every step ``n`` that is a multiple of ``step_interval`` the
     window's load, summed over the EP group, goes to a worker thread that
-    computes the new placement; at step ``n + apply_delay`` every rank applies
+    computes the new placement and prepares this rank's share of the weight
+    move (``prepare_ahead``); at step ``n + apply_delay`` every rank applies
     it, waiting for the worker only if it is still running (counted in
     ``stats.waits``). The placement is a deterministic function of the
     all-reduced load, so every rank computes the same one, and applying it at a
