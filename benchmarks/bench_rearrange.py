@@ -41,10 +41,10 @@ staying on a GPU keep their slots (``keep_experts_in_place``, what
 copies.
 
 With ``--plan-ahead`` each move is prepared before its timer starts
-(``prepare_rearrangement``: the plan, the messages and when each slot is
-written, on the host), as ``ExpertBalancer``'s worker thread does while the
-GPU serves; the time it took is printed with the phases. The call then checks
-its input, agrees with the other rank and moves.
+(``prepare_rearrangement``: the plan, the messages, when each slot is
+written and the slot side of every copy, on the host), as ``ExpertBalancer``'s
+worker thread does while the GPU serves; the time it took is printed with the
+phases. The call then checks its input, agrees with the other rank and moves.
 
 With ``--pin-cpus`` each rank's process (and the threads NCCL starts) runs on
 its own share of the CPUs of its GPU's NUMA node, as serving engines pin
@@ -346,8 +346,7 @@ def _worker(rank: int, args: argparse.Namespace, store: str, cases: list[Case]) 
             os.environ["TORCH_NCCL_HIGH_PRIORITY"] = "1"
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
-        mine = _own_cpus(rank)
-        if args.pin_cpus and mine:  # before NCCL starts its threads, which inherit it
+        if args.pin_cpus and (mine := _own_cpus(rank)):  # before NCCL starts its threads
             os.sched_setaffinity(0, mine)
         dist.init_process_group(
             "nccl", init_method=f"file://{store}", rank=rank, world_size=RANKS, device_id=device

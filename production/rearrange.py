@@ -304,9 +304,7 @@ def prepare_rearrangement(
     old, new, layout = _check_input(
         old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
     )
-    plan = _plan_checked(old, new, world_size)
-    steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
-    _program_writes(plan, rank, steps, schedule)
+    steps = _program(_plan_checked(old, new, world_size), layout, rank, max_batch_bytes)
     with torch.no_grad():
         work = _SlotWork(expert_weights, steps, ahead=True)
     prepared = PreparedRearrangement(
@@ -1554,15 +1552,16 @@ class _SlotWork:
     laid out). Made ahead (:func:`prepare_rearrangement`, ``ahead=True``), it
     also lays out each step's pack sources, local copies, unpack destinations
     and post copies, which touch slots only: the call then lays out only the
-    buffer sides. Views of
-    the weights, never their data: making them reads and writes nothing.
+    buffer sides. Views of the weights, never their data: making them reads
+    and writes nothing.
     """
 
     def __init__(
         self, expert_weights: Sequence[Sequence[torch.Tensor]], steps: list[_Step], ahead: bool
     ) -> None:
         self._weights = [list(layer) for layer in expert_weights]
-        self._meta = _tensor_meta(self._weights)
+        # Checked by made_from, which only prepared moves use.
+        self._meta = _tensor_meta(self._weights) if ahead else []
         self.slots = _SlotViews([[_bit_view(t) for t in layer] for layer in self._weights])
         count = len(steps)
         self.pack: list[list[list[torch.Tensor]] | None] = [None] * count

@@ -427,8 +427,8 @@ class ExpertBalancer:
     def _plan(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> _Plan:
         """Worker thread: wait for the load to reach the host, compute the placement.
 
-        Then prepare this rank's share of the move to it (only the weights'
-        shapes and dtypes are read): the apply then moves weights at once.
+        Then prepare this rank's share of the move to it (views of the weights'
+        slots, no data read): the apply then moves weights at once.
         """
         if self._copied is not None:
             self._copied.synchronize()
@@ -460,8 +460,8 @@ class ExpertBalancer:
                 logcnt.pin_memory(),
             )
         prepared: PreparedRearrangement | None = None
-        try:
-            if self.prepare_ahead:
+        if self.prepare_ahead:
+            try:
                 prepared = prepare_rearrangement(
                     self._host_phy2log,
                     phy2log,
@@ -469,10 +469,10 @@ class ExpertBalancer:
                     self.group,
                     max_batch_bytes=self.max_batch_bytes,
                 )
-        except (TypeError, ValueError):
-            # The apply's call checks again, on every rank at once, and refuses
-            # there: a refusal here alone would leave the other ranks waiting.
-            prepared = None
+            except (TypeError, ValueError):
+                # Left to the apply's call: it checks again, on every rank at once,
+                # and refuses there; a refusal here alone would leave the others waiting.
+                pass
         seconds = time.perf_counter() - start
         return _Plan(
             phy2log,
