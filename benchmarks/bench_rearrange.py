@@ -591,8 +591,13 @@ def _plan_report(cases: list[Case], max_batch_bytes: int) -> None:
     content still to be sent or copied). "buffers GB": the rings a call allocates.
     """
     # Internals on purpose: this reports how the executor will cut the work.
-    from eplb.production._rearrange_plan import split_steps
-    from eplb.production.rearrange import _buffer_bytes, _last_use, _Layout, _program
+    from eplb.production.rearrange_schedule import (
+        Layout,
+        buffer_bytes,
+        last_use,
+        program,
+        split_steps,
+    )
 
     print(
         f"{'shape':<17} {'move':<6} {'rank':>4} {'steps':>6} {'one-way steps':>13} "
@@ -600,7 +605,7 @@ def _plan_report(cases: list[Case], max_batch_bytes: int) -> None:
     )
     for case in cases:
         shape = case.shape
-        layout = _Layout(tuple(a * b * 2 for a, b in shape.matrices()), "bf16", None)
+        layout = Layout(tuple(a * b * 2 for a, b in shape.matrices()), "bf16")
         for src in (0, 1):
             old, new = (case.first, case.second)[src], (case.second, case.first)[src]
             plan = plan_rearrangement(old, new, RANKS)
@@ -619,13 +624,13 @@ def _plan_report(cases: list[Case], max_batch_bytes: int) -> None:
                 )
             for rank in range(RANKS):
                 start = time.perf_counter()
-                steps = _program(plan, layout, rank, max_batch_bytes)
+                steps = program(plan, layout, rank, max_batch_bytes)
                 ms = (time.perf_counter() - start) * 1e3
-                last = _last_use(steps)
+                last = last_use(steps)
                 deferred = max(u - k for k, u in enumerate(last))
                 print(
                     f"{shape.name:<17} {('A->B', 'B->A')[src]:<6} {rank:>4} {len(steps):>6} "
-                    f"{one_way:>13} {deferred:>8} {_buffer_bytes(steps) / GB:>10.2f} {ms:>10.1f} "
+                    f"{one_way:>13} {deferred:>8} {buffer_bytes(steps) / GB:>10.2f} {ms:>10.1f} "
                     f"{int((plan.local_copies[:, 2] // (shape.slots // RANKS) == rank).sum()):>12}"
                 )
 

@@ -32,6 +32,14 @@ How it keeps the link busy and the result exact:
 - Bits move through integer views (8-byte words where a slot is one dense
   block), so every dtype ships exactly; slot copies are issued as lists through
   ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
+
+Modules, one per responsibility: this one holds the public calls, their input
+checks and the ranks' agreement; :mod:`.rearrange_plan` what moves where;
+:mod:`.rearrange_schedule` when (steps, messages, writes, ring sizing; host
+only); :mod:`.rearrange_executor` how on the device (streams, events, rings,
+copy batches); :mod:`.transport` which wire (the only P2P calls). Whether a
+move was prepared ahead or not, the call runs one :class:`PreparedRearrangement`
+(made lazily in the call), through one executor path.
 """
 
 from __future__ import annotations
@@ -46,20 +54,28 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._rearrange_plan import (
+from .rearrange_executor import SlotWork, Streams, bit_view, run_steps
+from .rearrange_plan import (
     RearrangePlan,
-    _plan_checked,
     check_maps,
     keep_experts_in_place,
-    local_waves,
+    plan_checked,
     plan_rearrangement,
-    split_steps,
+)
+from .rearrange_schedule import Layout, Step, program_messages, program_writes
+from .transport import (
+    TorchDistributedTransport,
+    collective_device,
+    on_device,
+    rank_and_size,
+    same_group,
+    warm_up_group,
 )
 
 __all__ = [
@@ -75,34 +91,9 @@ __all__ = [
     "warmup_rearrangement",
 ]
 
-#: Default bytes one pipeline step may send plus receive on one rank: 1 GiB.
-#: Measured on 2 H200s (bench_rearrange.py, 2026-11-29): DeepSeek-V3 1.44-1.48x
-#: the link bound with 7.6-8.6 GB of buffers per rank; 2 GiB steps gave
-#: 1.37-1.40x with 10.5-12.3 GB (DeepSeek-V2-Lite: 1.9-2.2x either way).
+#: Default bytes one pipeline step may send plus receive on one rank: 1 GiB
+#: (the README gives the measurements behind this choice).
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
-
-# Receive buffers beyond what the plan's deferred writes need: steps the write
-# stream may fall behind the wire (a layer's local copies run in a few steps)
-# before the wire waits for it.
-_RING_SLACK = 2
-
-# Steps the host issues messages and packs ahead of writes. A step whose writes
-# take the host long to issue (a layer's local copies, wave after wave) then
-# does not delay the next messages: NCCL's kernels start only when both ranks
-# have issued them, so one rank's host running late stalls the link for both.
-_HOST_LEAD = 2
-
-# Receive slots a call starts with: steps 0 .. _HOST_LEAD are issued before the
-# writes (and so the full ring depth) are known.
-_FIRST_RECV_SLOTS = _HOST_LEAD + 1
-
-# Regions inside a message start at multiples of this, so that each can be viewed
-# as its tensor's dtype (view(dtype) needs an aligned offset) with aligned loads.
-_ALIGN = 64
-
-# Bits are moved through same-sized integer views: every dtype (bfloat16, float8,
-# bool...) then ships and copies exactly, including kernels not defined for it.
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -141,33 +132,6 @@ class RearrangeStats:
     phase_ms: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """What every layer's tensor list looks like: bytes per slot of each tensor, and where."""
-
-    slot_nbytes: tuple[int, ...]
-    signature: str  # shapes and dtypes as given, for the cross-rank check
-    device: torch.device | None
-
-    def region(self, tensor: int, count: int) -> int:
-        """Bytes one tensor's ``count`` slots take in a message, padded to _ALIGN."""
-        return -(-count * self.slot_nbytes[tensor] // _ALIGN) * _ALIGN
-
-
-@dataclass
-class _Message:
-    """One message to or from a peer (group rank).
-
-    parts: (layer, tensor, byte offset, local slots) per region, in message order:
-        the region holds that tensor's slots of those slots, one after another.
-    """
-
-    peer: int
-    nbytes: int
-    experts: int
-    parts: list[tuple[int, int, int, list[int]]]
-
-
 def rearrange_expert_weights(
     old_phy2log: torch.Tensor,
     new_phy2log: torch.Tensor,
@@ -194,8 +158,7 @@ def rearrange_expert_weights(
         NCCL for CUDA tensors, gloo for CPU tensors. With NCCL, create it with
         high-priority streams (``TORCH_NCCL_HIGH_PRIORITY=1``, or the NCCL
         options' ``is_high_priority_stream``): the wire's kernels then get SMs
-        ahead of the copies running beside them (measured on 2 H200s: 3-4 ms of
-        DeepSeek-V2-Lite's 33-37 ms, 2-3 ms of 65 ms for 3 DeepSeek-V3 layers).
+        ahead of the copies running beside them (the README gives the gain).
     max_batch_bytes: bytes one pipeline step may send plus receive on one rank
         (default 1 GiB; a single expert may exceed it). The buffers take two
         steps' sends plus a few steps' receives (the ring depth: the steps the
@@ -253,8 +216,9 @@ class PreparedRearrangement:
         rank: int,
         world_size: int,
         max_batch_bytes: int,
-        steps: list[_Step],
-        work: _SlotWork,
+        steps: list[Step],
+        work: SlotWork,
+        schedule_writes: Callable[[], None],
     ) -> None:
         self._key = key
         self.rank = rank
@@ -262,7 +226,13 @@ class PreparedRearrangement:
         self.max_batch_bytes = max_batch_bytes
         self._steps = steps
         self._work = work  # used where the call gets these very tensors
+        self._schedule_writes = schedule_writes
         self.seconds = 0.0
+
+    def _finish_schedule(self) -> None:
+        """Schedule the writes if they are not yet (a move the call made lazily)."""
+        self._schedule_writes()
+        self._schedule_writes = _already_scheduled
 
     def __repr__(self) -> str:
         return (
@@ -300,23 +270,48 @@ def prepare_rearrangement(
     Raises TypeError/ValueError on bad input, as the call would.
     """
     start = time.perf_counter()
-    rank, world_size = _rank_and_size(group)
-    old, new, layout = _check_input(
+    rank, world_size = rank_and_size(group)
+    old, new, layout, _ = _check_input(
         old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
     )
-    steps = _program(_plan_checked(old, new, world_size), layout, rank, max_batch_bytes)
-    with torch.no_grad():
-        work = _SlotWork(expert_weights, steps, ahead=True)
-    prepared = PreparedRearrangement(
-        _digest(old, new, layout.signature, world_size),
-        rank,
-        world_size,
-        int(max_batch_bytes),
-        steps,
-        work,
+    key = _digest(old, new, layout.signature, world_size)
+    prepared = _prepare(
+        old, new, layout, key, (rank, world_size), max_batch_bytes, expert_weights, ahead=True
     )
     prepared.seconds = time.perf_counter() - start
     return prepared
+
+
+def _prepare(
+    old: np.ndarray,
+    new: np.ndarray,
+    layout: Layout,
+    key: int,
+    where: tuple[int, int],
+    max_batch_bytes: int,
+    expert_weights: Sequence[Sequence[torch.Tensor]],
+    ahead: bool,
+) -> PreparedRearrangement:
+    """The prepared move of checked input; what the call and :func:`prepare_rearrangement` share.
+
+    ahead=False (the call): the messages only; the writes are scheduled and each
+    step's slot views laid out while the first steps move (lazily, once the
+    executor asks for them).
+    """
+    rank, world_size = where
+    plan = plan_checked(old, new, world_size)
+    steps, order = program_messages(plan, layout, rank, max_batch_bytes)
+    schedule_writes: Callable[[], None] = functools.partial(
+        program_writes, plan, rank, steps, order
+    )
+    if ahead:
+        schedule_writes()
+        schedule_writes = _already_scheduled
+    with torch.no_grad():
+        work = SlotWork(expert_weights, steps, ahead=ahead)
+    return PreparedRearrangement(
+        key, rank, world_size, int(max_batch_bytes), steps, work, schedule_writes
+    )
 
 
 def _already_scheduled() -> None:
@@ -371,16 +366,17 @@ def _rearrange(
     prepared: PreparedRearrangement | None,
 ) -> RearrangeStats:
     start = time.perf_counter()
-    rank, world_size = _rank_and_size(group)
+    rank, world_size = rank_and_size(group)
     error: Exception | None = None
     digest = 0
-    layout: _Layout | None = None
+    layout: Layout | None = None
     device = torch.device("cpu")
+    key = 0
     try:
-        old, new, layout = _check_input(
+        old, new, layout, on = _check_input(
             old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
         )
-        device = layout.device or device
+        device = on or device
         _check_buffers(buffers, group, device)
         key = _digest(old, new, layout.signature, world_size)
         if prepared is not None:
@@ -393,35 +389,35 @@ def _rearrange(
     agreement = None
     if world_size > 1:
         agreement = _Agreement(
-            group, rank, world_size, error is not None, digest, _collective_device(group, device)
+            group, rank, world_size, error is not None, digest, collective_device(group, device)
         )
-    schedule_writes: Callable[[], None] = _already_scheduled
-    if error is None and prepared is not None:
-        steps = prepared._steps
-    elif error is None:
+    given = prepared is not None
+    if error is None and prepared is None:
         assert layout is not None
         # Planned before the verdicts arrive; nothing is touched until they do.
-        plan = _plan_checked(old, new, world_size)
-        steps, schedule = _program_messages(plan, layout, rank, max_batch_bytes)
-        schedule_writes = functools.partial(_program_writes, plan, rank, steps, schedule)
+        prepared = _prepare(
+            old, new, layout, key, (rank, world_size), max_batch_bytes, expert_weights, False
+        )
     planned = time.perf_counter()
     if agreement is not None:
         agreement.finish(error)
     if error is not None:
         raise error
+    assert prepared is not None
     agreed = time.perf_counter()
-    with torch.no_grad(), _on_device(device):
-        work = prepared._work if prepared is not None else None
-        if work is None or not work.made_from(expert_weights):
-            work = _SlotWork(expert_weights, steps, ahead=False)
-        phases = _run(
+    steps = prepared._steps
+    with torch.no_grad(), on_device(device):
+        work = prepared._work
+        if given and not work.made_from(expert_weights):  # other tensors, same shapes
+            work = SlotWork(expert_weights, steps, ahead=False)
+        phases = run_steps(
             steps,
             work,
             device,
-            group,
+            TorchDistributedTransport(group),
             rank,
             profile,
-            schedule_writes,
+            prepared._finish_schedule,
             buffers._allocating() if buffers is not None else contextlib.nullcontext,
         )
     if phases:
@@ -469,9 +465,9 @@ class RearrangeBuffers:
         self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
     ) -> None:
         self.group = group
-        world_size = _rank_and_size(group)[1]
+        world_size = rank_and_size(group)[1]
         if device is None:
-            device = _collective_device(group, torch.device("cpu")) if world_size > 1 else "cpu"
+            device = collective_device(group, torch.device("cpu")) if world_size > 1 else "cpu"
         self.device = torch.device(device)
         self._pool: torch.cuda.MemPool | None = None
         self._backend: Any = None  # ProcessGroupNCCL where registered
@@ -517,6 +513,25 @@ class RearrangeBuffers:
         return lambda: torch.cuda.use_mem_pool(pool)
 
 
+def warmup_rearrangement(
+    group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+) -> float:
+    """Open the point-to-point channels to every peer now, not in the first rearrangement.
+
+    NCCL creates a pair's P2P channels lazily, on the first send/recv between
+    them (a fraction of a second on H200s); a serving engine calls this once at
+    start-up (collective: every rank of ``group`` must call it). Each rank sends
+    one byte to and receives one from every peer in one step of the transport.
+
+    group: the EP process group (default: the world).
+    device: where the bytes live (default: the current CUDA device for NCCL,
+        else the CPU).
+
+    Returns the seconds it took on this rank (0.0 for a single rank).
+    """
+    return warm_up_group(group, device)
+
+
 def _check_buffers(buffers: object, group: dist.ProcessGroup | None, device: torch.device) -> None:
     """``buffers`` must be None or an open RearrangeBuffers of this group and device."""
     if buffers is None:
@@ -525,67 +540,10 @@ def _check_buffers(buffers: object, group: dist.ProcessGroup | None, device: tor
         raise TypeError(f"buffers must be a RearrangeBuffers or None, got {type(buffers).__name__}")
     if buffers.closed:
         raise ValueError("buffers was closed: make a new RearrangeBuffers")
-    if not _same_group(buffers.group, group):
+    if not same_group(buffers.group, group):
         raise ValueError("buffers belongs to another process group than group")
     if buffers.registered and buffers.device != device:
         raise ValueError(f"buffers live on {buffers.device}, the expert weights on {device}")
-
-
-def _same_group(a: object, b: object) -> bool:
-    """None stands for the world group."""
-    world = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-    return (world if a is None else a) is (world if b is None else b)
-
-
-def warmup_rearrangement(
-    group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
-) -> float:
-    """Open the point-to-point channels to every peer now, not in the first rearrangement.
-
-    NCCL creates a pair's P2P channels lazily, on the first send/recv between
-    them (about 0.3 s on H200s); a serving engine calls this once at start-up
-    (collective: every rank of ``group`` must call it). Each rank sends one
-    byte to and receives one from every peer in one ``batch_isend_irecv``.
-
-    group: the EP process group (default: the world).
-    device: where the bytes live (default: the current CUDA device for NCCL,
-        else the CPU).
-
-    Returns the seconds it took on this rank (0.0 for a single rank).
-    """
-    start = time.perf_counter()
-    rank, world_size = _rank_and_size(group)
-    if world_size == 1:
-        return 0.0
-    if device is None:
-        device = _collective_device(group, torch.device("cpu"))
-    device = torch.device(device)
-    out = torch.zeros(world_size, dtype=torch.uint8, device=device)
-    into = torch.empty(world_size, dtype=torch.uint8, device=device)
-    ops = [
-        dist.P2POp(op, buffer[peer : peer + 1], _global_rank(group, peer), group)
-        for op, buffer in ((dist.isend, out), (dist.irecv, into))
-        for peer in range(world_size)
-        if peer != rank
-    ]
-    with _on_device(device):
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """This process's rank in ``group`` and the group's size; (0, 1) without torch.distributed."""
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialized")
-        return 0, 1
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this process is not a member of group")
-    return rank, dist.get_world_size(group)
 
 
 def _check_input(
@@ -594,15 +552,18 @@ def _check_input(
     expert_weights: object,
     world_size: int,
     max_batch_bytes: object,
-) -> tuple[np.ndarray, np.ndarray, _Layout]:
-    """The checks :func:`rearrange_expert_weights` and :func:`prepare_rearrangement` share."""
+) -> tuple[np.ndarray, np.ndarray, Layout, torch.device | None]:
+    """The checks :func:`rearrange_expert_weights` and :func:`prepare_rearrangement` share.
+
+    Returns both maps on the host, the weights' layout and their device.
+    """
     old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
-    layout = _check_weights(expert_weights, old.shape, world_size)
+    layout, device = _check_weights(expert_weights, old.shape, world_size)
     if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
         raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
     if max_batch_bytes < 1:
         raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
-    return old, new, layout
+    return old, new, layout, device
 
 
 def _maps_to_host(
@@ -632,32 +593,9 @@ def _maps_to_host(
     return check_maps(old, new, world_size)
 
 
-def _bit_view(tensor: torch.Tensor) -> torch.Tensor:
-    """The same memory as ``[slots, ...]`` integers, as wide as the memory layout allows.
-
-    A slot stored as one contiguous block becomes one row of 8-byte (else 4, 2)
-    integers, so copies move wide words; otherwise each element becomes an
-    integer of its own width (complex: a pair). Both read the slot's bytes in
-    the same (row-major, element by element) order, so ranks whose tensors
-    differ in strides still agree on every message's bytes.
-    """
-    if tensor.is_complex():
-        tensor = torch.view_as_real(tensor)
-    bits = tensor.view(_INT_OF_SIZE[tensor.element_size()])
-    try:
-        rows = bits.view(bits.shape[0], -1).view(torch.uint8)
-    except RuntimeError:  # the slot is not one dense block
-        return bits
-    for width in (8, 4, 2):
-        if rows.shape[1] % width == 0:
-            try:
-                return rows.view(_INT_OF_SIZE[width])
-            except RuntimeError:  # misaligned offset or row stride: try narrower words
-                continue
-    return rows
-
-
-def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_size: int) -> _Layout:
+def _check_weights(
+    expert_weights: object, map_shape: tuple[int, ...], world_size: int
+) -> tuple[Layout, torch.device | None]:
     """Validate ``expert_weights`` against the maps' shape and the world size."""
     if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, Sequence):
         raise TypeError(
@@ -701,7 +639,7 @@ def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_siz
                 )
             try:
                 if template is None:  # later layers must match these dtypes
-                    _bit_view(tensor)
+                    bit_view(tensor)
             except (KeyError, RuntimeError) as exc:
                 raise TypeError(
                     f"{where} has dtype {tensor.dtype}, which cannot be moved as bits"
@@ -715,14 +653,13 @@ def _check_weights(expert_weights: object, map_shape: tuple[int, ...], world_siz
                 f"[{layer}] has {_describe(signature)}, expert_weights[0] has {_describe(template)}"
             )
     template = template or []
-    return _Layout(
+    return Layout(
         slot_nbytes=tuple(
             math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
             for shape, dtype in template
         ),
         signature=_describe(template),
-        device=device,
-    )
+    ), device
 
 
 def _describe(signature: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
@@ -737,13 +674,6 @@ def _digest(old: np.ndarray, new: np.ndarray, signature: str, world_size: int) -
     h.update(old.tobytes())
     h.update(new.tobytes())
     return int.from_bytes(h.digest(), "little") >> 2
-
-
-def _collective_device(group: dist.ProcessGroup | None, device: torch.device) -> torch.device:
-    """Where the agreement all-reduce's tensor must live for this group's backend."""
-    if device.type != "cpu" or "nccl" not in str(dist.get_backend(group)):
-        return device
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 class _Agreement:
@@ -774,7 +704,7 @@ class _Agreement:
         # On the pack stream, this exchange and the host's wait for it queue behind
         # nothing the serving stream holds (the forward pass in flight): the host
         # waits for a few bytes on the wire, not for the GPU to drain.
-        self._streams = _Streams(device)
+        self._streams = Streams(device)
         with self._streams.use("pack"):
             self._flags = flags.to(device)
             self._work = dist.all_reduce(
@@ -803,824 +733,3 @@ class _Agreement:
                 "old_phy2log, new_phy2log and the shapes and dtypes of expert_weights must be "
                 "the same on every rank of the group; they differ. No weights were changed"
             )
-
-
-class _on_device:
-    """Make ``device`` current while moving (NCCL hangs if another device is current)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self._inner = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self) -> None:
-        if self._inner is not None:
-            self._inner.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._inner is not None:
-            self._inner.__exit__(*exc)
-
-
-@dataclass
-class _Unpack:
-    """Rows of one received message part written to their slots at some step."""
-
-    step: int  # the step whose receive buffer holds them
-    message: int  # index in that step's recvs
-    layer: int
-    tensor: int
-    offset: int
-    count: int  # rows in the part
-    rows: list[int]  # which rows of the part
-    slots: list[int]  # their destination slots
-
-
-@dataclass
-class _LocalGroup:
-    """Consecutive waves of one layer's local copies (see local_waves), run in one step.
-
-    The layer's first group (``stages``) first copies ``staged`` to staging rows.
-    """
-
-    layer: int
-    staged: list[int]
-    waves: list[list[tuple[int, int]]]
-    stages: bool
-
-
-@dataclass
-class _Step:
-    """This rank's share of one pipeline step, and the writes issued at its end."""
-
-    sends: list[_Message]
-    recvs: list[_Message]
-    local: list[_LocalGroup] = field(default_factory=list)
-    unpacks: list[_Unpack] = field(default_factory=list)
-    post: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
-
-
-def _program(plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: int) -> list[_Step]:
-    """This rank's steps: messages with their byte layout, and when each slot is written."""
-    steps, sched = _program_messages(plan, layout, rank, max_step_bytes)
-    _program_writes(plan, rank, steps, sched)
-    return steps
-
-
-@dataclass
-class _Schedule:
-    """What :func:`_program_writes` needs from :func:`_program_messages`."""
-
-    t: np.ndarray  # [T, 6] the plan's transfers in step order
-    step_of: np.ndarray  # [T] the step of each
-    last_pack: np.ndarray  # [layers, R/P] the last step packing each local slot
-
-
-def _program_messages(
-    plan: RearrangePlan, layout: _Layout, rank: int, max_step_bytes: int
-) -> tuple[list[_Step], _Schedule]:
-    """This rank's steps with their messages only: all the first steps need to start.
-
-    The writes (:func:`_program_writes`) are scheduled while the first steps
-    move: they take longer to work out on the host than the messages.
-    """
-    per_rank = plan.slots_per_rank
-    base = rank * per_rank
-    order, step_of = split_steps(plan, sum(layout.slot_nbytes), max_step_bytes)
-    t = plan.transfers[order]
-    num_steps = int(step_of[-1]) + 1 if step_of.size else 1
-    steps = [_Step([], []) for _ in range(num_steps)]
-    mine = t[:, 2] == rank
-    last_pack = np.zeros((plan.num_layers, per_rank), dtype=np.int64)
-    np.maximum.at(last_pack, (t[mine, 0], t[mine, 3] - base), step_of[mine])
-    for s, messages in _messages(step_of[mine], t[mine][:, [0, 4, 3]] - [0, 0, base], layout):
-        steps[s].sends = messages
-    theirs = t[:, 4] == rank
-    for s, messages in _messages(step_of[theirs], t[theirs][:, [0, 2, 5]] - [0, 0, base], layout):
-        steps[s].recvs = messages
-    return steps, _Schedule(t, step_of, last_pack)
-
-
-def _program_writes(plan: RearrangePlan, rank: int, steps: list[_Step], sched: _Schedule) -> None:
-    """Fill in when each slot is written: local copies, unpacks and post copies.
-
-    A write to slot X is issued at the end of step s, after the packs of step
-    s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
-    local copies of a layer run before unpacks and post copies that overwrite
-    their sources. Slots are local here (0 .. R/P - 1). Per-slot facts are dense
-    [layers, R/P] arrays.
-    """
-    per_rank = plan.slots_per_rank
-    base = rank * per_rank
-    t, step_of, last_pack = sched.t, sched.step_of, sched.last_pack
-    num_steps = len(steps)
-
-    # No write of a layer before the first step moving anything of it (or of a
-    # later layer): a failure then leaves later layers untouched.
-    first_step = np.full(plan.num_layers + 1, num_steps - 1, dtype=np.int64)
-    np.minimum.at(first_step, t[:, 0], step_of)
-    first_step = np.minimum.accumulate(first_step[::-1])[::-1]
-    # [layers, R/P]: the first step at whose end a slot may be written.
-    earliest = np.maximum(last_pack - 1, first_step[:-1, None])
-
-    local = plan.local_copies[plan.local_copies[:, 2] // per_rank == rank] - [0, base, base]
-    read_locally = np.zeros_like(earliest)  # step of the last local wave reading a slot
-    layer_cuts = np.searchsorted(local[:, 0], np.arange(plan.num_layers + 1))
-    for layer in range(plan.num_layers):
-        pairs = local[layer_cuts[layer] : layer_cuts[layer + 1], 1:].tolist()
-        if not pairs:
-            continue
-        staged, waves = local_waves([(src, dst) for src, dst in pairs])
-        # Each copy as early as the packs of its destination and the copies
-        # reading that destination allow, not the whole layer at its last pack:
-        # a late copy delays the receives into the slot it reads, and their
-        # buffers stay taken. Readers come in earlier waves, so one pass in wave
-        # order settles every copy; within a step, waves keep their order.
-        read_at: dict[int, int] = dict.fromkeys(staged, int(first_step[layer]))
-        pieces: dict[int, list[list[tuple[int, int]]]] = {}
-        for wave in waves:
-            parts: dict[int, list[tuple[int, int]]] = {}
-            for src, dst in wave:
-                at = max(int(earliest[layer, dst]), read_at.get(dst, 0))
-                parts.setdefault(at, []).append((src, dst))
-                if src >= 0:
-                    read_at[src] = max(read_at.get(src, 0), at)
-            for at, part in parts.items():
-                pieces.setdefault(at, []).append(part)
-        for slot, at in read_at.items():
-            read_locally[layer, slot] = at
-        read_locally[layer, staged] = np.maximum(read_locally[layer, staged], min(pieces))
-        for at in sorted(pieces):
-            steps[at].local.append(_LocalGroup(layer, staged, pieces[at], at == min(pieces)))
-    write_after = np.maximum(earliest, read_locally)
-
-    filled = np.zeros_like(earliest)  # step at whose end a received slot is written
-    for s, flight in enumerate(steps):
-        for index, message in enumerate(flight.recvs):
-            due: dict[int, tuple[list[int], list[int]]] = {}
-            for layer, tensor, offset, slots in message.parts:
-                if tensor == 0:  # every tensor of a layer has the same slots: shared lists
-                    when = np.maximum(write_after[layer, slots], s)
-                    filled[layer, slots] = when
-                    due = {}
-                    for row, (step, slot) in enumerate(zip(when.tolist(), slots, strict=True)):
-                        rows, dsts = due.setdefault(step, ([], []))
-                        rows.append(row)
-                        dsts.append(slot)
-                for step, (rows, dsts) in due.items():
-                    steps[step].unpacks.append(
-                        _Unpack(s, index, layer, tensor, offset, len(slots), rows, dsts)
-                    )
-    post = plan.post_copies[plan.post_copies[:, 2] // per_rank == rank] - [0, base, base]
-    for layer, src, dst in post.tolist():
-        at = max(int(filled[layer, src]), int(write_after[layer, dst]))
-        steps[at].post.append((layer, [src], [dst]))
-
-
-def _messages(
-    step_of: np.ndarray, rows: np.ndarray, layout: _Layout
-) -> list[tuple[int, list[_Message]]]:
-    """Per step, one message per peer, from (layer, peer, local slot) rows in plan order.
-
-    step_of: [rows] int, the step of each row (non-decreasing).
-    rows: [rows, 3] int, (layer, peer, local slot); layers ascend within a step
-        (the plan's order), so each message holds its layers one after another.
-
-    A message lays out its experts layer by layer, tensor by tensor: a region per
-    (layer, tensor) with that tensor's rows of the layer's slots, in row order.
-    Both sides of a message see the same rows in the same order.
-    """
-    if not len(rows):
-        return []
-    # Stable: within a (step, peer), the plan's (layer, expert) order is kept.
-    sort = np.lexsort((rows[:, 1], step_of))
-    rows, step_of = rows[sort], step_of[sort]
-    new_message = np.ones(len(rows), dtype=bool)
-    new_message[1:] = (np.diff(step_of) != 0) | (np.diff(rows[:, 1]) != 0)
-    new_run = new_message.copy()  # a run: one layer of one message
-    new_run[1:] |= np.diff(rows[:, 0]) != 0
-    starts = np.flatnonzero(new_run)
-    stops = np.append(starts[1:], len(rows)).tolist()
-    # Whole arrays to Python once, then a loop over runs (a few per message):
-    # this runs before the first byte moves.
-    slots = rows[:, 2].tolist()
-    found: dict[int, list[_Message]] = {}
-    message: _Message | None = None
-    for start, stop, opens, layer, peer, step in zip(
-        starts.tolist(),
-        stops,
-        new_message[starts].tolist(),
-        rows[starts, 0].tolist(),
-        rows[starts, 1].tolist(),
-        step_of[starts].tolist(),
-        strict=True,
-    ):
-        if opens:
-            message = _Message(peer, 0, 0, [])
-            found.setdefault(step, []).append(message)
-        assert message is not None  # the first run opens a message
-        mine = slots[start:stop]  # shared by the layer's tensors
-        for tensor in range(len(layout.slot_nbytes)):
-            message.parts.append((layer, tensor, message.nbytes, mine))
-            message.nbytes += layout.region(tensor, len(mine))
-        message.experts += len(mine)
-    # All tensors empty: nothing to ship.
-    return [(step, kept) for step, sent in found.items() if (kept := [m for m in sent if m.nbytes])]
-
-
-def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -> torch.Tensor:
-    """``count`` slots shaped like ``view``'s (its bit view) inside a message buffer."""
-    row = view.shape[1:]
-    nbytes = count * math.prod(row) * view.element_size()
-    return buffer.narrow(0, offset, nbytes).view(view.dtype).view(count, *row)
-
-
-@dataclass
-class _Batch:
-    """Copies issued together: ``destinations[i] <- sources[i]`` (slot-sized views).
-
-    Kept per dtype (one ``add`` is one tensor of one layer, so one dtype), so
-    that issuing them is one ``_foreach_copy_`` per dtype with no per-pair work.
-    """
-
-    phase: str  # for profiling: pack, local copies, unpack, post copies
-    pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
-        default_factory=dict
-    )
-
-    def add(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
-        """Queue copies that share one dtype (one tensor of one layer)."""
-        if destinations:
-            into, out_of = self.pairs.setdefault(destinations[0].dtype, ([], []))
-            into.extend(destinations)
-            out_of.extend(sources)
-            if len(into) != len(out_of):
-                raise AssertionError("copy lists differ in length")  # a bug, never bad input
-
-
-def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    """Copy a whole list at once: a few fused kernels on CUDA, one memcpy per pair on the CPU.
-
-    Index kernels (index_select / index_copy_) were slower: on the CPU up to
-    100x for wide rows. (A Triton copy kernel on half the SMs overlapped better
-    with NCCL in isolation, benchmarks/probe_overlap.py, but laying out its
-    address tables on the host cost more than it saved here.)
-    """
-    copy_all = getattr(torch, "_foreach_copy_", None)  # torch >= 2.2
-    if copy_all is not None:
-        copy_all(destinations, sources)
-        return
-    for destination, source in zip(destinations, sources, strict=True):  # pragma: no cover
-        destination.copy_(source)
-
-
-class _SlotViews:
-    """``views[layer][tensor]`` split into one view per slot, made once per tensor."""
-
-    def __init__(self, views: list[list[torch.Tensor]]) -> None:
-        self._views = views
-        self._split: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
-
-    def __call__(self, layer: int, tensor: int, slots: list[int]) -> list[torch.Tensor]:
-        """The views of the given local slots of one tensor of one layer."""
-        split = self.rows(layer, tensor)
-        return [split[s] for s in slots]
-
-    def rows(self, layer: int, tensor: int) -> tuple[torch.Tensor, ...]:
-        """The views of every local slot of one tensor of one layer."""
-        key = (layer, tensor)
-        split = self._split.get(key)
-        if split is None:
-            split = self._split[key] = self._views[layer][tensor].unbind(0)
-        return split
-
-    def whole(self, layer: int, tensor: int) -> torch.Tensor:
-        """The bit view of one tensor of one layer, all its slots."""
-        return self._views[layer][tensor]
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._views)
-
-    def count(self, layer: int) -> int:
-        """Tensors per layer."""
-        return len(self._views[layer])
-
-    def region_rows(
-        self, buffer: torch.Tensor, layer: int, tensor: int, offset: int, count: int
-    ) -> tuple[torch.Tensor, ...]:
-        """The rows of one region of ``buffer``, each shaped like one slot."""
-        return _region(buffer, self._views[layer][tensor], offset, count).unbind(0)
-
-
-class _Streams:
-    """The pack, issue and write streams of a CUDA device, made once (cached blocks stay reusable).
-
-    Packs run on ``pack``. Each step's messages are issued from ``issue``, which
-    holds nothing but waits: NCCL's own stream waits for the stream current when
-    the operations are issued, so the wire waits for exactly that step's pack and
-    a free receive buffer, never for unrelated copies. ``write`` runs local
-    copies and unpacks. Streams meet through events only. On the CPU everything
-    runs in host order and events are None.
-    """
-
-    _cache: ClassVar[dict[torch.device, tuple[torch.cuda.Stream, ...]]] = {}
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self._streams: dict[str, torch.cuda.Stream] = {}
-        if self.cuda:
-            if device not in self._cache:
-                self._cache[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
-            self._streams = dict(zip(("pack", "issue", "write"), self._cache[device], strict=True))
-
-    def use(self, which: str) -> AbstractContextManager[object]:
-        if not self.cuda:
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self._streams[which])
-
-    def _get(self, which: str) -> torch.cuda.Stream:
-        return torch.cuda.current_stream() if which == "current" else self._streams[which]
-
-    def wait(self, which: str, other: str) -> None:
-        """Stream ``which`` waits for everything queued so far on ``other`` (or ``"current"``)."""
-        if self.cuda:
-            self._get(which).wait_stream(self._get(other))
-
-    def record(self, which: str) -> torch.cuda.Event | None:
-        """An event at the end of what is queued on ``which`` now."""
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(self._get(which))
-        return event
-
-    def wait_event(self, which: str, event: torch.cuda.Event | None) -> None:
-        if event is not None:
-            self._get(which).wait_event(event)
-        elif self.cuda:  # waiting for work not issued yet would silently not wait
-            raise AssertionError(f"the {which} stream waits for an event never recorded")
-
-
-class _Rings:
-    """Send and receive buffers, allocated per call and reused step after step.
-
-    Step k packs into send slot k % 2 and receives into receive slot k % depth.
-    A send slot is reused once its previous step's messages are done; a receive
-    slot once every write reading it is done. ``depth`` leaves room for writes
-    the plan defers past their receive step, plus ``slack`` steps for the write
-    stream to fall behind (a layer's local copies) without stalling the wire.
-    The writes are scheduled while the first steps move, so the ring starts
-    with the slots those steps need and grows once (:meth:`extend`).
-    """
-
-    def __init__(
-        self,
-        steps: list[_Step],
-        device: torch.device,
-        first: int,
-        allocating: Callable[[], AbstractContextManager[object]],
-    ) -> None:
-        self._steps = steps
-        self._allocating = allocating  # where the buffers come from (RearrangeBuffers)
-        sent, self._received = _slot_bytes(steps)
-        with allocating():
-            self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
-            self._recv = [
-                torch.empty(self._received, dtype=torch.uint8, device=device)
-                for _ in range(min(first, len(steps)))
-            ]
-        self.depth = len(self._recv)
-        self.last_use: list[int] | None = None
-
-    def extend(self, slack: int) -> None:
-        """Grow to the full depth once the writes are scheduled (on the current stream)."""
-        self.last_use = _last_use(self._steps)
-        depth = max(_ring_depth(self._steps, self.last_use, slack), self.depth)
-        device = self._send.device
-        with self._allocating():
-            self._recv += [
-                torch.empty(self._received, dtype=torch.uint8, device=device)
-                for _ in range(depth - len(self._recv))
-            ]
-        self.depth = depth
-
-    def send(self, k: int, step: _Step) -> list[torch.Tensor]:
-        return _split(self._send[k % 2], step.sends)
-
-    def recv(self, k: int, step: _Step) -> list[torch.Tensor]:
-        if k >= self.depth and self.last_use is None:
-            raise AssertionError("receive ring used past its first slots before extend()")
-        return _split(self._recv[k % self.depth], step.recvs)
-
-    def recv_free_after(self, k: int) -> int | None:
-        """The step whose writes must be done before step k may receive (None: no wait)."""
-        previous = k - self.depth
-        if previous < 0:
-            return None
-        assert self.last_use is not None  # k >= depth: extended (recv raised otherwise)
-        return self.last_use[previous]
-
-
-def _slot_bytes(steps: list[_Step]) -> tuple[int, int]:
-    """Bytes of one send and one receive ring slot: the most any step sends and receives."""
-    sent = max((sum(m.nbytes for m in step.sends) for step in steps), default=0)
-    received = max((sum(m.nbytes for m in step.recvs) for step in steps), default=0)
-    return sent, received
-
-
-def _ring_depth(steps: list[_Step], last_use: list[int], slack: int) -> int:
-    """Receive ring slots: the most steps a write is deferred past its receive, + 1 + slack.
-
-    last_use: per step, the last step whose writes read its receive buffers.
-    """
-    deferred = max((last - k for k, last in enumerate(last_use)), default=0)
-    return min(len(steps), deferred + 1 + slack)
-
-
-def _buffer_bytes(steps: list[_Step]) -> int:
-    """Bytes of the two rings a call allocates for these steps (for reports)."""
-    sent, received = _slot_bytes(steps)
-    depth = max(
-        _ring_depth(steps, _last_use(steps), _HOST_LEAD + _RING_SLACK),
-        min(_FIRST_RECV_SLOTS, len(steps)),
-    )
-    return min(2, len(steps)) * sent + depth * received
-
-
-def _split(slot: torch.Tensor, messages: list[_Message]) -> list[torch.Tensor]:
-    """One buffer per message, back to back in one ring slot (sizes are multiples of _ALIGN)."""
-    buffers, position = [], 0
-    for message in messages:
-        buffers.append(slot[position : position + message.nbytes])
-        position += message.nbytes
-    return buffers
-
-
-class _Phases:
-    """CUDA events around each phase (only when profiling); sums them at the end, in ms.
-
-    Also sums the host's time inside each phase (``host <phase>``): where the
-    host, not the GPU, sets the pace, these add up to the call's duration.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.spans: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
-        self._open: dict[str, tuple[torch.cuda.Event, float]] = {}
-        self.host: dict[str, float] = {}
-
-    def mark(self, name: str, end: bool = False) -> None:
-        if not self.enabled:
-            return
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()  # on the current stream
-        now = time.perf_counter()
-        if end:
-            begin, started = self._open.pop(name)
-            self.spans.setdefault(name, []).append((begin, event))
-            self.host[name] = self.host.get(name, 0.0) + now - started
-        else:
-            self._open[name] = (event, now)
-
-    def totals(self) -> dict[str, float]:
-        if not self.enabled:
-            return {}
-        torch.cuda.synchronize()
-        gpu = {name: sum(a.elapsed_time(b) for a, b in spans) for name, spans in self.spans.items()}
-        return gpu | {f"host {name}": seconds * 1e3 for name, seconds in self.host.items()}
-
-
-def _run(
-    steps: list[_Step],
-    slot_work: _SlotWork,
-    device: torch.device,
-    group: dist.ProcessGroup | None,
-    rank: int,
-    profile: bool,
-    schedule_writes: Callable[[], None],
-    allocating: Callable[[], AbstractContextManager[object]],
-) -> dict[str, float]:
-    """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
-
-    Host order per step k: issue k's messages (waiting, on the GPU, for k's pack
-    and a free receive buffer), pack k + 1, then the writes of step k - _HOST_LEAD
-    (after that step's messages and the pack of the step after it, so no pack
-    reads a slot after its write: packs of later steps never read those slots).
-    No host sync; the wire never waits for writes beyond the receive ring's
-    depth. ``steps`` come with their messages only: ``schedule_writes`` fills
-    in their writes, called once the first steps are issued, so the host works
-    it out while they move. Each step's copies are laid out just before they are
-    launched, while earlier steps move; their slot sides come from ``slot_work``
-    where it has them (a prepared move): only the buffer sides are left.
-    """
-    begun = time.perf_counter()
-    slots = slot_work.slots
-    streams = _Streams(device)
-    phases = _Phases(profile and streams.cuda)
-    # Allocated on the current stream, which waits for every stream at the end:
-    # this memory is reused only after its last use.
-    rings = _Rings(steps, device, _FIRST_RECV_SLOTS, allocating)
-    staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-    received: list[list[torch.Tensor]] = []
-    sending = [rings.send(k, step) for k, step in enumerate(steps)]
-    if phases.enabled:
-        phases.host["prep"] = time.perf_counter() - begun
-    for which in ("pack", "issue", "write"):
-        streams.wait(which, "current")
-    phases.mark("total")
-    packed: list[torch.cuda.Event | None] = [None] * len(steps)
-    sent: list[torch.cuda.Event | None] = [None] * len(steps)
-    written: list[torch.cuda.Event | None] = [None] * len(steps)
-    touched: set[int] = set()
-    try:
-        with streams.use("pack"):
-            _issue([_pack_batch(steps[0], sending[0], slots, slot_work.pack[0])], phases)
-            packed[0] = streams.record("pack")
-        for k in range(len(steps) + _HOST_LEAD):
-            if k < len(steps):
-                received.append(rings.recv(k, steps[k]))
-                with streams.use("issue"):
-                    phases.mark("wire wait")
-                    streams.wait_event("issue", packed[k])
-                    free = rings.recv_free_after(k)
-                    if free is not None:
-                        streams.wait_event("issue", written[free])
-                    phases.mark("wire wait", end=True)
-                    phases.mark("wire")
-                    for work in _start(steps[k], sending[k], received[k], group):
-                        work.wait()
-                    phases.mark("wire", end=True)
-                    sent[k] = streams.record("issue")
-            if k + 1 < len(steps):
-                with streams.use("pack"):
-                    if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
-                        streams.wait_event("pack", sent[k - 1])
-                    _issue(
-                        [_pack_batch(steps[k + 1], sending[k + 1], slots, slot_work.pack[k + 1])],
-                        phases,
-                    )
-                    packed[k + 1] = streams.record("pack")
-            j = k - _HOST_LEAD  # the step whose writes are issued now
-            if j == 0:
-                scheduled = time.perf_counter()
-                schedule_writes()
-                rings.extend(_HOST_LEAD + _RING_SLACK)
-                staging = _allocate_staging(steps, slots)
-                if phases.enabled:
-                    phases.host["schedule writes"] = time.perf_counter() - scheduled
-            if j >= 0:
-                with streams.use("write"):
-                    streams.wait_event("write", sent[j])
-                    if j + 1 < len(steps):
-                        streams.wait_event("write", packed[j + 1])
-                    touched.update(_layers_written(steps[j]))
-                    _issue(
-                        _write_batches(
-                            steps[j],
-                            slots,
-                            received,
-                            staging,
-                            slot_work.writes(j),
-                        ),
-                        phases,
-                    )
-                    written[j] = streams.record("write")
-        for which in ("pack", "issue", "write"):
-            streams.wait("current", which)
-        phases.mark("total", end=True)
-    except Exception as exc:
-        changed = sorted(touched)
-        unchanged = sorted(set(range(slots.num_layers)) - touched)
-        raise RuntimeError(
-            f"rearrange_expert_weights failed on rank {rank}: {type(exc).__name__}: {exc}. "
-            f"Layers {changed} of this rank may already hold new weights (some only partly); "
-            f"layers {unchanged} are unchanged. The weights no longer match either "
-            "placement: reload them or rerun the rearrangement from the old placement"
-        ) from exc
-    return phases.totals()
-
-
-def _issue(batches: list[_Batch], phases: _Phases) -> None:
-    """Launch batches in order on the current stream, timing each phase when profiling."""
-    for batch in batches:
-        phases.mark(batch.phase)
-        for destinations, sources in batch.pairs.values():
-            _foreach_copy(destinations, sources)
-        phases.mark(batch.phase, end=True)
-
-
-def _layers_written(step: _Step) -> set[int]:
-    return (
-        {group.layer for group in step.local}
-        | {unpack.layer for unpack in step.unpacks}
-        | {layer for layer, _, _ in step.post}
-    )
-
-
-def _last_use(steps: list[_Step]) -> list[int]:
-    """Per step, the last step whose writes read its receive buffers."""
-    last = list(range(len(steps)))
-    for k, step in enumerate(steps):
-        for unpack in step.unpacks:
-            last[unpack.step] = max(last[unpack.step], k)
-    return last
-
-
-def _allocate_staging(
-    steps: list[_Step], slots: _SlotViews
-) -> dict[int, list[tuple[torch.Tensor, ...]]]:
-    """Per layer with staged slots, per tensor, one staging row per staged slot."""
-    staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-    for step in steps:
-        for group in step.local:
-            if group.stages and group.staged:
-                staging[group.layer] = [
-                    slots.whole(group.layer, tensor)
-                    .new_empty((len(group.staged), *slots.whole(group.layer, tensor).shape[1:]))
-                    .unbind(0)
-                    for tensor in range(slots.count(group.layer))
-                ]
-    return staging
-
-
-def _pack_batch(
-    step: _Step,
-    buffers: list[torch.Tensor],
-    slots: _SlotViews,
-    sources: list[list[torch.Tensor]] | None,
-) -> _Batch:
-    """The step's outgoing experts copied into their messages' buffers.
-
-    sources: the slot views of each message part, in order (None: made here).
-    """
-    batch = _Batch("pack")
-    i = 0
-    for message, buffer in zip(step.sends, buffers, strict=True):
-        for layer, tensor, offset, mine in message.parts:
-            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
-            batch.add(rows, sources[i] if sources is not None else slots(layer, tensor, mine))
-            i += 1
-    return batch
-
-
-def _pack_sources(step: _Step, slots: _SlotViews) -> list[list[torch.Tensor]]:
-    """The slot views each of the step's message parts packs, in order."""
-    return [
-        slots(layer, tensor, mine)
-        for message in step.sends
-        for layer, tensor, _, mine in message.parts
-    ]
-
-
-def _write_batches(
-    step: _Step,
-    slots: _SlotViews,
-    received: list[list[torch.Tensor]],
-    staging: dict[int, list[tuple[torch.Tensor, ...]]],
-    ahead: tuple[list[_Batch] | None, list[list[torch.Tensor]] | None, _Batch | None],
-) -> list[_Batch]:
-    """The writes due at the end of a step: local copies, then unpacks, then post copies.
-
-    ahead: the local copies, the unpacks' destinations and the post copies,
-        laid out ahead (each None: made here).
-    """
-    local, unpacked, post = ahead
-    if local is None:
-        local = _local_batches(step, slots, staging)
-    if unpacked is None:
-        unpacked = _unpack_destinations(step, slots)
-    unpack = _Batch("unpack")
-    for part, destinations in zip(step.unpacks, unpacked, strict=True):
-        buffer = received[part.step][part.message]
-        region = _region(buffer, slots.whole(part.layer, part.tensor), part.offset, part.count)
-        # unbind makes every row in one call; one row at a time costs more per row.
-        held = region.unbind(0) if 2 * len(part.rows) > part.count else region
-        unpack.add(destinations, [held[r] for r in part.rows])
-    if post is None:
-        post = _post_batch(step, slots)
-    return [b for b in (*local, unpack, post) if b.pairs]
-
-
-def _unpack_destinations(step: _Step, slots: _SlotViews) -> list[list[torch.Tensor]]:
-    """The slot views each of the step's unpacks writes, in order."""
-    return [slots(part.layer, part.tensor, part.slots) for part in step.unpacks]
-
-
-def _local_batches(
-    step: _Step, slots: _SlotViews, staging: dict[int, list[tuple[torch.Tensor, ...]]]
-) -> list[_Batch]:
-    """The step's local copies: staging of cycle-breaking slots, then wave by wave.
-
-    Local copies go wave by wave (a wave writes only slots earlier waves have
-    read); a layer's first group first stages its cycle-breaking slots. Layers
-    share no memory, so the i-th waves of all layers go in one batch: as many
-    launches as the deepest layer has waves, not their sum.
-    """
-    stage = _Batch("local copies")
-    waves: list[_Batch] = []
-    for group in step.local:
-        layer, tensors = group.layer, range(slots.count(group.layer))
-        rows = staging.get(layer, [() for _ in tensors])
-        if group.stages and group.staged:
-            for tensor in tensors:
-                stage.add(rows[tensor], slots(layer, tensor, group.staged))
-        for i, wave in enumerate(group.waves):
-            if i == len(waves):
-                waves.append(_Batch("local copies"))
-            dsts = [dst for _, dst in wave]
-            srcs = [src for src, _ in wave]
-            for tensor in tensors:
-                split, staged = slots.rows(layer, tensor), rows[tensor]
-                waves[i].add(
-                    [split[d] for d in dsts], [staged[-1 - s] if s < 0 else split[s] for s in srcs]
-                )
-    return [stage, *waves]
-
-
-def _post_batch(step: _Step, slots: _SlotViews) -> _Batch:
-    """Copies into second slots of experts this step received (from their first slot)."""
-    post = _Batch("post copies")
-    for layer, filled, targets in step.post:
-        for tensor in range(slots.count(layer)):
-            post.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
-    return post
-
-
-class _SlotWork:
-    """The slot side of every step's copies: views of the weights' slots.
-
-    Made in the call, it only wraps the weights (views are made as steps are
-    laid out). Made ahead (:func:`prepare_rearrangement`, ``ahead=True``), it
-    also lays out each step's pack sources, local copies, unpack destinations
-    and post copies, which touch slots only: the call then lays out only the
-    buffer sides. Views of the weights, never their data: making them reads
-    and writes nothing.
-    """
-
-    def __init__(
-        self, expert_weights: Sequence[Sequence[torch.Tensor]], steps: list[_Step], ahead: bool
-    ) -> None:
-        self._weights = [list(layer) for layer in expert_weights]
-        # Checked by made_from, which only prepared moves use.
-        self._meta = _tensor_meta(self._weights) if ahead else []
-        self.slots = _SlotViews([[_bit_view(t) for t in layer] for layer in self._weights])
-        count = len(steps)
-        self.pack: list[list[list[torch.Tensor]] | None] = [None] * count
-        self.local: list[list[_Batch] | None] = [None] * count
-        self.unpack: list[list[list[torch.Tensor]] | None] = [None] * count
-        self.post: list[_Batch | None] = [None] * count
-        if not ahead:
-            return
-        for k, step in enumerate(steps):
-            self.pack[k] = _pack_sources(step, self.slots)
-            # Staging rows are allocated per call: a step copying through them
-            # lays out its local copies in the call.
-            if not any(group.staged for group in step.local):
-                self.local[k] = _local_batches(step, self.slots, {})
-            self.unpack[k] = _unpack_destinations(step, self.slots)
-            self.post[k] = _post_batch(step, self.slots)
-
-    def writes(
-        self, k: int
-    ) -> tuple[list[_Batch] | None, list[list[torch.Tensor]] | None, _Batch | None]:
-        """What step k's writes have laid out ahead (see :func:`_write_batches`)."""
-        return self.local[k], self.unpack[k], self.post[k]
-
-    def made_from(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
-        """Whether ``expert_weights`` are the very tensors this was made from, unchanged."""
-        if len(expert_weights) != len(self._weights) or any(
-            len(given) != len(mine) or any(a is not b for a, b in zip(given, mine, strict=True))
-            for given, mine in zip(expert_weights, self._weights, strict=True)
-        ):
-            return False
-        return _tensor_meta(self._weights) == self._meta
-
-
-def _tensor_meta(weights: list[list[torch.Tensor]]) -> list[tuple[object, ...]]:
-    """Where each tensor's memory is and how it is laid out (an in-place resize changes it)."""
-    return [
-        (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for layer in weights for t in layer
-    ]
-
-
-def _start(
-    step: _Step,
-    send_buffers: list[torch.Tensor],
-    recv_buffers: list[torch.Tensor],
-    group: dist.ProcessGroup | None,
-) -> list:
-    """Issue the step's messages in one batch: sends, then receives, peers ascending."""
-    ops = [
-        dist.P2POp(dist.isend, buffer, _global_rank(group, message.peer), group)
-        for message, buffer in zip(step.sends, send_buffers, strict=True)
-    ] + [
-        dist.P2POp(dist.irecv, buffer, _global_rank(group, message.peer), group)
-        for message, buffer in zip(step.recvs, recv_buffers, strict=True)
-    ]
-    return dist.batch_isend_irecv(ops) if ops else []
-
-
-def _global_rank(group: dist.ProcessGroup | None, peer: int) -> int:
-    """P2POp wants global ranks on every torch version this supports."""
-    if group is None or group is dist.GroupMember.WORLD:
-        return peer
-    return dist.get_global_rank(group, peer)

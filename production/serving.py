@@ -44,13 +44,13 @@ from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
     RearrangeStats,
-    _rank_and_size,
     keep_experts_in_place,
     prepare_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
 )
 from .rebalance import rebalance_experts
+from .transport import rank_and_size
 
 __all__ = ["BalancerStats", "ExpertBalancer"]
 
@@ -203,7 +203,7 @@ class ExpertBalancer:
             lock with the serving thread while the forward passes run; False
             plans inside the apply instead.
         """
-        _, self.num_gpus = _rank_and_size(group)
+        _, self.num_gpus = rank_and_size(group)
         self.config = validate_config(
             (num_layers, num_logical_experts), num_replicas, num_groups, num_nodes, self.num_gpus
         )

@@ -29,7 +29,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.production import rearrange as rearrange_module
-from eplb.production._rearrange_plan import local_waves, split_steps
+from eplb.production.rearrange_schedule import local_waves, split_steps
+from eplb.production.rearrange_executor import SlotWork
+from eplb.production.transport import TorchDistributedTransport
 from eplb.production.rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -447,13 +449,13 @@ def test_garbage_collector_paused_during_the_call_only(monkeypatch, enabled_befo
     new = _random_placement(rng, 2, 6, 8)
     weights = _weights(_expected(3, old, range(8)), "cpu")
     seen = []
-    plan = rearrange_module._plan_checked
+    plan = rearrange_module.plan_checked
 
     def spy(*args):
         seen.append(gc.isenabled())
         return plan(*args)
 
-    monkeypatch.setattr(rearrange_module, "_plan_checked", spy)
+    monkeypatch.setattr(rearrange_module, "plan_checked", spy)
     budget = 0 if bad else 1 << 20
     try:
         (gc.enable if enabled_before else gc.disable)()
@@ -480,9 +482,9 @@ def test_prepared_call_plans_nothing_and_ends_the_same(monkeypatch):
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
     planned = []
-    plan = rearrange_module._plan_checked
+    plan = rearrange_module.plan_checked
     monkeypatch.setattr(
-        rearrange_module, "_plan_checked", lambda *args: planned.append(1) or plan(*args)
+        rearrange_module, "plan_checked", lambda *args: planned.append(1) or plan(*args)
     )
     stats = rearrange_expert_weights(
         torch.from_numpy(old), torch.from_numpy(new), weights, prepared=prepared
@@ -507,13 +509,13 @@ def test_prepared_views_serve_only_the_tensors_they_were_made_from(monkeypatch):
     maps = torch.from_numpy(old), torch.from_numpy(new)
     prepared = prepare_rearrangement(*maps, weights)
     made = []
-    original = rearrange_module._SlotWork.__init__
+    original = SlotWork.__init__
 
     def counting(self, *args, **kwargs):
         made.append(kwargs.get("ahead"))
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(rearrange_module._SlotWork, "__init__", counting)
+    monkeypatch.setattr(SlotWork, "__init__", counting)
     # Other tensors of the same shapes (a reloaded copy): the plan serves, the
     # views are made anew, and the prepared tensors stay as they were.
     copy = _weights(_expected(7, old, range(8)), "cpu")
@@ -764,23 +766,22 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
         kwargs["prepared"] = prepare_rearrangement(
             torch.from_numpy(old), torch.from_numpy(old), weights, group
         )
-    original = rearrange_module._start
+    original = TorchDistributedTransport.post
     if scenario.fault == "midway":
         calls = []
 
-        def failing(*args, **kwargs):
+        def failing(self, *args, **kwargs):
             # Every rank fails once the second step's messages are posted, after
             # the first step's packs only. The messages in flight are drained
             # first, so the group stays usable.
-            works = original(*args, **kwargs)
+            works = original(self, *args, **kwargs)
             calls.append(works)
             if len(calls) == 2:  # the first step's works were waited (twice hangs gloo)
-                for work in works:
-                    work.wait()
+                self.wait(works)
                 raise RuntimeError("injected transport failure")
             return works
 
-        rearrange_module._start = failing
+        TorchDistributedTransport.post = failing  # type: ignore[method-assign]
     try:
         stats = rearrange_expert_weights(
             torch.from_numpy(old).to(device),
@@ -793,7 +794,7 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
     except Exception as exc:
         result["error"] = (type(exc).__name__, str(exc))
     finally:
-        rearrange_module._start = original
+        TorchDistributedTransport.post = original  # type: ignore[method-assign]
         if buffers is not None:
             buffers.close()
     result["weights"] = _raw(weights)

@@ -244,13 +244,13 @@ def test_the_worker_prepares_the_move_and_the_apply_plans_nothing(monkeypatch, m
     weights = _encoded_weights(balancer.phy2log, 0, 1)
     calls = _record_rearrangements(monkeypatch)
     planned_on: list[str] = []
-    plan = rearrange_module._plan_checked
+    plan = rearrange_module.plan_checked
 
     def spy(*args):
         planned_on.append(threading.current_thread().name)
         return plan(*args)
 
-    monkeypatch.setattr(rearrange_module, "_plan_checked", spy)
+    monkeypatch.setattr(rearrange_module, "plan_checked", spy)
     if mode == "refused":  # the call checks again and moves (one rank, nothing to refuse)
 
         def refusing(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""The transfer plan of a weight rearrangement: a pure numpy function of the two maps.
+"""What moves where in a weight rearrangement: a pure numpy function of the two maps.
 
 Every rank calls :func:`plan_rearrangement` with the same ``old_phy2log``,
 ``new_phy2log`` and world size and so derives the same plan without talking to
@@ -26,20 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# plan_checked and check_maps are internal APIs of the rearrangement modules
+# (the call checks the maps once, then plans from the checked copies).
 __all__ = [
     "RearrangePlan",
+    "check_maps",
     "keep_experts_in_place",
-    "local_waves",
+    "plan_checked",
     "plan_rearrangement",
-    "split_steps",
 ]
-
-_TURN_ROUNDS = 3  # see _deal_turns
-
-#: Column order of :attr:`RearrangePlan.transfers`.
-TRANSFER_COLUMNS = ("layer", "expert", "src_rank", "src_slot", "dst_rank", "dst_slot")
-#: Column order of :attr:`RearrangePlan.local_copies` and :attr:`RearrangePlan.post_copies`.
-COPY_COLUMNS = ("layer", "src_slot", "dst_slot")
 
 
 @dataclass(frozen=True)
@@ -71,25 +66,6 @@ class RearrangePlan:
     def slots_per_rank(self) -> int:
         """R / P: the slots each rank holds per layer."""
         return self.num_slots // self.world_size
-
-    def staging_slots(self) -> np.ndarray:
-        """[layers, world_size] int64: expert-sized staging buffers per layer and rank.
-
-        One per expert sent, received, locally copied or post-copied: what the
-        executor allocates for the layer on that rank, in units of one expert.
-        """
-        layers, ranks = self.num_layers, self.world_size
-        slots = self.slots_per_rank
-        t, lc, pc = self.transfers, self.local_copies, self.post_copies
-        index = np.concatenate(
-            [
-                t[:, 0] * ranks + t[:, 2],
-                t[:, 0] * ranks + t[:, 4],
-                lc[:, 0] * ranks + lc[:, 2] // slots,
-                pc[:, 0] * ranks + pc[:, 2] // slots,
-            ]
-        )
-        return np.bincount(index, minlength=layers * ranks).reshape(layers, ranks)
 
 
 def _host_map(name: str, phy2log: object) -> np.ndarray:
@@ -169,10 +145,10 @@ def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int
     TypeError/ValueError otherwise. Replicas of an expert are taken to hold the
     same weights, so any of them may serve as the source.
     """
-    return _plan_checked(*check_maps(old_phy2log, new_phy2log, world_size), int(world_size))
+    return plan_checked(*check_maps(old_phy2log, new_phy2log, world_size), int(world_size))
 
 
-def _plan_checked(old: np.ndarray, new: np.ndarray, ranks: int) -> RearrangePlan:
+def plan_checked(old: np.ndarray, new: np.ndarray, ranks: int) -> RearrangePlan:
     """:func:`plan_rearrangement` of maps :func:`check_maps` has returned."""
     layers, slots = old.shape
     per_rank = slots // ranks
@@ -242,10 +218,9 @@ def keep_experts_in_place(old_phy2log: object, new_phy2log: object, world_size: 
     ``new_phy2log`` (so the same loads and replica counts), with every expert
     that GPU already holds left in a slot that holds it now, as many times as
     both placements have it there. The order of slots within a GPU does not
-    matter to serving, but every slot that changes is a copy: between the two
-    real placements of ``benchmarks/bench_rearrange.py`` this leaves 11-22
-    local copies per rank instead of 471-498 (``--plan-only --keep-slots``; the
-    transfers between GPUs stay the same). Not the SPEC placement: apply it
+    matter to serving, but every slot that changes is a copy, so far fewer
+    local copies remain (the README gives measured counts; the transfers
+    between GPUs stay the same). Not the SPEC placement: apply it
     where the slot order is free.
     """
     old, new = check_maps(old_phy2log, new_phy2log, world_size)
@@ -399,148 +374,3 @@ def _choose_senders(
         sent[best] += 1
     src[free] = chosen
     return src
-
-
-def split_steps(
-    plan: RearrangePlan, expert_nbytes: int, max_step_bytes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Order the transfers and cut them into pipeline steps (same on every rank).
-
-    expert_nbytes: bytes of one expert (all tensors of one slot).
-    max_step_bytes: the most bytes one step may send plus receive on any rank; a
-        step holds at least one transfer, so a lone expert may exceed it.
-
-    Returns ``order`` [T] int64, the rows of ``plan.transfers`` in execution order,
-    and ``step`` [T] int64, the step of each row of ``order`` (non-decreasing). Within a
-    layer, transfers that read a slot this plan overwrites go first and those that
-    write a slot something still reads go last, so that a slot's last read rarely
-    comes after its write (the executor delays such writes); within those, the
-    (sender, receiver) pairs take turns, so that every step uses every direction,
-    and each pair sends first the slots that are overwritten first.
-    """
-    t = plan.transfers
-    if not t.size:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    shape = (plan.num_layers, plan.num_slots)
-    written = np.zeros(shape, dtype=bool)
-    read = np.zeros(shape, dtype=bool)
-    for table, src, dst in ((t, 3, 5), (plan.local_copies, 1, 2), (plan.post_copies, 1, 2)):
-        written[table[:, 0], table[:, dst]] = True
-        if table is not plan.post_copies:  # post copies read new content
-            read[table[:, 0], table[:, src]] = True
-    reads_written = written[t[:, 0], t[:, 3]]
-    writes_read = read[t[:, 0], t[:, 5]]
-    rank_class = np.where(reads_written, 0, 2) + writes_read
-    # Slots a local copy overwrites: their old content is sent first, so that
-    # the copy (and the receive into the slot it reads) need not wait.
-    copied_into = np.zeros(shape, dtype=bool)
-    copied_into[plan.local_copies[:, 0], plan.local_copies[:, 2]] = True
-    turn = _deal_turns(t, rank_class, plan.num_slots, copied_into[t[:, 0], t[:, 3]])
-    # The pairs take turns: the i-th transfer of every (sender, receiver) pair
-    # before the (i+1)-th of any, so a step carries every direction at once.
-    # Sorted by sender, steps went one way at a time and left the other
-    # direction of each link idle (half the bandwidth).
-    order = np.lexsort((t[:, 4], t[:, 2], turn, rank_class, t[:, 0]))
-    # Every transfer weighs one expert, so the budget is a count per rank.
-    per_step = max_step_bytes // expert_nbytes
-    if per_step == 0:  # a lone expert exceeds the budget: one transfer per step
-        return order, np.arange(order.size, dtype=np.int64)
-    # A plain loop on ints: it runs before the first byte moves, and numpy per
-    # row (or per step, for steps of a few experts) costs more than it saves.
-    step = [0] * order.size
-    used = [0] * plan.world_size
-    current = 0
-    ordered = t[order]
-    for i, (src, dst) in enumerate(
-        zip(ordered[:, 2].tolist(), ordered[:, 4].tolist(), strict=True)
-    ):
-        a, b = used[src], used[dst]
-        if (a if a > b else b) >= per_step:  # never on a step's first transfer
-            current += 1
-            used = [0] * plan.world_size
-        used[src] += 1
-        used[dst] += 1
-        step[i] = current
-    return order, np.array(step, dtype=np.int64)
-
-
-def _deal_turns(
-    t: np.ndarray,
-    rank_class: np.ndarray,
-    num_slots: int,
-    urgent: np.ndarray,
-    rounds: int = _TURN_ROUNDS,
-) -> np.ndarray:
-    """[T] int64: each transfer's turn within its (layer, class, sender, receiver) group.
-
-    A receive into a slot must wait until that slot's old content is sent (the
-    executor keeps the received bytes buffered until then), so each pair sends
-    first the slots that the other direction overwrites first: a few rounds of
-    sorting every pair by the turn at which its source slot is written, starting
-    from expert order. Fewer writes wait, and fewer receive buffers are needed.
-    """
-    slot_written = t[:, 0] * num_slots + t[:, 5]  # each slot is written at most once
-    slot_read = t[:, 0] * num_slots + t[:, 3]
-    by_written = np.argsort(slot_written)
-    where = np.minimum(np.searchsorted(slot_written[by_written], slot_read), len(t) - 1)
-    writer = by_written[where]
-    has_writer = slot_written[writer] == slot_read
-    key = np.where(urgent, -1, 0)
-    # One int64 sort key per round, (group, key, expert), instead of a six-key
-    # lexsort: this runs before the first byte moves. Group ids are dense ranks.
-    by_group = np.lexsort((t[:, 4], t[:, 2], rank_class, t[:, 0]))
-    group_key = np.stack([t[:, 0], rank_class, t[:, 2], t[:, 4]], axis=1)[by_group]
-    new_group = np.ones(len(t), dtype=bool)
-    new_group[1:] = (group_key[1:] != group_key[:-1]).any(axis=1)
-    group = np.empty(len(t), dtype=np.int64)
-    group[by_group] = np.cumsum(new_group) - 1
-    experts = int(t[:, 1].max()) + 1
-    keys = len(t) + 2  # key + 1 is in 0 .. len(t) + 1
-    turn = np.zeros(len(t), dtype=np.int64)
-    for _ in range(rounds + 1):
-        grouped = np.argsort((group * keys + key + 1) * experts + t[:, 1], kind="stable")
-        starts = np.ones(len(t), dtype=bool)
-        starts[1:] = group[grouped[1:]] != group[grouped[:-1]]
-        first = np.maximum.accumulate(np.where(starts, np.arange(len(t)), 0))
-        turn[grouped] = np.arange(len(t)) - first
-        key = np.where(urgent, -1, np.where(has_writer, turn[writer], len(t)))
-    return turn
-
-
-def local_waves(copies: list[tuple[int, int]]) -> tuple[list[int], list[list[tuple[int, int]]]]:
-    """Order one rank's local copies of one layer so that most go slot to slot.
-
-    copies: (source slot, destination slot) pairs; each destination once, never
-    its own source. A copy may only write a slot once every copy reading that
-    slot's old content has run; where that is impossible (a cycle), one slot per
-    cycle is staged first.
-
-    Returns ``staged`` (slots whose old content goes to staging row i, before
-    anything else) and ``waves``: lists of (source, destination) run one wave
-    after another, copies within a wave independent. A source ``-1 - i`` means
-    staging row i.
-    """
-    pending = {dst: src for src, dst in copies}
-    readers: dict[int, int] = {}
-    for src in pending.values():
-        readers[src] = readers.get(src, 0) + 1
-    staged: list[int] = []
-    waves: list[list[tuple[int, int]]] = []
-    while pending:
-        ready = sorted(dst for dst in pending if not readers.get(dst, 0))
-        if not ready:  # every slot left is still to be read: break one cycle
-            slot = min(pending)
-            for dst, src in pending.items():
-                if src == slot:
-                    pending[dst] = -1 - len(staged)
-            staged.append(slot)
-            readers[slot] = 0
-            continue
-        wave = []
-        for dst in ready:
-            src = pending.pop(dst)
-            wave.append((src, dst))
-            if src >= 0:
-                readers[src] -= 1
-        waves.append(wave)
-    return staged, waves

@@ -1,0 +1,661 @@
+"""How a rearrangement's program runs on the device: streams, events, rings, copy batches.
+
+:func:`run_steps` runs one rank's program (a list of
+:class:`~eplb.production.rearrange_schedule.Step`): per step it packs the
+outgoing slots into a send buffer, posts the step's messages through a
+:class:`~eplb.production.transport.Transport`, and issues the writes the
+schedule put at the end of an earlier step (local copies, unpacks from the
+receive ring, post copies).
+
+Packs, the wire and writes run on three streams (:class:`Streams`) that meet
+through events only, so the wire waits for its own pack and a free receive
+buffer, never for unrelated copies; buffers come from two rings. The ordering
+this relies on, and which a recording fake of :class:`Streams` and of the
+transport checks on the CPU (tests/test_rearrange_ordering.py):
+
+- a slot is written only after every pack (and local copy) reading its old
+  content is done: the write of step j waits for step j's messages and for the
+  pack of step j + 1, and the schedule never puts a write before the last pack
+  reading that slot minus one;
+- a send buffer is reused (step k + 2) only after step k's messages are done;
+- a receive buffer is reused (step k + depth) only after every unpack reading
+  it is done.
+
+Bits move through integer views (:func:`bit_view`; 8-byte words where a slot is
+one dense block), so every dtype ships exactly; slot copies go as lists through
+``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
+:class:`SlotWork` is the one place that makes views of the weights' slots,
+for packs (read) and writes (local copies, unpacks, post copies): a
+destination other than the live slots (a staging copy committed later) is a
+second set of views there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from .rearrange_schedule import (
+    FIRST_RECV_SLOTS,
+    HOST_LEAD,
+    RING_SLACK,
+    Message,
+    Step,
+    last_use,
+    layers_written,
+    ring_depth,
+    slot_bytes,
+)
+from .transport import Transport
+
+__all__ = [
+    "SlotViews",
+    "SlotWork",
+    "Streams",
+    "bit_view",
+    "run_steps",
+]
+
+# Bits are moved through same-sized integer views: every dtype (bfloat16, float8,
+# bool...) then ships and copies exactly, including kernels not defined for it.
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bit_view(tensor: torch.Tensor) -> torch.Tensor:
+    """The same memory as ``[slots, ...]`` integers, as wide as the memory layout allows.
+
+    A slot stored as one contiguous block becomes one row of 8-byte (else 4, 2)
+    integers, so copies move wide words; otherwise each element becomes an
+    integer of its own width (complex: a pair). Both read the slot's bytes in
+    the same (row-major, element by element) order, so ranks whose tensors
+    differ in strides still agree on every message's bytes.
+    """
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    bits = tensor.view(_INT_OF_SIZE[tensor.element_size()])
+    try:
+        rows = bits.view(bits.shape[0], -1).view(torch.uint8)
+    except RuntimeError:  # the slot is not one dense block
+        return bits
+    for width in (8, 4, 2):
+        if rows.shape[1] % width == 0:
+            try:
+                return rows.view(_INT_OF_SIZE[width])
+            except RuntimeError:  # misaligned offset or row stride: try narrower words
+                continue
+    return rows
+
+
+def _region(buffer: torch.Tensor, view: torch.Tensor, offset: int, count: int) -> torch.Tensor:
+    """``count`` slots shaped like ``view``'s (its bit view) inside a message buffer."""
+    row = view.shape[1:]
+    nbytes = count * math.prod(row) * view.element_size()
+    return buffer.narrow(0, offset, nbytes).view(view.dtype).view(count, *row)
+
+
+@dataclass
+class _Batch:
+    """Copies issued together: ``destinations[i] <- sources[i]`` (slot-sized views).
+
+    Kept per dtype (one ``add`` is one tensor of one layer, so one dtype), so
+    that issuing them is one ``_foreach_copy_`` per dtype with no per-pair work.
+    """
+
+    phase: str  # for profiling: pack, local copies, unpack, post copies
+    pairs: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(
+        default_factory=dict
+    )
+
+    def add(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+        """Queue copies that share one dtype (one tensor of one layer)."""
+        if destinations:
+            into, out_of = self.pairs.setdefault(destinations[0].dtype, ([], []))
+            into.extend(destinations)
+            out_of.extend(sources)
+            if len(into) != len(out_of):
+                raise AssertionError("copy lists differ in length")  # a bug, never bad input
+
+
+def _foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """Copy a whole list at once: a few fused kernels on CUDA, one memcpy per pair on the CPU.
+
+    Index kernels (index_select / index_copy_) were slower: on the CPU up to
+    100x for wide rows. (A Triton copy kernel on half the SMs overlapped better
+    with NCCL in isolation, benchmarks/probe_overlap.py, but laying out its
+    address tables on the host cost more than it saved here.)
+    """
+    copy_all = getattr(torch, "_foreach_copy_", None)  # torch >= 2.2
+    if copy_all is not None:
+        copy_all(destinations, sources)
+        return
+    for destination, source in zip(destinations, sources, strict=True):  # pragma: no cover
+        destination.copy_(source)
+
+
+class SlotViews:
+    """``views[layer][tensor]`` split into one view per slot, made once per tensor."""
+
+    def __init__(self, views: list[list[torch.Tensor]]) -> None:
+        self._views = views
+        self._split: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+
+    def __call__(self, layer: int, tensor: int, slots: list[int]) -> list[torch.Tensor]:
+        """The views of the given local slots of one tensor of one layer."""
+        split = self.rows(layer, tensor)
+        return [split[s] for s in slots]
+
+    def rows(self, layer: int, tensor: int) -> tuple[torch.Tensor, ...]:
+        """The views of every local slot of one tensor of one layer."""
+        key = (layer, tensor)
+        split = self._split.get(key)
+        if split is None:
+            split = self._split[key] = self._views[layer][tensor].unbind(0)
+        return split
+
+    def whole(self, layer: int, tensor: int) -> torch.Tensor:
+        """The bit view of one tensor of one layer, all its slots."""
+        return self._views[layer][tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._views)
+
+    def count(self, layer: int) -> int:
+        """Tensors per layer."""
+        return len(self._views[layer])
+
+    def region_rows(
+        self, buffer: torch.Tensor, layer: int, tensor: int, offset: int, count: int
+    ) -> tuple[torch.Tensor, ...]:
+        """The rows of one region of ``buffer``, each shaped like one slot."""
+        return _region(buffer, self._views[layer][tensor], offset, count).unbind(0)
+
+
+class Streams:
+    """The pack, issue and write streams of a CUDA device, made once (cached blocks stay reusable).
+
+    Packs run on ``pack``. Each step's messages are issued from ``issue``, which
+    holds nothing but waits: NCCL's own stream waits for the stream current when
+    the operations are issued, so the wire waits for exactly that step's pack and
+    a free receive buffer, never for unrelated copies. ``write`` runs local
+    copies and unpacks. Streams meet through events only. On the CPU everything
+    runs in host order and events are None.
+    """
+
+    _cache: ClassVar[dict[torch.device, tuple[torch.cuda.Stream, ...]]] = {}
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._streams: dict[str, torch.cuda.Stream] = {}
+        if self.cuda:
+            if device not in self._cache:
+                self._cache[device] = tuple(torch.cuda.Stream(device) for _ in range(3))
+            self._streams = dict(zip(("pack", "issue", "write"), self._cache[device], strict=True))
+
+    def use(self, which: str) -> AbstractContextManager[object]:
+        if not self.cuda:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._streams[which])
+
+    def _get(self, which: str) -> torch.cuda.Stream:
+        return torch.cuda.current_stream() if which == "current" else self._streams[which]
+
+    def wait(self, which: str, other: str) -> None:
+        """Stream ``which`` waits for everything queued so far on ``other`` (or ``"current"``)."""
+        if self.cuda:
+            self._get(which).wait_stream(self._get(other))
+
+    def record(self, which: str) -> torch.cuda.Event | None:
+        """An event at the end of what is queued on ``which`` now."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self._get(which))
+        return event
+
+    def wait_event(self, which: str, event: torch.cuda.Event | None) -> None:
+        """Stream ``which`` waits for ``event`` (from :meth:`record`)."""
+        if event is not None:
+            self._get(which).wait_event(event)
+        elif self.cuda:  # waiting for work not issued yet would silently not wait
+            raise AssertionError(f"the {which} stream waits for an event never recorded")
+
+    def copy(self, destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        """Queue ``destinations[i] <- sources[i]`` on the current stream (one dtype)."""
+        _foreach_copy(destinations, sources)
+
+
+class _Rings:
+    """Send and receive buffers, allocated per call and reused step after step.
+
+    Step k packs into send slot k % 2 and receives into receive slot k % depth.
+    A send slot is reused once its previous step's messages are done; a receive
+    slot once every write reading it is done. ``depth`` leaves room for writes
+    the plan defers past their receive step, plus ``slack`` steps for the write
+    stream to fall behind (a layer's local copies) without stalling the wire.
+    The writes are scheduled while the first steps move, so the ring starts
+    with the slots those steps need and grows once (:meth:`extend`).
+    """
+
+    def __init__(
+        self,
+        steps: list[Step],
+        device: torch.device,
+        first: int,
+        allocating: Callable[[], AbstractContextManager[object]],
+    ) -> None:
+        self._steps = steps
+        self._allocating = allocating  # where the buffers come from (RearrangeBuffers)
+        sent, self._received = slot_bytes(steps)
+        with allocating():
+            self._send = torch.empty(min(2, len(steps)), sent, dtype=torch.uint8, device=device)
+            self._recv = [
+                torch.empty(self._received, dtype=torch.uint8, device=device)
+                for _ in range(min(first, len(steps)))
+            ]
+        self.depth = len(self._recv)
+        self.last_use: list[int] | None = None
+
+    def extend(self, slack: int) -> None:
+        """Grow to the full depth once the writes are scheduled (on the current stream)."""
+        self.last_use = last_use(self._steps)
+        depth = max(ring_depth(self._steps, self.last_use, slack), self.depth)
+        device = self._send.device
+        with self._allocating():
+            self._recv += [
+                torch.empty(self._received, dtype=torch.uint8, device=device)
+                for _ in range(depth - len(self._recv))
+            ]
+        self.depth = depth
+
+    def send(self, k: int, step: Step) -> list[torch.Tensor]:
+        return _split(self._send[k % 2], step.sends)
+
+    def recv(self, k: int, step: Step) -> list[torch.Tensor]:
+        if k >= self.depth and self.last_use is None:
+            raise AssertionError("receive ring used past its first slots before extend()")
+        return _split(self._recv[k % self.depth], step.recvs)
+
+    def recv_free_after(self, k: int) -> int | None:
+        """The step whose writes must be done before step k may receive (None: no wait)."""
+        previous = k - self.depth
+        if previous < 0:
+            return None
+        assert self.last_use is not None  # k >= depth: extended (recv raised otherwise)
+        return self.last_use[previous]
+
+
+def _split(slot: torch.Tensor, messages: list[Message]) -> list[torch.Tensor]:
+    """One buffer per message, back to back in one ring slot (sizes are multiples of ALIGN)."""
+    buffers, position = [], 0
+    for message in messages:
+        buffers.append(slot[position : position + message.nbytes])
+        position += message.nbytes
+    return buffers
+
+
+class _Phases:
+    """CUDA events around each phase (only when profiling); sums them at the end, in ms.
+
+    Also sums the host's time inside each phase (``host <phase>``): where the
+    host, not the GPU, sets the pace, these add up to the call's duration.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.spans: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        self._open: dict[str, tuple[torch.cuda.Event, float]] = {}
+        self.host: dict[str, float] = {}
+
+    def mark(self, name: str, end: bool = False) -> None:
+        if not self.enabled:
+            return
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # on the current stream
+        now = time.perf_counter()
+        if end:
+            begin, started = self._open.pop(name)
+            self.spans.setdefault(name, []).append((begin, event))
+            self.host[name] = self.host.get(name, 0.0) + now - started
+        else:
+            self._open[name] = (event, now)
+
+    def totals(self) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        torch.cuda.synchronize()
+        gpu = {name: sum(a.elapsed_time(b) for a, b in spans) for name, spans in self.spans.items()}
+        return gpu | {f"host {name}": seconds * 1e3 for name, seconds in self.host.items()}
+
+
+def run_steps(
+    steps: list[Step],
+    slot_work: SlotWork,
+    device: torch.device,
+    transport: Transport,
+    rank: int,
+    profile: bool,
+    schedule_writes: Callable[[], None],
+    allocating: Callable[[], AbstractContextManager[object]],
+    streams: Streams | None = None,
+) -> dict[str, float]:
+    """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
+
+    Host order per step k: issue k's messages (waiting, on the GPU, for k's pack
+    and a free receive buffer), pack k + 1, then the writes of step k - HOST_LEAD
+    (after that step's messages and the pack of the step after it, so no pack
+    reads a slot after its write: packs of later steps never read those slots).
+    No host sync; the wire never waits for writes beyond the receive ring's
+    depth. ``steps`` come with their messages only: ``schedule_writes`` fills
+    in their writes, called once the first steps are issued, so the host works
+    it out while they move. Each step's copies are laid out just before they are
+    launched, while earlier steps move; their slot sides come from ``slot_work``
+    where it has them (a prepared move): only the buffer sides are left.
+
+    steps: this rank's program (rearrange_schedule.program, or program_messages
+        with ``schedule_writes`` calling program_writes).
+    transport: the wire (rearrange's calls pass a TorchDistributedTransport).
+    streams: the stream and event layer (default: :class:`Streams` of
+        ``device``); tests pass a recording fake with the same methods.
+
+    Raises RuntimeError naming the layers this rank had begun to write (the
+    ones a write was issued for) if anything fails while moving.
+    """
+    begun = time.perf_counter()
+    slots = slot_work.slots
+    if streams is None:
+        streams = Streams(device)
+    phases = _Phases(profile and streams.cuda)
+    # Allocated on the current stream, which waits for every stream at the end:
+    # this memory is reused only after its last use.
+    rings = _Rings(steps, device, FIRST_RECV_SLOTS, allocating)
+    staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    received: list[list[torch.Tensor]] = []
+    sending = [rings.send(k, step) for k, step in enumerate(steps)]
+    if phases.enabled:
+        phases.host["prep"] = time.perf_counter() - begun
+    for which in ("pack", "issue", "write"):
+        streams.wait(which, "current")
+    phases.mark("total")
+    packed: list[torch.cuda.Event | None] = [None] * len(steps)
+    sent: list[torch.cuda.Event | None] = [None] * len(steps)
+    written: list[torch.cuda.Event | None] = [None] * len(steps)
+    touched: set[int] = set()
+    try:
+        with streams.use("pack"):
+            _issue(
+                [_pack_batch(steps[0], sending[0], slots, slot_work.pack_sources(0))],
+                streams,
+                phases,
+            )
+            packed[0] = streams.record("pack")
+        for k in range(len(steps) + HOST_LEAD):
+            if k < len(steps):
+                received.append(rings.recv(k, steps[k]))
+                with streams.use("issue"):
+                    phases.mark("wire wait")
+                    streams.wait_event("issue", packed[k])
+                    free = rings.recv_free_after(k)
+                    if free is not None:
+                        streams.wait_event("issue", written[free])
+                    phases.mark("wire wait", end=True)
+                    phases.mark("wire")
+                    transport.wait(
+                        transport.post(
+                            [(m.peer, b) for m, b in zip(steps[k].sends, sending[k], strict=True)],
+                            [(m.peer, b) for m, b in zip(steps[k].recvs, received[k], strict=True)],
+                        )
+                    )
+                    phases.mark("wire", end=True)
+                    sent[k] = streams.record("issue")
+            if k + 1 < len(steps):
+                with streams.use("pack"):
+                    if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
+                        streams.wait_event("pack", sent[k - 1])
+                    pack = _pack_batch(
+                        steps[k + 1], sending[k + 1], slots, slot_work.pack_sources(k + 1)
+                    )
+                    _issue([pack], streams, phases)
+                    packed[k + 1] = streams.record("pack")
+            j = k - HOST_LEAD  # the step whose writes are issued now
+            if j == 0:
+                scheduled = time.perf_counter()
+                schedule_writes()
+                rings.extend(HOST_LEAD + RING_SLACK)
+                staging = _allocate_staging(steps, slots)
+                if phases.enabled:
+                    phases.host["schedule writes"] = time.perf_counter() - scheduled
+            if j >= 0:
+                with streams.use("write"):
+                    streams.wait_event("write", sent[j])
+                    if j + 1 < len(steps):
+                        streams.wait_event("write", packed[j + 1])
+                    touched.update(layers_written(steps[j]))
+                    _issue(
+                        _write_batches(steps[j], slots, received, *slot_work.writes(j, staging)),
+                        streams,
+                        phases,
+                    )
+                    written[j] = streams.record("write")
+        for which in ("pack", "issue", "write"):
+            streams.wait("current", which)
+        phases.mark("total", end=True)
+    except Exception as exc:
+        changed = sorted(touched)
+        unchanged = sorted(set(range(slots.num_layers)) - touched)
+        raise RuntimeError(
+            f"rearrange_expert_weights failed on rank {rank}: {type(exc).__name__}: {exc}. "
+            f"Layers {changed} of this rank may already hold new weights (some only partly); "
+            f"layers {unchanged} are unchanged. The weights no longer match either "
+            "placement: reload them or rerun the rearrangement from the old placement"
+        ) from exc
+    return phases.totals()
+
+
+def _issue(batches: list[_Batch], streams: Streams, phases: _Phases) -> None:
+    """Launch batches in order on the current stream, timing each phase when profiling."""
+    for batch in batches:
+        phases.mark(batch.phase)
+        for destinations, sources in batch.pairs.values():
+            streams.copy(destinations, sources)
+        phases.mark(batch.phase, end=True)
+
+
+def _allocate_staging(
+    steps: list[Step], slots: SlotViews
+) -> dict[int, list[tuple[torch.Tensor, ...]]]:
+    """Per layer with staged slots, per tensor, one staging row per staged slot."""
+    staging: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+    for step in steps:
+        for group in step.local:
+            if group.stages and group.staged:
+                staging[group.layer] = [
+                    slots.whole(group.layer, tensor)
+                    .new_empty((len(group.staged), *slots.whole(group.layer, tensor).shape[1:]))
+                    .unbind(0)
+                    for tensor in range(slots.count(group.layer))
+                ]
+    return staging
+
+
+def _pack_batch(
+    step: Step,
+    buffers: list[torch.Tensor],
+    slots: SlotViews,
+    sources: list[list[torch.Tensor]],
+) -> _Batch:
+    """The step's outgoing experts copied into their messages' buffers.
+
+    sources: the slot views of each message part, in order.
+    """
+    batch = _Batch("pack")
+    i = 0
+    for message, buffer in zip(step.sends, buffers, strict=True):
+        for layer, tensor, offset, mine in message.parts:
+            rows = slots.region_rows(buffer, layer, tensor, offset, len(mine))
+            batch.add(rows, sources[i])
+            i += 1
+    return batch
+
+
+def _pack_sources(step: Step, slots: SlotViews) -> list[list[torch.Tensor]]:
+    """The slot views each of the step's message parts packs, in order."""
+    return [
+        slots(layer, tensor, mine)
+        for message in step.sends
+        for layer, tensor, _, mine in message.parts
+    ]
+
+
+def _write_batches(
+    step: Step,
+    slots: SlotViews,
+    received: list[list[torch.Tensor]],
+    local: list[_Batch],
+    unpacked: list[list[torch.Tensor]],
+    post: _Batch,
+) -> list[_Batch]:
+    """The writes due at the end of a step: local copies, then unpacks, then post copies.
+
+    local, unpacked, post: the slot sides (:meth:`SlotWork.writes`): the local
+        copies, the unpacks' destinations and the post copies.
+    """
+    unpack = _Batch("unpack")
+    for part, destinations in zip(step.unpacks, unpacked, strict=True):
+        buffer = received[part.step][part.message]
+        region = _region(buffer, slots.whole(part.layer, part.tensor), part.offset, part.count)
+        # unbind makes every row in one call; one row at a time costs more per row.
+        held = region.unbind(0) if 2 * len(part.rows) > part.count else region
+        unpack.add(destinations, [held[r] for r in part.rows])
+    return [b for b in (*local, unpack, post) if b.pairs]
+
+
+def _unpack_destinations(step: Step, slots: SlotViews) -> list[list[torch.Tensor]]:
+    """The slot views each of the step's unpacks writes, in order."""
+    return [slots(part.layer, part.tensor, part.slots) for part in step.unpacks]
+
+
+def _local_batches(
+    step: Step, slots: SlotViews, staging: dict[int, list[tuple[torch.Tensor, ...]]]
+) -> list[_Batch]:
+    """The step's local copies: staging of cycle-breaking slots, then wave by wave.
+
+    Local copies go wave by wave (a wave writes only slots earlier waves have
+    read); a layer's first group first stages its cycle-breaking slots. Layers
+    share no memory, so the i-th waves of all layers go in one batch: as many
+    launches as the deepest layer has waves, not their sum.
+    """
+    stage = _Batch("local copies")
+    waves: list[_Batch] = []
+    for group in step.local:
+        layer, tensors = group.layer, range(slots.count(group.layer))
+        rows = staging.get(layer, [() for _ in tensors])
+        if group.stages and group.staged:
+            for tensor in tensors:
+                stage.add(rows[tensor], slots(layer, tensor, group.staged))
+        for i, wave in enumerate(group.waves):
+            if i == len(waves):
+                waves.append(_Batch("local copies"))
+            dsts = [dst for _, dst in wave]
+            srcs = [src for src, _ in wave]
+            for tensor in tensors:
+                split, staged = slots.rows(layer, tensor), rows[tensor]
+                waves[i].add(
+                    [split[d] for d in dsts], [staged[-1 - s] if s < 0 else split[s] for s in srcs]
+                )
+    return [stage, *waves]
+
+
+def _post_batch(step: Step, slots: SlotViews) -> _Batch:
+    """Copies into second slots of experts this step received (from their first slot)."""
+    post = _Batch("post copies")
+    for layer, filled, targets in step.post:
+        for tensor in range(slots.count(layer)):
+            post.add(slots(layer, tensor, targets), slots(layer, tensor, filled))
+    return post
+
+
+class SlotWork:
+    """The slot side of every step's copies: views of the weights' slots.
+
+    Each step's pack sources, local copies, unpack destinations and post
+    copies touch slots only. Made ahead (``prepare_rearrangement``,
+    ``ahead=True``), it lays them all out at once, off the call's path;
+    otherwise each is laid out when the executor first asks for it
+    (:meth:`pack_sources`, :meth:`writes`), just before its step is launched.
+    Either way the executor gets them from here, through one path. Views of
+    the weights, never their data: making them reads and writes nothing.
+    """
+
+    def __init__(
+        self, expert_weights: Sequence[Sequence[torch.Tensor]], steps: list[Step], ahead: bool
+    ) -> None:
+        self._weights = [list(layer) for layer in expert_weights]
+        # Checked by made_from, which only prepared moves use.
+        self._meta = _tensor_meta(self._weights) if ahead else []
+        self.slots = SlotViews([[bit_view(t) for t in layer] for layer in self._weights])
+        count = len(steps)
+        self.pack: list[list[list[torch.Tensor]] | None] = [None] * count
+        self.local: list[list[_Batch] | None] = [None] * count
+        self.unpack: list[list[list[torch.Tensor]] | None] = [None] * count
+        self.post: list[_Batch | None] = [None] * count
+        self._steps = steps
+        if not ahead:
+            return
+        for k, step in enumerate(steps):
+            self.pack[k] = _pack_sources(step, self.slots)
+            # Staging rows are allocated per call: a step copying through them
+            # lays out its local copies in the call.
+            if not any(group.staged for group in step.local):
+                self.local[k] = _local_batches(step, self.slots, {})
+            self.unpack[k] = _unpack_destinations(step, self.slots)
+            self.post[k] = _post_batch(step, self.slots)
+
+    def pack_sources(self, k: int) -> list[list[torch.Tensor]]:
+        """The slot views step k's message parts pack, in order."""
+        sources = self.pack[k]
+        if sources is None:
+            sources = self.pack[k] = _pack_sources(self._steps[k], self.slots)
+        return sources
+
+    def writes(
+        self, k: int, staging: dict[int, list[tuple[torch.Tensor, ...]]]
+    ) -> tuple[list[_Batch], list[list[torch.Tensor]], _Batch]:
+        """Step k's local copies, unpack destinations and post copies (see ``_write_batches``).
+
+        staging: the call's staging rows, per layer with staged slots.
+        """
+        step = self._steps[k]
+        local = self.local[k]
+        if local is None:  # staging rows are the call's own: never kept
+            local = _local_batches(step, self.slots, staging)
+        unpack = self.unpack[k]
+        if unpack is None:
+            unpack = self.unpack[k] = _unpack_destinations(step, self.slots)
+        post = self.post[k]
+        if post is None:
+            post = self.post[k] = _post_batch(step, self.slots)
+        return local, unpack, post
+
+    def made_from(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Whether ``expert_weights`` are the very tensors this was made from, unchanged."""
+        if len(expert_weights) != len(self._weights) or any(
+            len(given) != len(mine) or any(a is not b for a, b in zip(given, mine, strict=True))
+            for given, mine in zip(expert_weights, self._weights, strict=True)
+        ):
+            return False
+        return _tensor_meta(self._weights) == self._meta
+
+
+def _tensor_meta(weights: list[list[torch.Tensor]]) -> list[tuple[object, ...]]:
+    """Where each tensor's memory is and how it is laid out (an in-place resize changes it)."""
+    return [
+        (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for layer in weights for t in layer
+    ]
