@@ -207,6 +207,7 @@ class PreparedRearrangement:
 
     rank, world_size: where it was made for.
     max_batch_bytes: the step budget it was cut with.
+    num_steps: pipeline steps of this rank's program.
     seconds: host seconds :func:`prepare_rearrangement` took (what the call saves).
     """
 
@@ -225,6 +226,7 @@ class PreparedRearrangement:
         self.world_size = world_size
         self.max_batch_bytes = max_batch_bytes
         self._steps = steps
+        self.num_steps = len(steps)
         self._work = work  # used where the call gets these very tensors
         self._schedule_writes = schedule_writes
         self.seconds = 0.0

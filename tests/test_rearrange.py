@@ -29,9 +29,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.production import rearrange as rearrange_module
-from eplb.production.rearrange_schedule import local_waves, split_steps
-from eplb.production.rearrange_executor import SlotWork
-from eplb.production.transport import TorchDistributedTransport
 from eplb.production.rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -42,6 +39,9 @@ from eplb.production.rearrange import (
     rearrange_expert_weights,
     warmup_rearrangement,
 )
+from eplb.production.rearrange_executor import SlotWork
+from eplb.production.rearrange_schedule import local_waves, split_steps
+from eplb.production.transport import TorchDistributedTransport
 
 # (slot shape, dtype, stored transposed) of each tensor of a layer: several
 # widths, bit patterns that are NaN as floats, 0-d slots and a non-contiguous view.
@@ -709,6 +709,12 @@ def _scenarios() -> list[Scenario]:
             Scenario(f"first-dim-one-rank-{ranks}", ranks, old, new, 6, fault="first dim"),
             Scenario(f"maps-differ-{ranks}", ranks, old, new, 7, fault="maps differ"),
             Scenario(f"fails-midway-{ranks}", ranks, old, new, 8, {"max_batch_bytes": 1}, "midway"),
+            # Rank 1 alone fails after its last step's messages, some layers written.
+            *(
+                [Scenario("fails-alone-2", 2, stacked, new, 13, {"max_batch_bytes": 1}, "alone")]
+                if ranks == 2
+                else []
+            ),
             # Three calls (there, back, there again) through one RearrangeBuffers.
             Scenario(f"kept-buffers-{ranks}", ranks, old, new, 9, {"buffers": True}),
             # Every rank but the last prepares its share ahead (ranks may mix).
@@ -767,6 +773,22 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
             torch.from_numpy(old), torch.from_numpy(old), weights, group
         )
     original = TorchDistributedTransport.post
+    original_wait = TorchDistributedTransport.wait
+    if scenario.fault == "alone" and rank == 1:
+        steps = prepare_rearrangement(
+            torch.from_numpy(old), torch.from_numpy(new), weights, group, **kwargs
+        ).num_steps
+        waits = []
+
+        def failing_wait(self, pending, timeout=None):
+            # The last step's messages complete (rank 0 finishes), then this rank
+            # fails before its last writes: some layers written, others not.
+            original_wait(self, pending, timeout)
+            waits.append(1)
+            if len(waits) == steps:
+                raise RuntimeError("injected failure on rank 1 alone")
+
+        TorchDistributedTransport.wait = failing_wait  # type: ignore[method-assign]
     if scenario.fault == "midway":
         calls = []
 
@@ -795,6 +817,7 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
         result["error"] = (type(exc).__name__, str(exc))
     finally:
         TorchDistributedTransport.post = original  # type: ignore[method-assign]
+        TorchDistributedTransport.wait = original_wait  # type: ignore[method-assign]
         if buffers is not None:
             buffers.close()
     result["weights"] = _raw(weights)
@@ -981,10 +1004,41 @@ def test_failure_midway_names_the_changed_layers(gloo_results, ranks):
                 np.testing.assert_array_equal(got, want[layer][tensor])
 
 
+def test_rank_failing_alone_names_exactly_the_layers_it_changed(gloo_results):
+    scenario = SCENARIOS["fails-alone-2"]
+    results = gloo_results[scenario.name]
+    assert results[0]["error"] is None  # the other rank finished its move
+    per_rank = scenario.old.shape[1] // 2
+    for layer, tensors in enumerate(_expected(scenario.seed, scenario.new, range(per_rank))):
+        for got0, want0 in zip(results[0]["weights"][layer], tensors, strict=True):
+            np.testing.assert_array_equal(got0, want0)
+    kind, message = results[1]["error"]
+    assert kind == "RuntimeError" and "injected failure on rank 1 alone" in message
+    found = re.search(r"Layers \[([\d, ]*)\] .* layers \[([\d, ]*)\] are unchanged", message)
+    assert found, message
+    named = {int(x) for x in found.group(1).split(",") if x.strip()}
+    old = _expected(scenario.seed, scenario.old, range(per_rank, 2 * per_rank))
+    new = _expected(scenario.seed, scenario.new, range(per_rank, 2 * per_rank))
+    got = results[1]["weights"]
+    changed = {
+        layer
+        for layer in range(len(got))
+        if any(not np.array_equal(g, w) for g, w in zip(got[layer], old[layer], strict=True))
+    }
+    # The weights, not the message alone: the named layers are exactly those
+    # whose bytes differ from before, and the move stopped part way.
+    assert named == changed and changed
+    assert any(
+        not np.array_equal(g, w)
+        for layer in range(len(got))
+        for g, w in zip(got[layer], new[layer], strict=True)
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_nccl_two_gpus(tmp_path):
-    names = [n for n in SCENARIOS if n.endswith("-2") and "first-dim" not in n]
+    names = [n for n in SCENARIOS if n.endswith("-2") and "first-dim" not in n and "alone" not in n]
     results = _spawn(tmp_path, "nccl", names, 2)
     for name in names:
         errors = [results[name][r]["error"] for r in range(2)]
