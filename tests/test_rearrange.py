@@ -1050,3 +1050,43 @@ def test_nccl_two_gpus(tmp_path):
         _assert_holds(SCENARIOS[name], results[name], SCENARIOS[name].new)
     # Kept buffers come from a pool registered with NCCL.
     assert [results["kept-buffers-2"][r]["registered"] for r in range(2)] == [True, True]
+
+
+def test_sender_ties_go_to_the_lowest_rank_among_holders():
+    # 4 ranks of 2 slots; experts 0 and 1 are held by ranks 0 and 1 alike.
+    old = np.array([[0, 1, 0, 1, 2, 3, 2, 3]])
+    new = old.copy()
+    new[0, 4] = 0  # rank 2 needs expert 0: ranks 0 and 1 tie (no sends yet): rank 0
+    new[0, 6] = 1  # rank 3 needs expert 1: rank 0 has sent one, rank 1 none: rank 1
+    t = plan_rearrangement(old, new, 4).transfers
+    assert sorted((int(e), int(src)) for e, src in t[:, [1, 2]]) == [(0, 0), (1, 1)]
+    # Every holder tied on both counts: the lowest rank, whatever the expert.
+    for holders in ([1, 2], [0, 3], [2, 3]):
+        old = np.array([[5, 6, 5, 6, 5, 6, 5, 6]])
+        for rank in holders:
+            old[0, 2 * rank] = 7
+        new = old.copy()
+        receiver = min(set(range(4)) - set(holders))
+        new[0, 2 * receiver] = 7
+        t = plan_rearrangement(old, new, 4).transfers
+        assert t[:, 2].tolist() == [min(holders)], holders
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)],
+)
+def test_canary_of_expert_ids_arrives_as_the_new_map_says(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    # A tiny tensor per slot holding its expert id travels with the weights.
+    rng = np.random.default_rng(21)
+    old = _random_placement(rng, 4, 10, 12)
+    new = _random_placement(rng, 4, 10, 12)
+    weights = _weights(_expected(21, old, range(12)), device)
+    canary = [torch.from_numpy(row.copy()).to(device) for row in old]
+    for layer, tensors in enumerate(weights):
+        tensors.append(canary[layer])
+    rearrange_expert_weights(torch.from_numpy(old), torch.from_numpy(new), weights)
+    got = np.stack([weights[layer][-1].cpu().numpy() for layer in range(4)])
+    np.testing.assert_array_equal(got, new)
