@@ -11,7 +11,18 @@ This umbrella module holds only what they share; importing it imports neither
 torch nor JAX.
 """
 
+import os as _os
+
 from eplb._validation import EplbConfig, validate_config, validate_weight
+
+# Imported from a source checkout (``python -m pytest`` at the repo root puts the
+# checkout first on sys.path, ahead of an installed copy), the subpackages are
+# the sibling folders pyproject's package-dir maps them from: look there too.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "production", "__init__.py")) and _os.path.isfile(
+    _os.path.join(_checkout, "pyproject.toml")
+):
+    __path__.append(_checkout)
 
 __version__ = "0.1.0"
 
