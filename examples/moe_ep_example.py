@@ -35,7 +35,12 @@ import torch.multiprocessing as mp
 
 from eplb.loads import DATA_ENV_VAR, real_loads, synthetic_load
 from eplb.metrics import balancedness
-from eplb.production import ExpertBalancer, rearrange_expert_weights, rebalance_experts
+from eplb.production import (
+    ExpertBalancer,
+    RearrangeOptions,
+    rearrange_expert_weights,
+    rebalance_experts,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,7 +224,7 @@ def run(args: argparse.Namespace, rank: int, blocking: bool) -> Run:
         window_size=args.steps,
         # The baseline rebalances by hand; its balancer only records and routes.
         step_interval=10**9 if blocking else args.steps,
-        prepare_ahead=args.prepare_ahead,
+        rearrange=RearrangeOptions(prepare_ahead=args.prepare_ahead),
     )
     model = ToyMoE(args, balancer, rank)
     x_check = torch.randn(

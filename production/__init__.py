@@ -19,13 +19,15 @@ from .rearrange import (
     warmup_rearrangement,
 )
 from .rebalance import rebalance_experts
-from .serving import BalancerStats, ExpertBalancer
+from .serving import BalancerStats, ExpertBalancer, LoadWindow, RearrangeOptions
 
 __all__ = [
     "BalancerStats",
     "ExpertBalancer",
+    "LoadWindow",
     "PreparedRearrangement",
     "RearrangeBuffers",
+    "RearrangeOptions",
     "RearrangePlan",
     "RearrangeStats",
     "keep_experts_in_place",

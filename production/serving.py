@@ -52,7 +52,82 @@ from .rearrange import (
 from .rebalance import rebalance_experts
 from .transport import rank_and_size
 
-__all__ = ["BalancerStats", "ExpertBalancer"]
+__all__ = ["BalancerStats", "ExpertBalancer", "LoadWindow", "RearrangeOptions"]
+
+
+@dataclass(frozen=True)
+class RearrangeOptions:
+    """How an :class:`ExpertBalancer` moves the weights when it applies a placement.
+
+    The defaults are the README's recommended setting where it costs nothing:
+    the move is prepared ahead on the worker thread. Kept, registered buffers
+    hold their memory between rebalances, so they stay opt-in; high-priority
+    NCCL streams belong to the process group the engine creates (see
+    ``rearrange_expert_weights``).
+
+    max_batch_bytes: the step budget of each weight rearrangement (see
+        :func:`rearrange_expert_weights`): its buffers grow with it.
+    keep_buffers: keep the rearrangement's message buffers from one rebalance
+        to the next in a :class:`RearrangeBuffers` (with NCCL, registered with
+        the communicator: faster, but the memory stays reserved);
+        ``ExpertBalancer.close`` releases them, before the group is destroyed.
+        False: allocated for the apply step only.
+    keep_slots: reorder each new placement's slots within every GPU so that
+        experts staying on a GPU keep their slots (:func:`keep_experts_in_place`):
+        the same loads, far fewer local copies, but ``phy2log`` is then no longer
+        the SPEC placement itself.
+    prepare_ahead: the worker thread also prepares this rank's share of the move
+        (:func:`eplb.production.prepare_rearrangement`), so the apply starts
+        moving at once. Its Python work then shares the interpreter lock with the
+        serving thread while the forward passes run; False plans inside the apply.
+    """
+
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    keep_buffers: bool = False
+    keep_slots: bool = False
+    prepare_ahead: bool = True
+
+    def __post_init__(self) -> None:
+        check_count("max_batch_bytes", self.max_batch_bytes)
+        for name in ("keep_buffers", "keep_slots", "prepare_ahead"):
+            flag = getattr(self, name)
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+class LoadWindow:
+    """Tokens each logical expert received in each of the last ``size`` steps, on one rank.
+
+    ``add`` counts a layer's routed tokens into the current step (tensor ops
+    only, graph-capturable); ``roll`` closes the step: it enters the window and
+    the oldest step leaves it. ``total`` is the running sum, kept so that a
+    rebalance need not sum the whole window.
+
+    size: steps kept. layers, experts: the load's shape. device: where it lives.
+    """
+
+    def __init__(self, size: int, layers: int, experts: int, device: torch.device) -> None:
+        self.size = check_count("window_size", size)
+        # int32 halves the window's memory and holds any realistic per-step
+        # count; the running total is int64.
+        self._step = torch.zeros(layers, experts, dtype=torch.int32, device=device)
+        self._steps = torch.zeros(self.size, layers, experts, dtype=torch.int32, device=device)
+        #: [layers, experts] int64, tokens per logical expert over the window (live).
+        self.total = torch.zeros(layers, experts, dtype=torch.int64, device=device)
+        self._position = 0
+        self._one = torch.ones((), dtype=torch.int32, device=device)
+
+    def add(self, layer: int, expert_ids: torch.Tensor) -> None:
+        """Count ``expert_ids`` ([n] int, logical experts) into this step's load of ``layer``."""
+        self._step[layer].index_add_(0, expert_ids, self._one.expand(expert_ids.numel()))
+
+    def roll(self) -> None:
+        """Close the step: it enters the window, the oldest step leaves."""
+        oldest = self._steps[self._position]
+        self.total.sub_(oldest).add_(self._step)
+        oldest.copy_(self._step)
+        self._step.zero_()
+        self._position = (self._position + 1) % self.size
 
 
 @dataclass
@@ -124,7 +199,7 @@ class ExpertBalancer:
     Schedule: at every step ``n`` that is a multiple of ``step_interval`` the
     window's load, summed over the EP group, goes to a worker thread that
     computes the new placement and prepares this rank's share of the weight
-    move (``prepare_ahead``); at step ``n + apply_delay`` every rank applies
+    move (``RearrangeOptions.prepare_ahead``); at step ``n + apply_delay`` every rank applies
     it, waiting for the worker only if it is still running (counted in
     ``stats.waits``). The placement is a deterministic function of the
     all-reduced load, so every rank computes the same one, and applying it at a
@@ -164,10 +239,7 @@ class ExpertBalancer:
         step_interval: int = 3000,
         apply_delay: int = 1,
         max_replicas: int | None = None,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-        keep_buffers: bool = False,
-        keep_slots: bool = False,
-        prepare_ahead: bool = True,
+        rearrange: RearrangeOptions | None = None,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -186,40 +258,23 @@ class ExpertBalancer:
         max_replicas: replica ranks kept in ``log2phy`` (default and maximum
             ``R - E + 1``, the most any placement can give one expert). With
             less, replicas beyond it keep their weights but receive no tokens.
-        max_batch_bytes: the step budget of each weight rearrangement (see
-            :func:`rearrange_expert_weights`): its buffers grow with it.
-        keep_buffers: keep the rearrangement's message buffers from one
-            rebalance to the next in a :class:`RearrangeBuffers` (with NCCL,
-            registered with the communicator: faster, but the memory stays
-            reserved); :meth:`close` releases them, before the group is
-            destroyed. False: allocated for the apply step only.
-        keep_slots: reorder each new placement's slots within every GPU so that
-            experts staying on a GPU keep their slots
-            (:func:`keep_experts_in_place`): the same loads, far fewer local
-            copies, but ``phy2log`` is then no longer the SPEC placement itself.
-        prepare_ahead: the worker thread also prepares this rank's share of the
-            move (:func:`eplb.production.prepare_rearrangement`), so the apply
-            starts moving at once. Its Python work then shares the interpreter
-            lock with the serving thread while the forward passes run; False
-            plans inside the apply instead.
+        rearrange: how the weights move (:class:`RearrangeOptions`; default:
+            its defaults, the move prepared ahead on the worker thread).
         """
         _, self.num_gpus = rank_and_size(group)
         self.config = validate_config(
             (num_layers, num_logical_experts), num_replicas, num_groups, num_nodes, self.num_gpus
         )
+        if rearrange is None:
+            rearrange = RearrangeOptions()
+        if not isinstance(rearrange, RearrangeOptions):
+            raise TypeError(
+                f"rearrange must be a RearrangeOptions or None, got {type(rearrange).__name__}"
+            )
+        self.rearrange = rearrange
         self.window_size = check_count("window_size", window_size)
         self.step_interval = check_count("step_interval", step_interval)
         self.apply_delay = check_count("apply_delay", apply_delay)
-        self.max_batch_bytes = check_count("max_batch_bytes", max_batch_bytes)
-        for name, flag in (
-            ("keep_buffers", keep_buffers),
-            ("keep_slots", keep_slots),
-            ("prepare_ahead", prepare_ahead),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        self.keep_slots = keep_slots
-        self.prepare_ahead = prepare_ahead
         if self.apply_delay >= self.step_interval:
             raise ValueError(
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
@@ -252,18 +307,11 @@ class ExpertBalancer:
             layers, experts, self.max_replicas, dtype=torch.int64, device=dev
         )
         self.logcnt = torch.empty(layers, experts, dtype=torch.int64, device=dev)
-        # route() adds into _step_load; step() rolls it into the window. int32
-        # halves the window's memory and holds any realistic per-step count; the
-        # running total, which step() keeps so an interval need not sum the
-        # whole window, is int64.
-        self._step_load = torch.zeros(layers, experts, dtype=torch.int32, device=dev)
-        self._window = torch.zeros(self.window_size, layers, experts, dtype=torch.int32, device=dev)
-        self._window_total = torch.zeros(layers, experts, dtype=torch.int64, device=dev)
-        self._window_pos = 0
+        # route() adds into the window's step; step() rolls it.
+        self.window = LoadWindow(self.window_size, layers, experts, dev)
         # The interval's load: written on the compute stream, then reduced and
         # copied to the host on the side stream while the next steps run.
         self._snapshot = torch.zeros(layers, experts, dtype=torch.int64, device=dev)
-        self._one = torch.ones((), dtype=torch.int32, device=dev)
 
         cuda = self.device.type == "cuda"
         self._side_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -280,7 +328,9 @@ class ExpertBalancer:
         # The first rebalance should not pay for opening the P2P channels
         # (RearrangeBuffers opens them too).
         self._buffers = (
-            RearrangeBuffers(group, self.device if cuda else None) if keep_buffers else None
+            RearrangeBuffers(group, self.device if cuda else None)
+            if rearrange.keep_buffers
+            else None
         )
         if self._buffers is None:
             warmup_rearrangement(group, self.device if cuda else None)
@@ -318,8 +368,7 @@ class ExpertBalancer:
         if topk_ids.device != self.device:
             raise ValueError(f"topk_ids must be on {self.device}, got {topk_ids.device}")
         if record:
-            flat = topk_ids.reshape(-1)
-            self._step_load[layer].index_add_(0, flat, self._one.expand(flat.numel()))
+            self.window.add(layer, topk_ids.reshape(-1))
         count = self.logcnt[layer][topk_ids]
         if self._truncated:
             count.clamp_(max=self.max_replicas)
@@ -330,7 +379,7 @@ class ExpertBalancer:
         """[layers, num_logical_experts] int64 on ``device``: this rank's tokens per
         logical expert over the window, as of the last ``step()``. A live buffer:
         read it, do not write it."""
-        return self._window_total
+        return self.window.total
 
     # ------------------------------------------------------------------ once per step
 
@@ -345,7 +394,7 @@ class ExpertBalancer:
         rearrangement or the placement computation raised (see the class
         docstring); the balancer is then failed until :meth:`reset`.
         """
-        self._roll_window()
+        self.window.roll()
         self.stats.steps += 1
         applied = False
         if self._pending is not None and self.stats.steps >= self._apply_at:
@@ -396,15 +445,8 @@ class ExpertBalancer:
 
     # ------------------------------------------------------------------ internals
 
-    def _roll_window(self) -> None:
-        oldest = self._window[self._window_pos]
-        self._window_total.sub_(oldest).add_(self._step_load)
-        oldest.copy_(self._step_load)
-        self._step_load.zero_()
-        self._window_pos = (self._window_pos + 1) % self.window_size
-
     def _start_rebalance(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
-        self._snapshot.copy_(self._window_total)
+        self._snapshot.copy_(self.window.total)
         multi_rank = self.num_gpus > 1
         if self._side_stream is None:
             if multi_rank:
@@ -443,7 +485,7 @@ class ExpertBalancer:
             gpu_loads(load, self._host_phy2log.numpy(), self._host_logcnt.numpy(), cfg.num_gpus)
         )
         after = balancedness(gpu_loads(load, phy2log.numpy(), logcnt.numpy(), cfg.num_gpus))
-        if self.keep_slots:
+        if self.rearrange.keep_slots:
             # The same experts on each GPU (the same loads), reordered so that
             # those staying on a GPU keep their slots: they need no copy.
             kept = keep_experts_in_place(self._host_phy2log.numpy(), phy2log.numpy(), cfg.num_gpus)
@@ -460,14 +502,14 @@ class ExpertBalancer:
                 logcnt.pin_memory(),
             )
         prepared: PreparedRearrangement | None = None
-        if self.prepare_ahead:
+        if self.rearrange.prepare_ahead:
             try:
                 prepared = prepare_rearrangement(
                     self._host_phy2log,
                     phy2log,
                     expert_weights,
                     self.group,
-                    max_batch_bytes=self.max_batch_bytes,
+                    max_batch_bytes=self.rearrange.max_batch_bytes,
                 )
             except (TypeError, ValueError):
                 # Left to the apply's call: it checks again, on every rank at once,
@@ -497,7 +539,7 @@ class ExpertBalancer:
                 plan.phy2log,
                 expert_weights,
                 self.group,
-                max_batch_bytes=self.max_batch_bytes,
+                max_batch_bytes=self.rearrange.max_batch_bytes,
                 buffers=self._buffers,
                 prepared=plan.prepared,
             )

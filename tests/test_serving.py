@@ -23,7 +23,7 @@ from eplb.production.rearrange import (
     RearrangeBuffers,
     rearrange_expert_weights,
 )
-from eplb.production.serving import ExpertBalancer
+from eplb.production.serving import ExpertBalancer, LoadWindow, RearrangeOptions
 from eplb.reference import rebalance_experts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,14 @@ def _assert_routes_to_holders(balancer: ExpertBalancer, ids: torch.Tensor, layer
     assert replicated > 0
 
 
+_OPTIONS = ("max_batch_bytes", "keep_buffers", "keep_slots", "prepare_ahead")
+
+
 def _balancer(world: int = 1, **kwargs) -> ExpertBalancer:
+    """A small balancer; RearrangeOptions' fields may be given as keywords too."""
+    options = {name: kwargs.pop(name) for name in _OPTIONS if name in kwargs}
+    if options:
+        kwargs["rearrange"] = RearrangeOptions(**options)
     kwargs = {"window_size": 4, "step_interval": 3, "device": "cpu", **kwargs}
     return ExpertBalancer(LAYERS, EXPERTS, SLOTS, GROUPS, 1, **kwargs)
 
@@ -304,6 +311,7 @@ def test_kept_buffers_go_to_every_rearrangement_and_close_with_the_balancer(monk
         ({"step_interval": 2.0}, TypeError, "step_interval must be an int"),
         ({"max_batch_bytes": 0}, ValueError, "max_batch_bytes must be >= 1"),
         ({"group": object()}, ValueError, "not initialized"),
+        ({"rearrange": {"keep_slots": True}}, TypeError, "rearrange must be a RearrangeOptions"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, error, match):
@@ -451,4 +459,21 @@ def test_route_in_a_cuda_graph_follows_in_place_rebalances():
     graph.replay()
     assert torch.equal(balancer.phy2log[0][static_slots], static_ids)
     _assert_weights_follow([[w.cpu() for w in layer] for layer in weights], balancer.phy2log, 0, 1)
+    balancer.close()
+
+
+def test_load_window_keeps_the_last_steps_only():
+    window = LoadWindow(2, 1, 3, torch.device("cpu"))
+    for ids in ([0, 0, 1], [2], [1, 1]):
+        window.add(0, torch.tensor(ids))
+        window.roll()
+    # The first step ([0, 0, 1]) has left the window of 2.
+    assert window.total.tolist() == [[0, 2, 1]]
+    assert window.total.dtype == torch.int64
+
+
+def test_default_options_prepare_ahead_and_keep_no_buffers():
+    balancer = _balancer()
+    assert balancer.rearrange == RearrangeOptions()
+    assert balancer.rearrange.prepare_ahead and not balancer.rearrange.keep_buffers
     balancer.close()
