@@ -25,9 +25,9 @@ Bits move through integer views (:func:`bit_view`; 8-byte words where a slot is
 one dense block), so every dtype ships exactly; slot copies go as lists through
 ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
 :class:`SlotWork` is the one place that makes views of the weights' slots,
-for packs (read) and writes (local copies, unpacks, post copies): a
-destination other than the live slots (a staging copy committed later) is a
-second set of views there.
+for packs (read) and writes (local copies, unpacks, post copies); its
+``into=`` sends the writes to other tensors of the same shapes (a staging copy
+committed later) while packs and local copies read the live slots.
 """
 
 from __future__ import annotations
@@ -543,7 +543,10 @@ def _unpack_destinations(step: Step, slots: SlotViews) -> list[list[torch.Tensor
 
 
 def _local_batches(
-    step: Step, slots: SlotViews, staging: dict[int, list[tuple[torch.Tensor, ...]]]
+    step: Step,
+    slots: SlotViews,
+    into: SlotViews,
+    staging: dict[int, list[tuple[torch.Tensor, ...]]],
 ) -> list[_Batch]:
     """The step's local copies: staging of cycle-breaking slots, then wave by wave.
 
@@ -567,8 +570,10 @@ def _local_batches(
             srcs = [src for src, _ in wave]
             for tensor in tensors:
                 split, staged = slots.rows(layer, tensor), rows[tensor]
+                written = into.rows(layer, tensor)
                 waves[i].add(
-                    [split[d] for d in dsts], [staged[-1 - s] if s < 0 else split[s] for s in srcs]
+                    [written[d] for d in dsts],
+                    [staged[-1 - s] if s < 0 else split[s] for s in srcs],
                 )
     return [stage, *waves]
 
@@ -595,12 +600,24 @@ class SlotWork:
     """
 
     def __init__(
-        self, expert_weights: Sequence[Sequence[torch.Tensor]], steps: list[Step], ahead: bool
+        self,
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        steps: list[Step],
+        ahead: bool,
+        into: Sequence[Sequence[torch.Tensor]] | None = None,
     ) -> None:
         self._weights = [list(layer) for layer in expert_weights]
         # Checked by made_from, which only prepared moves use.
         self._meta = _tensor_meta(self._weights) if ahead else []
         self.slots = SlotViews([[bit_view(t) for t in layer] for layer in self._weights])
+        #: Where writes go: the weights themselves, or ``into`` (tensors of the
+        #: same shapes and dtypes, e.g. a staging copy committed later; only the
+        #: slots that change are written there).
+        self.into = (
+            self.slots
+            if into is None
+            else SlotViews([[bit_view(t) for t in layer] for layer in into])
+        )
         count = len(steps)
         self.pack: list[list[list[torch.Tensor]] | None] = [None] * count
         self.local: list[list[_Batch] | None] = [None] * count
@@ -614,9 +631,9 @@ class SlotWork:
             # Staging rows are allocated per call: a step copying through them
             # lays out its local copies in the call.
             if not any(group.staged for group in step.local):
-                self.local[k] = _local_batches(step, self.slots, {})
-            self.unpack[k] = _unpack_destinations(step, self.slots)
-            self.post[k] = _post_batch(step, self.slots)
+                self.local[k] = _local_batches(step, self.slots, self.into, {})
+            self.unpack[k] = _unpack_destinations(step, self.into)
+            self.post[k] = _post_batch(step, self.into)
 
     def pack_sources(self, k: int) -> list[list[torch.Tensor]]:
         """The slot views step k's message parts pack, in order."""
@@ -635,13 +652,13 @@ class SlotWork:
         step = self._steps[k]
         local = self.local[k]
         if local is None:  # staging rows are the call's own: never kept
-            local = _local_batches(step, self.slots, staging)
+            local = _local_batches(step, self.slots, self.into, staging)
         unpack = self.unpack[k]
         if unpack is None:
-            unpack = self.unpack[k] = _unpack_destinations(step, self.slots)
+            unpack = self.unpack[k] = _unpack_destinations(step, self.into)
         post = self.post[k]
         if post is None:
-            post = self.post[k] = _post_batch(step, self.slots)
+            post = self.post[k] = _post_batch(step, self.into)
         return local, unpack, post
 
     def made_from(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:

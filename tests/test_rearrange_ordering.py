@@ -229,3 +229,51 @@ def test_a_missing_wait_for_the_pack_is_caught():
         streams,
     )
     assert races(streams.ops) != []
+
+
+def test_writes_can_go_to_a_destination_other_than_the_live_slots():
+    # SlotWork(into=...): the seam a staged move uses. Packs and local copies
+    # read the live slots, every write lands in ``into``; the live slots keep
+    # the old placement. One rank, so the copies are all local and checkable.
+    rng = np.random.default_rng(3)
+    layers, slots = 3, 8
+    old = np.stack([rng.permutation(np.arange(slots) % 6) for _ in range(layers)])
+    new = np.stack([rng.permutation(row) for row in old])
+    plan = plan_rearrangement(old, new, 1)
+    nbytes = tuple(4 * int(np.prod(shape)) for shape in TENSORS)
+    steps = program(plan, Layout(nbytes, "f32"), 0, 1 << 20)
+    weights = [
+        [
+            torch.from_numpy(old[layer])
+            .float()
+            .reshape(-1, *[1] * len(shape))
+            .expand(-1, *shape)
+            .contiguous()
+            for shape in TENSORS
+        ]
+        for layer in range(layers)
+    ]
+    before = [[t.clone() for t in layer] for layer in weights]
+    into = [[torch.full_like(t, -1.0) for t in layer] for layer in weights]
+    streams = RecordingStreams()
+    run_steps(
+        steps,
+        SlotWork(weights, steps, ahead=False, into=into),
+        torch.device("cpu"),
+        RecordingTransport(streams),
+        0,
+        False,
+        lambda: None,
+        contextlib.nullcontext,
+        streams,
+    )
+    assert races(streams.ops) == []
+    for layer in range(layers):
+        for tensor in range(len(TENSORS)):
+            assert torch.equal(weights[layer][tensor], before[layer][tensor])
+            for slot in range(slots):
+                row = into[layer][tensor][slot]
+                if old[layer, slot] == new[layer, slot]:
+                    assert (row == -1).all()  # unchanged slots are not written
+                else:
+                    assert (row == float(new[layer, slot])).all(), (layer, tensor, slot)
