@@ -710,11 +710,7 @@ def _scenarios() -> list[Scenario]:
             Scenario(f"maps-differ-{ranks}", ranks, old, new, 7, fault="maps differ"),
             Scenario(f"fails-midway-{ranks}", ranks, old, new, 8, {"max_batch_bytes": 1}, "midway"),
             # Rank 1 alone fails after its last step's messages, some layers written.
-            *(
-                [Scenario("fails-alone-2", 2, stacked, new, 13, {"max_batch_bytes": 1}, "alone")]
-                if ranks == 2
-                else []
-            ),
+            *([_fails_alone(stacked, new, per_rank)] if ranks == 2 else []),
             # Three calls (there, back, there again) through one RearrangeBuffers.
             Scenario(f"kept-buffers-{ranks}", ranks, old, new, 9, {"buffers": True}),
             # Every rank but the last prepares its share ahead (ranks may mix).
@@ -731,6 +727,19 @@ def _scenarios() -> list[Scenario]:
             Scenario(f"prepared-other-maps-{ranks}", ranks, old, new, 12, fault="prepared"),
         ]
     return found
+
+
+def _fails_alone(old: np.ndarray, new: np.ndarray, per_rank: int) -> Scenario:
+    """Rank 1 fails alone after its last messages; its last steps' writes never run.
+
+    The last layer changes little (two slots swap ranks), so its writes all fall
+    in the last steps: it stays unwritten while earlier layers changed, and a
+    report naming one layer too many or too few is caught.
+    """
+    new = new.copy()
+    new[-1] = old[-1]
+    new[-1, [0, per_rank]] = old[-1, [per_rank, 0]]
+    return Scenario("fails-alone-2", 2, old, new, 13, {"max_batch_bytes": 1}, "alone")
 
 
 SCENARIOS = {s.name: s for s in _scenarios()}
@@ -1028,6 +1037,7 @@ def test_rank_failing_alone_names_exactly_the_layers_it_changed(gloo_results):
     # The weights, not the message alone: the named layers are exactly those
     # whose bytes differ from before, and the move stopped part way.
     assert named == changed and changed
+    assert len(got) - 1 not in changed  # the last layer's writes never ran
     assert any(
         not np.array_equal(g, w)
         for layer in range(len(got))
