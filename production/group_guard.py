@@ -48,9 +48,11 @@ import math
 import numbers
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import wait as futures_wait
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -188,23 +190,26 @@ class AgreementError(ValueError):
         self.ranks = tuple(ranks)
 
 
-def abort_group(group: dist.ProcessGroup | None) -> None:
-    """Abort ``group``'s communicator: its pending and future operations fail, none hangs.
+def abort_group(group: dist.ProcessGroup | None) -> bool:
+    """Abort ``group``'s NCCL communicator: its pending kernels and operations fail, none hangs.
 
-    ``ProcessGroup.abort()`` (torch 2.6+; 2.11 and 2.13 have it) aborts NCCL
-    communicators, which frees kernels waiting on a dead peer; gloo accepts the
-    call, but its pending receives stay pending, which is why a faulted group is
-    also refused by every later guarded call. Errors while aborting are
+    Uses ``ProcessGroup.abort()`` (torch 2.11 and 2.13 have it). Only groups
+    with an NCCL backend are aborted: NCCL kernels waiting on a dead peer spin
+    on the GPU forever otherwise. gloo accepts the call but leaves its pending
+    receives pending, so it gains nothing; its waits end by their own deadline.
+    Either way a faulted group is refused by every later guarded call.
+    Returns True if the communicator was aborted; errors while aborting are
     swallowed: the caller is already raising the reason.
     """
     target = group if group is not None else dist.group.WORLD
     abort = getattr(target, "abort", None)
-    if abort is None:
-        return
+    if abort is None or "nccl" not in str(dist.get_backend(group)):
+        return False
     try:
         abort()
     except Exception:  # best effort; the caller raises the real failure
-        pass
+        return False
+    return True
 
 
 def _group_key(group: dist.ProcessGroup | None) -> str:
@@ -320,6 +325,7 @@ class GuardedCall:
         self._posted = False
         self._verdict: Future[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._waiter: ThreadPoolExecutor | None = None
         if guard.world_size > 1:
             # Store requests block in C++ until the store's own timeout (the
             # group's, 30 min) if its host froze: they run here, the caller only
@@ -355,9 +361,11 @@ class GuardedCall:
                     if self.guard.abort_on_fault:
                         abort_group(self.guard.group)
         finally:
-            if self._executor is not None:
-                # Never wait for a store request stuck on a frozen store host.
-                self._executor.shutdown(wait=False, cancel_futures=True)
+            # Never wait here for a store request stuck on a frozen store host,
+            # nor for a work: its wait ends by its own deadline.
+            for executor in (self._executor, self._waiter):
+                if executor is not None:
+                    executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ store access
 
@@ -453,17 +461,80 @@ class GuardedCall:
     def wait_until(self, done: Callable[[], bool], what: str) -> None:
         """Poll ``done()`` until it is True; GroupFault on a posted failure or the deadline.
 
-        done: a non-blocking test (``work.is_completed``, ``event.query``).
+        done: a non-blocking test that turns True by itself (``event.query``).
         what: what is awaited, for the message.
         """
         if done():
             return
+
+        def ready(pause: float) -> bool:
+            if done():
+                return True
+            time.sleep(pause)
+            return False
+
+        self._await(ready, what)
+
+    def wait_works(self, works: Sequence[Any], what: str = "a step's messages") -> None:
+        """Wait for ``torch.distributed`` works with the deadline; raise what they raise.
+
+        gloo's works complete only inside ``wait()``, and a gloo wait that times
+        out closes its connection, so it cannot be polled in slices: a waiter
+        thread makes one ``wait(timeout)`` per work, bounded by this wait's
+        deadline, while this thread reads the failure board. A dead peer makes
+        gloo's wait raise at once (connection closed). With NCCL ``wait()``
+        returns at once (it only orders the current stream): follow it with
+        :meth:`wait_event` for the host's deadline.
+        """
+        if not works:
+            return
+        if self._waiter is None:
+            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="eplb-guard-wait")
+        deadline = time.monotonic() + self.guard.timeout
+
+        def wait_all() -> None:
+            for work in works:
+                left = max(deadline - time.monotonic(), 1e-3)
+                work.wait(timedelta(seconds=left))
+
+        waiting = self._waiter.submit(wait_all)
+        self._await(lambda pause: bool(futures_wait([waiting], timeout=pause).done), what)
+        try:
+            waiting.result()
+        except Exception as exc:
+            if time.monotonic() >= deadline - 1e-3:
+                raise self._expired(what) from exc
+            self.check()  # a peer that failed first may have said why
+            raise self._fault(
+                f"{what} failed: {type(exc).__name__}: {exc}", (), False, exc
+            ) from exc
+
+    def wait_event(self, event: torch.cuda.Event, what: str = "the device work") -> None:
+        """Wait for a recorded CUDA event with the deadline (NCCL: the host never blocks)."""
+        self.wait_until(event.query, what)
+
+    def _expired(self, what: str) -> GroupFault:
+        return self._fault(
+            f"{what} did not complete within {self.guard.timeout:g} s: a rank froze, died or "
+            "is far behind",
+            (),
+            True,
+            None,
+        )
+
+    def _await(self, ready: Callable[[float], bool], what: str) -> None:
+        """Call ``ready(pause)`` (which may block up to ``pause`` s) until True.
+
+        Reads the failure board every ``board_interval`` s on the store thread
+        (never blocking here) and raises GroupFault on a posted failure or at
+        the deadline.
+        """
         start = time.monotonic()
         deadline = start + self.guard.timeout
         next_read = start + self.guard.board_interval
         reading: Future[list[tuple[int, str]]] | None = None
         pause = 20e-6
-        while not done():
+        while not ready(pause):
             now = time.monotonic()
             if reading is not None and reading.done():
                 self._raise_posted(self._result(reading, deadline, "a read"))
@@ -471,28 +542,8 @@ class GuardedCall:
             elif reading is None and self._executor is not None and now >= next_read:
                 reading = self._submit(self._read_board)
             if now >= deadline:
-                raise self._fault(
-                    f"{what} did not complete within {self.guard.timeout:g} s: a rank froze, "
-                    "died or is far behind",
-                    (),
-                    True,
-                    None,
-                )
-            time.sleep(pause)
+                raise self._expired(what)
             pause = min(pause * 2, 2e-3)
-
-    def wait_work(self, work: Any, what: str = "a message") -> None:
-        """Wait for a ``torch.distributed`` work (gloo: completes on the host) with the deadline.
-
-        Then ``work.wait()`` returns at once, or raises the backend's error (e.g. gloo's
-        "connection closed by peer" when the peer died).
-        """
-        self.wait_until(work.is_completed, what)
-        work.wait()
-
-    def wait_event(self, event: torch.cuda.Event, what: str = "the device work") -> None:
-        """Wait for a recorded CUDA event with the deadline (NCCL: the host never blocks)."""
-        self.wait_until(event.query, what)
 
     # ------------------------------------------------------------------ agreement
 
