@@ -81,6 +81,7 @@ DEFAULT_TIMEOUT = 90.0
 
 _T = TypeVar("_T")
 _PREFIX = "eplb/guard"
+_GRACE = 0.5  # seconds a store request may take past a deadline (normally < 1 ms)
 _counters: dict[str, int] = {}
 _faulted: dict[str, str] = {}
 _registry_lock = threading.Lock()
@@ -389,7 +390,8 @@ class GuardedCall:
     def _result(self, future: Future[_T], deadline: float, what: str) -> _T:
         """A store request's result, or GroupFault once ``deadline`` passes."""
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            # A request sent just before the deadline still gets its round trip.
+            return future.result(timeout=max(_GRACE, deadline - time.monotonic()))
         except FutureTimeout:
             raise self._fault(
                 f"the group's store did not answer {what} within {self.guard.timeout:g} s "
@@ -632,7 +634,10 @@ class GuardedCall:
                 None,
             )
         texts = self._result(self._submit(lambda s: _get_all(s, keys)), deadline, "a read")
+        # Every rank reaches the same verdict from the same posts: none is a failure to post.
+        self._posted = True
         _compare([json.loads(t) for t in texts])
+        self._posted = False
         self.agreed = True
 
     def agree(self, check: Callable[[], tuple[_T, Mapping[str, object]]]) -> _T:

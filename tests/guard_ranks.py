@@ -1,6 +1,7 @@
 """One rank of a fault scenario for tests/test_group_guard.py (run as a script, not collected).
 
 Usage: python guard_ranks.py SCENARIO RANK WORLD PORT TIMEOUT OUT_DIR
+(the misbehaving rank: EPLB_GUARD_FAULTY, default 1)
 
 Every rank agrees on its arguments through a GroupGuard, then runs a small
 ring move under it: STEPS steps, each sending this rank's tensor to the next
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 from eplb.production.group_guard import AgreementError, GroupFault, GroupGuard, RearrangeError
 
-FAULTY = 1
+FAULTY = int(os.environ.get("EPLB_GUARD_FAULTY", "1"))
 STEPS = 4
 
 
@@ -102,10 +103,11 @@ def main() -> None:
             report["traceback"] = traceback.format_exc()
     report["elapsed"] = time.monotonic() - start
     report["faulted"] = guard.faulted
-    Path(out, f"{rank}.json").write_text(json.dumps(report))
-    if scenario == "raise" and rank_i == FAULTY:
-        time.sleep(60)  # failing alone, alive: the others must not learn it from a closed pair
-    # After a fault the group holds stale operations: leave without tearing it down.
+    Path(out, f"{rank}.json.tmp").write_text(json.dumps(report))
+    Path(out, f"{rank}.json.tmp").rename(Path(out, f"{rank}.json"))
+    # Stay alive until the test kills every rank: a rank that exits closes its
+    # gloo pairs (and rank 0 the store), which would tell the others too early.
+    time.sleep(300)
     os._exit(0)
 
 
