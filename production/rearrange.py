@@ -55,6 +55,7 @@ import torch.distributed as dist
 from ._rearrange_plan import (
     RearrangePlan,
     _plan_checked,
+    check_keeps_experts,
     check_maps,
     keep_experts_in_place,
     local_waves,
@@ -597,6 +598,7 @@ def _check_input(
 ) -> tuple[np.ndarray, np.ndarray, _Layout]:
     """The checks :func:`rearrange_expert_weights` and :func:`prepare_rearrangement` share."""
     old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
+    check_keeps_experts(old, new)
     layout = _check_weights(expert_weights, old.shape, world_size)
     if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
         raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
