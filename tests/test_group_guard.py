@@ -207,3 +207,30 @@ def test_rearrange_error_reports_layers() -> None:
 
 def test_agreement_error_is_a_value_error() -> None:
     assert issubclass(AgreementError, ValueError)
+
+
+def test_a_wait_that_never_completes_ends_at_its_deadline() -> None:
+    guard = GroupGuard(timeout=0.3)
+
+    class StuckWork:
+        def wait(self, timeout: Any) -> None:
+            time.sleep(timeout.total_seconds())
+            raise RuntimeError("Timed out waiting for recv")
+
+    for wait in (
+        lambda call: call.wait_until(lambda: False, "an event"),
+        lambda call: call.wait_works([StuckWork()], "a recv"),
+    ):
+        begin = time.monotonic()
+        with pytest.raises(GroupFault, match=r"did not complete within 0\.3 s") as info:
+            with guard.call("stuck") as call:
+                wait(call)
+        assert info.value.timed_out
+        assert 0.3 <= time.monotonic() - begin < 0.3 + SLACK
+
+
+def test_gpu_host_check_runs_on_cpu(run_benchmark: Any) -> None:
+    stdout = run_benchmark("check_group_guard.py")
+    rows = dict(line.rsplit(maxsplit=1) for line in stdout.splitlines() if line.strip())
+    assert {k.strip(): v for k, v in rows.items()}["all checks"] == "pass", stdout
+    assert "ProcessGroup.get_group_store                     True" in stdout
