@@ -48,6 +48,7 @@ import math
 import numbers
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -82,8 +83,17 @@ DEFAULT_TIMEOUT = 90.0
 _T = TypeVar("_T")
 _PREFIX = "eplb/guard"
 _GRACE = 0.5  # seconds a store request may take past a deadline (normally < 1 ms)
-_counters: dict[str, int] = {}
-_faulted: dict[str, str] = {}
+# Per process group object: a new group (the recovery after a fault) starts
+# afresh on every rank, including a restarted one.
+_counters: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+_faulted: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+class _Single:
+    """The key of a single process without torch.distributed."""
+
+
+_SINGLE = _Single()
 _registry_lock = threading.Lock()
 
 
@@ -213,12 +223,6 @@ def abort_group(group: dist.ProcessGroup | None) -> bool:
     return True
 
 
-def _group_key(group: dist.ProcessGroup | None) -> str:
-    target = group if group is not None else dist.group.WORLD
-    name = getattr(target, "group_name", None)
-    return str(name) if name else f"id{id(target)}"
-
-
 def _group_store(group: dist.ProcessGroup | None) -> dist.Store:
     """The store ``group`` rendezvoused with (keys under the group's own prefix)."""
     target = group if group is not None else dist.group.WORLD
@@ -280,11 +284,11 @@ class GroupGuard:
             if self.rank < 0:
                 raise ValueError("this process is not a member of group")
             self.world_size = dist.get_world_size(group)
-            self.key = _group_key(group)
+            self.key: object = group if group is not None else dist.group.WORLD
         elif group is not None:
             raise ValueError("group was given but torch.distributed is not initialized")
         else:
-            self.rank, self.world_size, self.key = 0, 1, "single"
+            self.rank, self.world_size, self.key = 0, 1, _SINGLE
         self._store = store
         if self._store is None and self.world_size > 1:
             self._store = _group_store(group)

@@ -32,8 +32,9 @@ from eplb.production.group_guard import (
 )
 
 WORLD = 3
-TIMEOUT = 4.0  # the guard's timeout in these tests (seconds)
-FAST = 2.0  # a failure posted on the board must reach the others well before TIMEOUT
+TIMEOUT = 4.0  # the guard's timeout where a wait must expire (seconds)
+LONG = 30.0  # the guard's timeout where the others must learn of a failure before it
+FAST = 5.0  # ... within this (a loaded 2-core CI machine; measured: well under 0.1 s)
 SLACK = 4.0  # a loaded 2-core CI machine: how late after its deadline a wait may end
 SCRIPT = Path(__file__).with_name("guard_ranks.py")
 
@@ -48,11 +49,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(tmp_path: Path, scenario: str, waiting_for: set[int], faulty: int = 1) -> dict[int, Any]:
+def _run(
+    tmp_path: Path, scenario: str, waiting_for: set[int], faulty: int = 1, timeout: float = LONG
+) -> dict[int, Any]:
     """Start the ranks, wait for the reports of ``waiting_for``, kill every rank; the reports."""
     port = _free_port()
     env = {**os.environ, "EPLB_GUARD_FAULTY": str(faulty)}
-    args = [str(WORLD), str(port), str(TIMEOUT), str(tmp_path)]
+    args = [str(WORLD), str(port), str(timeout), str(tmp_path)]
     procs = [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), scenario, str(r), *args],
@@ -100,7 +103,7 @@ def test_a_rank_raising_alone_fails_every_rank_through_the_board(tmp_path: Path)
 
 
 def test_a_frozen_rank_fails_the_others_at_the_timeout(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "freeze", {0, 2})
+    reports = _run(tmp_path, "freeze", {0, 2}, timeout=TIMEOUT)
     for r in (0, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
@@ -111,7 +114,7 @@ def test_a_frozen_rank_fails_the_others_at_the_timeout(tmp_path: Path) -> None:
 
 
 def test_a_frozen_store_host_fails_the_others_at_the_timeout(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "freeze", {1, 2}, faulty=0)
+    reports = _run(tmp_path, "freeze", {1, 2}, faulty=0, timeout=TIMEOUT)
     for r in (1, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
@@ -152,13 +155,14 @@ def test_any_exception_while_checking_is_a_shared_refusal(tmp_path: Path) -> Non
 
 
 def test_a_rank_frozen_before_the_agreement_is_named(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "agree_freeze", {0, 2})
+    reports = _run(tmp_path, "agree_freeze", {0, 2}, timeout=TIMEOUT)
     for r in (0, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
-        assert report["failed_ranks"] == [1] and report["timed_out"]
-        assert "rank(s) [1] did not reach the agreement" in report["message"]
+        # Expired itself, or learnt it from the board from a rank that expired first.
+        assert "rank(s) [1] did not reach the agreement" in report["message"], report
         assert TIMEOUT * 0.9 < report["elapsed"] < TIMEOUT + SLACK, report
+    assert any(reports[r]["failed_ranks"] == [1] and reports[r]["timed_out"] for r in (0, 2))
 
 
 def test_a_healthy_move_passes_and_delivers(tmp_path: Path) -> None:
