@@ -344,10 +344,17 @@ class GuardedCall:
 
     def __enter__(self) -> GuardedCall:
         if self._executor is not None and self.number >= 2:
-            # Every rank has read call n - 2's verdicts: it posted call n - 1's
-            # only after its agreement on call n - 2 was complete.
-            stale = "/".join((_PREFIX, str(self.number - 2), "verdict", str(self.guard.rank)))
-            self._submit(lambda store: store.delete_key(stale))
+            # No rank reads call n - 2's keys any more: this rank's agreement on
+            # call n - 1 saw every rank's verdict, posted after it left call n - 2.
+            stale = "/".join((_PREFIX, str(self.number - 2)))
+            mine = [f"{stale}/verdict/{self.guard.rank}", f"{stale}/failed/{self.guard.rank}"]
+            shared = [f"{stale}/failures", f"{stale}/finished"] if self.guard.rank == 0 else []
+
+            def forget(store: dist.Store) -> None:
+                for key in mine + shared:
+                    store.delete_key(key)  # False where it never existed
+
+            self._submit(forget)
         return self
 
     def __exit__(
@@ -479,7 +486,9 @@ class GuardedCall:
             time.sleep(pause)
             return False
 
-        self._await(ready, what)
+        # Slept in steps of at most 0.2 ms: the host learns of the end that late
+        # at most (a move's last event ends its call), for a few % of a core.
+        self._await(ready, what, 0.2e-3)
 
     def wait_works(self, works: Sequence[Any], what: str = "a step's messages") -> None:
         """Wait for ``torch.distributed`` works with the deadline; raise what they raise.
@@ -504,7 +513,8 @@ class GuardedCall:
                 work.wait(timedelta(seconds=left))
 
         waiting = self._waiter.submit(wait_all)
-        self._await(lambda pause: bool(futures_wait([waiting], timeout=pause).done), what)
+        # futures_wait returns as soon as the waiter does: the pause costs no latency.
+        self._await(lambda pause: bool(futures_wait([waiting], timeout=pause).done), what, 2e-3)
         try:
             waiting.result()
         except Exception as exc:
@@ -528,8 +538,10 @@ class GuardedCall:
             None,
         )
 
-    def _await(self, ready: Callable[[float], bool], what: str) -> None:
+    def _await(self, ready: Callable[[float], bool], what: str, longest: float) -> None:
         """Call ``ready(pause)`` (which may block up to ``pause`` s) until True.
+
+        The pause doubles from 20 us up to ``longest`` s.
 
         Reads the failure board every ``board_interval`` s on the store thread
         (never blocking here) and raises GroupFault on a posted failure or at
@@ -549,7 +561,7 @@ class GuardedCall:
                 reading = self._submit(self._read_board)
             if now >= deadline:
                 raise self._expired(what)
-            pause = min(pause * 2, 2e-3)
+            pause = min(pause * 2, longest)
 
     # ------------------------------------------------------------------ agreement
 

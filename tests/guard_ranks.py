@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eplb.production.group_guard import AgreementError, GroupFault, GroupGuard, RearrangeError
+from eplb.production.group_guard import (
+    AgreementError,
+    GroupFault,
+    GroupGuard,
+    GuardedCall,
+    RearrangeError,
+)
 
 FAULTY = int(os.environ.get("EPLB_GUARD_FAULTY", "1"))
 STEPS = 4
@@ -44,7 +50,7 @@ def _check(scenario: str, rank: int) -> tuple[None, dict[str, object]]:
     }
 
 
-def _move(scenario: str, rank: int, world: int, call: object) -> list[float]:
+def _move(scenario: str, rank: int, world: int, call: GuardedCall) -> list[float]:
     """The ring move; returns what this rank received, step by step."""
     got = []
     for step in range(STEPS):
@@ -63,7 +69,7 @@ def _move(scenario: str, rank: int, world: int, call: object) -> list[float]:
                 dist.P2POp(dist.irecv, recv, (rank - 1) % world),
             ]
         )
-        call.wait_works(works, f"step {step}")  # type: ignore[attr-defined]
+        call.wait_works(works, f"step {step}")
         got.append(float(recv[0]))
     return got
 
@@ -93,6 +99,19 @@ def main() -> None:
             report["received"] = _move(scenario, rank_i, world_i, call)
             call.finish()
         report["error"] = None
+        if scenario == "ok":  # the store must not fill up with old calls' keys
+            world = dist.group.WORLD
+            assert world is not None
+            store = world.get_group_store()
+            keys = []
+            for _ in range(6):
+                with guard.call("again") as call:
+                    call.agree(lambda: (None, {"world": world_i}))
+                    call.finish()
+                dist.barrier()
+                keys.append(store.num_keys())
+                dist.barrier()
+            report["keys"] = keys
     except BaseException as exc:
         report.update(error=type(exc).__name__, message=str(exc))
         if isinstance(exc, GroupFault):

@@ -171,6 +171,8 @@ def test_a_healthy_move_passes_and_delivers(tmp_path: Path) -> None:
         assert report["error"] is None, report
         left = (r - 1) % WORLD
         assert report["received"] == [left * 100 + step for step in range(4)]
+        keys = report["keys"]
+        assert keys[2:] == [keys[2]] * 4, keys  # old calls' keys are deleted
 
 
 # ---------------------------------------------------------------------- one process
