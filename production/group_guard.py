@@ -49,7 +49,7 @@ import numbers
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
@@ -70,6 +70,7 @@ __all__ = [
     "RearrangeError",
     "abort_group",
     "check_timeout",
+    "classify_layers",
 ]
 
 #: Seconds one wait of a guarded call may take (see :func:`check_timeout`).
@@ -169,6 +170,34 @@ class RearrangeError(RuntimeError):
             layers_old=layers_old,
             layers_mixed=layers_mixed,
         )
+
+
+def classify_layers(
+    num_layers: int, step_layers: Sequence[Collection[int]], issued: int, completed: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Which layers a move that stopped left (new, old, mixed) on this rank.
+
+    step_layers: per step, the layers whose slots that step writes on this rank.
+    issued: steps whose writes were started (on the device: queued).
+    completed: steps whose writes are known finished (<= issued; on the
+        device, the steps whose write events have completed, in order).
+
+    New: every write of the layer completed. Old: none started (including
+    layers this rank never writes: they hold the old placement's weights,
+    which is what recovery needs). Mixed: the rest.
+    """
+    if not 0 <= completed <= issued <= len(step_layers):
+        raise ValueError(
+            f"need 0 <= completed <= issued <= steps, got completed={completed}, "
+            f"issued={issued}, steps={len(step_layers)}"
+        )
+    started: set[int] = set().union(*step_layers[:issued])
+    pending: set[int] = set().union(*step_layers[completed:])
+    layers = range(num_layers)
+    new = tuple(layer for layer in layers if layer in started and layer not in pending)
+    old = tuple(layer for layer in layers if layer not in started)
+    mixed = tuple(layer for layer in layers if layer in started and layer in pending)
+    return new, old, mixed
 
 
 class GroupFault(RuntimeError):

@@ -29,6 +29,7 @@ from eplb.production.group_guard import (
     GroupGuard,
     RearrangeError,
     check_timeout,
+    classify_layers,
 )
 
 WORLD = 3
@@ -240,3 +241,15 @@ def test_gpu_host_check_runs_on_cpu(run_benchmark: Any) -> None:
     rows = dict(line.rsplit(maxsplit=1) for line in stdout.splitlines() if line.strip())
     assert {k.strip(): v for k, v in rows.items()}["all checks"] == "pass", stdout
     assert "ProcessGroup.get_group_store                     True" in stdout
+
+
+def test_classify_layers_by_progress() -> None:
+    steps = [{0}, {0, 1}, {1}, {2}, {4}]  # layer 3 is never written on this rank
+    assert classify_layers(5, steps, issued=0, completed=0) == ((), (0, 1, 2, 3, 4), ())
+    # Step 1 queued but not finished: layer 0 and 1 may be half written.
+    assert classify_layers(5, steps, issued=2, completed=1) == ((), (2, 3, 4), (0, 1))
+    assert classify_layers(5, steps, issued=3, completed=2) == ((0,), (2, 3, 4), (1,))
+    assert classify_layers(5, steps, issued=4, completed=4) == ((0, 1, 2), (3, 4), ())
+    assert classify_layers(5, steps, issued=5, completed=5) == ((0, 1, 2, 4), (3,), ())
+    with pytest.raises(ValueError, match="completed <= issued"):
+        classify_layers(5, steps, issued=1, completed=2)
