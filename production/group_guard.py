@@ -34,10 +34,10 @@ tell the others at once:
   stuck on the GPU, and marks the group faulted: later guarded calls on it
   raise at once. Recreate the group before moving weights again.
 
-Errors: :class:`AgreementError` (a ValueError: nothing was touched),
-:class:`GroupFault` (another rank failed, or a wait expired) and
-:class:`RearrangeError`, which a weight move raises with the layers this rank
-left new, old or possibly mixed.
+Errors (``eplb.production.errors``): AgreementError (a ValueError: nothing
+was touched), GroupFault (another rank failed, or a wait expired) and
+RearrangeError, which a weight move raises with the layers this rank left new,
+old or possibly mixed.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import numbers
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
@@ -61,16 +61,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import AgreementError, GroupFault
+
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "AgreementError",
-    "GroupFault",
     "GroupGuard",
     "GuardedCall",
-    "RearrangeError",
     "abort_group",
     "check_timeout",
-    "classify_layers",
 ]
 
 #: Seconds one wait of a guarded call may take (see :func:`check_timeout`).
@@ -106,128 +104,6 @@ def check_timeout(timeout: object) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     return seconds
-
-
-class RearrangeError(RuntimeError):
-    """A weight move failed on this rank; says what it left in each layer.
-
-    rank: this process's rank in the group.
-    cause: the exception that stopped this rank (its own, or a
-        :class:`GroupFault` reporting another rank).
-    layers_new: layers whose slots on this rank all hold the new placement.
-    layers_old: layers this rank has not written (the old placement).
-    layers_mixed: layers this rank may have partly written.
-
-    Recovery: reload ``layers_changed`` from the checkpoint (or the whole model),
-    then tell the balancer which placement the weights hold.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        rank: int,
-        cause: BaseException,
-        layers_new: tuple[int, ...] = (),
-        layers_old: tuple[int, ...] = (),
-        layers_mixed: tuple[int, ...] = (),
-    ) -> None:
-        super().__init__(message)
-        self.rank = rank
-        self.cause = cause
-        self.layers_new = tuple(layers_new)
-        self.layers_old = tuple(layers_old)
-        self.layers_mixed = tuple(layers_mixed)
-
-    @property
-    def layers_changed(self) -> tuple[int, ...]:
-        """Layers that no longer hold the old placement on this rank (new or mixed)."""
-        return tuple(sorted(self.layers_new + self.layers_mixed))
-
-    @classmethod
-    def from_layers(
-        cls,
-        what: str,
-        *,
-        rank: int,
-        cause: BaseException,
-        layers_new: tuple[int, ...],
-        layers_old: tuple[int, ...],
-        layers_mixed: tuple[int, ...],
-    ) -> RearrangeError:
-        """The error of ``what`` (e.g. the call's name), with a message naming the layers."""
-        message = (
-            f"{what} failed on rank {rank}: {type(cause).__name__}: {cause}. On this rank, "
-            f"layers {list(layers_new)} hold new weights, layers {list(layers_mixed)} may be "
-            f"mixed, layers {list(layers_old)} are unchanged: reload the changed layers, then "
-            "install the placement they hold"
-        )
-        return cls(
-            message,
-            rank=rank,
-            cause=cause,
-            layers_new=layers_new,
-            layers_old=layers_old,
-            layers_mixed=layers_mixed,
-        )
-
-
-def classify_layers(
-    num_layers: int, step_layers: Sequence[Collection[int]], issued: int, completed: int
-) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """Which layers a move that stopped left (new, old, mixed) on this rank.
-
-    step_layers: per step, the layers whose slots that step writes on this rank.
-    issued: steps whose writes were started (on the device: queued).
-    completed: steps whose writes are known finished (<= issued; on the
-        device, the steps whose write events have completed, in order).
-
-    New: every write of the layer completed. Old: none started (including
-    layers this rank never writes: they hold the old placement's weights,
-    which is what recovery needs). Mixed: the rest.
-    """
-    if not 0 <= completed <= issued <= len(step_layers):
-        raise ValueError(
-            f"need 0 <= completed <= issued <= steps, got completed={completed}, "
-            f"issued={issued}, steps={len(step_layers)}"
-        )
-    started: set[int] = set().union(*step_layers[:issued])
-    pending: set[int] = set().union(*step_layers[completed:])
-    layers = range(num_layers)
-    new = tuple(layer for layer in layers if layer in started and layer not in pending)
-    old = tuple(layer for layer in layers if layer not in started)
-    mixed = tuple(layer for layer in layers if layer in started and layer in pending)
-    return new, old, mixed
-
-
-class GroupFault(RuntimeError):
-    """Another rank failed or did not answer in time; or this group faulted before.
-
-    rank: this process's rank in the group.
-    failed_ranks: the ranks that posted a failure or did not answer.
-    timed_out: True when a deadline expired (a rank froze or died silently).
-    """
-
-    def __init__(
-        self, message: str, *, rank: int, failed_ranks: tuple[int, ...], timed_out: bool
-    ) -> None:
-        super().__init__(message)
-        self.rank = rank
-        self.failed_ranks = tuple(failed_ranks)
-        self.timed_out = timed_out
-
-
-class AgreementError(ValueError):
-    """The ranks' arguments differ, or a rank refused its own: nothing was touched.
-
-    argument: the argument that differs, None when a rank refused.
-    ranks: the refusing ranks, or those that disagree with the lowest rank.
-    """
-
-    def __init__(self, message: str, *, argument: str | None, ranks: tuple[int, ...]) -> None:
-        super().__init__(message)
-        self.argument = argument
-        self.ranks = tuple(ranks)
 
 
 def abort_group(group: dist.ProcessGroup | None) -> bool:
@@ -395,7 +271,9 @@ class GuardedCall:
         try:
             if exc is not None and self.guard.world_size > 1:
                 if not self._posted:
-                    self.fail(f"{type(exc).__name__}: {exc}")
+                    # A GroupFault reports other ranks (or a deadline), not this one.
+                    about = exc.failed_ranks if isinstance(exc, GroupFault) else None
+                    self.fail(f"{type(exc).__name__}: {exc}", about)
                 if self.agreed:
                     with _registry_lock:
                         _faulted.setdefault(self.guard.key, f"{self.name} #{self.number}: {exc}")
@@ -451,8 +329,12 @@ class GuardedCall:
 
     # ------------------------------------------------------------------ failure board
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, failed: Sequence[int] | None = None) -> None:
         """Post this rank's failure on the board (once; a second call does nothing).
+
+        failed: the ranks the failure is about: this rank (None, the default),
+            or, when this rank only relays another's failure or a deadline,
+            the ranks it names (possibly none).
 
         Best effort within one second: a failing rank must not hang on a frozen store.
         """
@@ -460,7 +342,12 @@ class GuardedCall:
             return
         self._posted = True
         rank = self.guard.rank
-        text = f"rank {rank} failed: {reason}"
+        text = json.dumps(
+            {
+                "text": f"rank {rank} failed: {reason}",
+                "failed": [rank] if failed is None else [int(r) for r in failed],
+            }
+        )
         key, count = self._key("failed", rank), self._key("failures")
 
         def post(store: dist.Store) -> None:
@@ -472,21 +359,22 @@ class GuardedCall:
         except Exception:  # the caller is already raising the reason
             pass
 
-    def _read_board(self, store: dist.Store) -> list[tuple[int, str]]:
+    def _read_board(self, store: dist.Store) -> list[dict[str, Any]]:
         if store.add(self._key("failures"), 0) == 0:
             return []
         posted = []
         for rank in range(self.guard.world_size):
             key = self._key("failed", rank)
             if rank != self.guard.rank and store.check([key]):
-                posted.append((rank, store.get(key).decode(errors="replace")))
+                posted.append(json.loads(store.get(key).decode(errors="replace")))
         return posted
 
-    def _raise_posted(self, posted: list[tuple[int, str]]) -> None:
+    def _raise_posted(self, posted: list[dict[str, Any]]) -> None:
+        """GroupFault naming the failed ranks the posts name (relays name the original)."""
         if posted:
             raise self._fault(
-                "; ".join(text for _, text in posted),
-                tuple(rank for rank, _ in posted),
+                "; ".join(post["text"] for post in posted),
+                tuple(sorted({r for post in posted for r in post["failed"]})),
                 False,
                 None,
             )
@@ -500,11 +388,12 @@ class GuardedCall:
 
     # ------------------------------------------------------------------ waits
 
-    def wait_until(self, done: Callable[[], bool], what: str) -> None:
+    def wait_until(self, done: Callable[[], bool], what: str, peers: Sequence[int] = ()) -> None:
         """Poll ``done()`` until it is True; GroupFault on a posted failure or the deadline.
 
         done: a non-blocking test that turns True by itself (``event.query``).
         what: what is awaited, for the message.
+        peers: the ranks it waits on, named as failed if the deadline passes.
         """
         if done():
             return
@@ -517,9 +406,11 @@ class GuardedCall:
 
         # Slept in steps of at most 0.2 ms: the host learns of the end that late
         # at most (a move's last event ends its call), for a few % of a core.
-        self._await(ready, what, 0.2e-3)
+        self._await(ready, what, 0.2e-3, peers)
 
-    def wait_works(self, works: Sequence[Any], what: str = "a step's messages") -> None:
+    def wait_works(
+        self, works: Sequence[Any], what: str = "a step's messages", peers: Sequence[int] = ()
+    ) -> None:
         """Wait for ``torch.distributed`` works with the deadline; raise what they raise.
 
         gloo's works complete only inside ``wait()``, and a gloo wait that times
@@ -528,7 +419,7 @@ class GuardedCall:
         deadline, while this thread reads the failure board. A dead peer makes
         gloo's wait raise at once (connection closed). With NCCL ``wait()``
         returns at once (it only orders the current stream): follow it with
-        :meth:`wait_event` for the host's deadline.
+        :meth:`wait_event` for the host's deadline. peers: as for :meth:`wait_until`.
         """
         if not works:
             return
@@ -543,31 +434,38 @@ class GuardedCall:
 
         waiting = self._waiter.submit(wait_all)
         # futures_wait returns as soon as the waiter does: the pause costs no latency.
-        self._await(lambda pause: bool(futures_wait([waiting], timeout=pause).done), what, 2e-3)
+        self._await(
+            lambda pause: bool(futures_wait([waiting], timeout=pause).done), what, 2e-3, peers
+        )
         try:
             waiting.result()
         except Exception as exc:
             if time.monotonic() >= deadline - 1e-3:
-                raise self._expired(what) from exc
+                raise self._expired(what, peers) from exc
             self.check()  # a peer that failed first may have said why
             raise self._fault(
-                f"{what} failed: {type(exc).__name__}: {exc}", (), False, exc
+                f"{what} failed: {type(exc).__name__}: {exc}", tuple(peers), False, exc
             ) from exc
 
-    def wait_event(self, event: torch.cuda.Event, what: str = "the device work") -> None:
+    def wait_event(
+        self, event: torch.cuda.Event, what: str = "the device work", peers: Sequence[int] = ()
+    ) -> None:
         """Wait for a recorded CUDA event with the deadline (NCCL: the host never blocks)."""
-        self.wait_until(event.query, what)
+        self.wait_until(event.query, what, peers)
 
-    def _expired(self, what: str) -> GroupFault:
+    def _expired(self, what: str, peers: Sequence[int]) -> GroupFault:
+        among = f" (waiting on rank(s) {sorted(peers)})" if peers else ""
         return self._fault(
-            f"{what} did not complete within {self.guard.timeout:g} s: a rank froze, died or "
-            "is far behind",
-            (),
+            f"{what}{among} did not complete within {self.guard.timeout:g} s: a rank froze, "
+            "died or is far behind",
+            tuple(sorted(peers)),
             True,
             None,
         )
 
-    def _await(self, ready: Callable[[float], bool], what: str, longest: float) -> None:
+    def _await(
+        self, ready: Callable[[float], bool], what: str, longest: float, peers: Sequence[int]
+    ) -> None:
         """Call ``ready(pause)`` (which may block up to ``pause`` s) until True.
 
         The pause doubles from 20 us up to ``longest`` s.
@@ -579,7 +477,7 @@ class GuardedCall:
         start = time.monotonic()
         deadline = start + self.guard.timeout
         next_read = start + self.guard.board_interval
-        reading: Future[list[tuple[int, str]]] | None = None
+        reading: Future[list[dict[str, Any]]] | None = None
         pause = 20e-6
         while not ready(pause):
             now = time.monotonic()
@@ -589,7 +487,7 @@ class GuardedCall:
             elif reading is None and self._executor is not None and now >= next_read:
                 reading = self._submit(self._read_board)
             if now >= deadline:
-                raise self._expired(what)
+                raise self._expired(what, peers)
             pause = min(pause * 2, longest)
 
     # ------------------------------------------------------------------ agreement

@@ -23,13 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eplb.production.group_guard import (
-    AgreementError,
-    GroupFault,
-    GroupGuard,
-    GuardedCall,
-    RearrangeError,
-)
+from eplb.production.errors import AgreementError, GroupFault, RearrangeError
+from eplb.production.group_guard import GroupGuard, GuardedCall
 
 FAULTY = int(os.environ.get("EPLB_GUARD_FAULTY", "1"))
 STEPS = 4
@@ -69,7 +64,7 @@ def _move(scenario: str, rank: int, world: int, call: GuardedCall) -> list[float
                 dist.P2POp(dist.irecv, recv, (rank - 1) % world),
             ]
         )
-        call.wait_works(works, f"step {step}")
+        call.wait_works(works, f"step {step}", peers=[(rank + 1) % world, (rank - 1) % world])
         got.append(float(recv[0]))
     return got
 

@@ -22,15 +22,8 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from eplb.production.group_guard import (
-    DEFAULT_TIMEOUT,
-    AgreementError,
-    GroupFault,
-    GroupGuard,
-    RearrangeError,
-    check_timeout,
-    classify_layers,
-)
+from eplb.production.errors import AgreementError, GroupFault, RearrangeError, classify_layers
+from eplb.production.group_guard import DEFAULT_TIMEOUT, GroupGuard, check_timeout
 
 WORLD = 3
 TIMEOUT = 4.0  # the guard's timeout where a wait must expire (seconds)
