@@ -246,3 +246,15 @@ def test_classify_layers_by_progress() -> None:
     assert classify_layers(5, steps, issued=5, completed=5) == ((0, 1, 2, 4), (3,), ())
     with pytest.raises(ValueError, match="completed <= issued"):
         classify_layers(5, steps, issued=1, completed=2)
+
+
+def test_agreement_benchmark_runs(run_benchmark: Any) -> None:
+    stdout = run_benchmark("bench_agreement.py", "--iterations", "3")
+    rows = [line for line in stdout.splitlines() if "ms" not in line and "gloo" not in line]
+    names = [line.rsplit(maxsplit=2)[0].strip() for line in rows if line.strip()]
+    assert names == [
+        "all_reduce of the verdicts (baseline)",
+        "GuardedCall.agree",
+        "GuardedCall.agree + finish",
+    ], stdout
+    assert all(float(line.split()[-1]) > 0 for line in rows if line.strip())
