@@ -43,6 +43,7 @@ def _apis(group: dist.ProcessGroup) -> bool:
     _row("backend", dist.get_backend(group))
     _row("ProcessGroup.get_group_store", store is not None)
     _row("ProcessGroup.abort", hasattr(group, "abort"))
+    _row("c10d._abort_process_group", hasattr(dist.distributed_c10d, "_abort_process_group"))
     _row("Store.multi_get", store is not None and hasattr(store, "multi_get"))
     return store is not None
 

@@ -42,6 +42,7 @@ old or possibly mixed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -109,7 +110,8 @@ def check_timeout(timeout: object) -> float:
 def abort_group(group: dist.ProcessGroup | None) -> bool:
     """Abort ``group``'s NCCL communicator: its pending kernels and operations fail, none hangs.
 
-    Uses ``ProcessGroup.abort()`` (torch 2.11 and 2.13 have it). Only groups
+    Uses ``ProcessGroup.abort()`` (2.13 has it; ``benchmarks/check_group_guard.py``
+    tells for the installed torch), else c10d's ``_abort_process_group``. Only groups
     with an NCCL backend are aborted: NCCL kernels waiting on a dead peer spin
     on the GPU forever otherwise. gloo accepts the call but leaves its pending
     receives pending, so it gains nothing; its waits end by their own deadline.
@@ -118,9 +120,14 @@ def abort_group(group: dist.ProcessGroup | None) -> bool:
     swallowed: the caller is already raising the reason.
     """
     target = group if group is not None else dist.group.WORLD
-    abort = getattr(target, "abort", None)
-    if abort is None or "nccl" not in str(dist.get_backend(group)):
+    if "nccl" not in str(dist.get_backend(group)):
         return False
+    abort = getattr(target, "abort", None)
+    if abort is None:  # older torch: the same through c10d's internal helper
+        internal = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if internal is None:
+            return False
+        abort = functools.partial(internal, target)
     try:
         abort()
     except Exception:  # best effort; the caller raises the real failure
@@ -132,11 +139,12 @@ def _group_store(group: dist.ProcessGroup | None) -> dist.Store:
     """The store ``group`` rendezvoused with (keys under the group's own prefix)."""
     target = group if group is not None else dist.group.WORLD
     getter = getattr(target, "get_group_store", None)
-    if getter is None:
-        raise ValueError(
-            "this torch has no ProcessGroup.get_group_store(): pass store= to GroupGuard"
-        )
-    return getter()
+    if getter is not None:
+        return getter()
+    internal = getattr(dist.distributed_c10d, "_get_process_group_store", None)
+    if internal is None:
+        raise ValueError("this torch cannot give the group's store: pass store= to GroupGuard")
+    return internal(target)
 
 
 def _fingerprint(value: object) -> tuple[str, str]:
