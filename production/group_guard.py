@@ -47,11 +47,12 @@ import hashlib
 import json
 import math
 import numbers
+import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as futures_wait
 from datetime import timedelta
@@ -163,6 +164,40 @@ def _fingerprint(value: object) -> tuple[str, str]:
     return h.hexdigest(), summary
 
 
+_Request = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class _Worker:
+    """One daemon thread running requests in order, each answered through a Future.
+
+    Not a ThreadPoolExecutor: the interpreter joins those at exit, so a request
+    stuck on a frozen store host (up to the store's 30 min timeout) would keep
+    a failed process from exiting. A daemon thread does not.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def _serve(self) -> None:
+        while (request := self._requests.get()) is not None:
+            future, function, args = request
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def submit(self, function: Callable[..., _T], *args: Any) -> Future[_T]:
+        future: Future[_T] = Future()
+        self._requests.put((future, function, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Stop once the requests queued so far have run; never waits for them."""
+        self._requests.put(None)
+
+
 class GroupGuard:
     """Deadlines, a failure board and an agreement for the calls of one group.
 
@@ -242,13 +277,13 @@ class GuardedCall:
         self.agreed = False
         self._posted = False
         self._verdict: Future[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._waiter: ThreadPoolExecutor | None = None
+        self._executor: _Worker | None = None
+        self._waiter: _Worker | None = None
         if guard.world_size > 1:
             # Store requests block in C++ until the store's own timeout (the
             # group's, 30 min) if its host froze: they run here, the caller only
             # polls their futures against its deadline.
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="eplb-guard")
+            self._executor = _Worker("eplb-guard")
 
     # ------------------------------------------------------------------ keys
 
@@ -292,7 +327,7 @@ class GuardedCall:
             # nor for a work: its wait ends by its own deadline.
             for executor in (self._executor, self._waiter):
                 if executor is not None:
-                    executor.shutdown(wait=False, cancel_futures=True)
+                    executor.shutdown()
 
     # ------------------------------------------------------------------ store access
 
@@ -432,7 +467,7 @@ class GuardedCall:
         if not works:
             return
         if self._waiter is None:
-            self._waiter = ThreadPoolExecutor(1, thread_name_prefix="eplb-guard-wait")
+            self._waiter = _Worker("eplb-guard-wait")
         deadline = time.monotonic() + self.guard.timeout
 
         def wait_all() -> None:
