@@ -16,11 +16,13 @@ tell the others at once:
   ``board_interval`` seconds, never on the fast path) and raises as soon as it
   sees it: well under the timeout.
 - **Deadlines**: each wait (a ``torch.distributed`` work, a CUDA event, the
-  agreement) gives up ``timeout`` seconds after it began. The host polls
-  (``Work.is_completed()``, ``torch.cuda.Event.query()``) instead of blocking
-  in ``wait()``, so no host thread is ever stuck in a collective; store
-  requests run on a helper thread, so a frozen store host cannot stall the
-  caller past its deadline either.
+  agreement) gives up ``timeout`` seconds after it began. The calling thread
+  never blocks in a collective: it polls CUDA events (``query()``), and a gloo
+  work is waited on by a daemon thread with one ``wait(timeout)`` bounded by
+  the deadline (gloo works complete only inside ``wait()``, and a gloo wait
+  that times out closes its connection). Store requests run on a daemon
+  thread too, so a frozen store host cannot stall the caller past its
+  deadline, nor keep a failed process from exiting.
 - **Agreement** (:meth:`GuardedCall.agree`): before any weight is touched,
   every rank posts a fingerprint of each argument that shapes the plan or the
   wire, or its refusal (the text of any exception its checks raised, not only
@@ -28,6 +30,9 @@ tell the others at once:
   naming the rank and the argument. It goes through the store, not the
   communicator, so it has a deadline on NCCL and gloo alike and a refused call
   leaves the communicator clean.
+- **One outcome** (:meth:`GuardedCall.finish`): a closing round in which
+  every rank posts its success; a rank that finished its share while another
+  failed after it raises too.
 - **Abort**: a call that fails after the agreement leaves messages in flight
   (sends nobody will receive, receives nobody will send). The guard aborts the
   group's communicator (``ProcessGroup.abort()``), which frees NCCL kernels
