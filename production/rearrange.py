@@ -62,6 +62,7 @@ from .rearrange_buffers import RearrangeBuffers, check_buffers
 from .rearrange_executor import SlotWork, Streams, bit_view, run_steps
 from .rearrange_plan import (
     RearrangePlan,
+    check_keeps_experts,
     check_maps,
     keep_experts_in_place,
     plan_checked,
@@ -472,6 +473,7 @@ def _check_input(
     Returns both maps on the host, the weights' layout and their device.
     """
     old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
+    check_keeps_experts(old, new)
     layout, device = _check_weights(expert_weights, old.shape, world_size)
     if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
         raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")

@@ -30,6 +30,7 @@ import numpy as np
 # (the call checks the maps once, then plans from the checked copies).
 __all__ = [
     "RearrangePlan",
+    "check_keeps_experts",
     "check_maps",
     "keep_experts_in_place",
     "plan_checked",
@@ -121,17 +122,61 @@ def check_maps(
                 f"{name} must hold expert ids >= 0, got {phy2log[tuple(bad)]} at "
                 f"[layer, slot]={bad.tolist()}"
             )
-    num_experts = int(max(old.max(), new.max())) + 1
-    present = np.zeros((layers, num_experts), dtype=bool)
-    present[np.repeat(np.arange(layers), slots), old.ravel()] = True
-    missing = ~present[np.arange(layers)[:, None], new]
+    _check_experts(old, new)
+    return old, new
+
+
+def _check_experts(old: np.ndarray, new: np.ndarray) -> None:
+    """Every expert of ``new`` is held in the same layer of ``old``; every id is < R.
+
+    old, new: [layers, R] int64 >= 0. An id only ``new`` holds has no sender. A
+    placement on R slots holds each of its experts at least once, so ids are
+    < R: the bound also keeps the planner's keys small (a huge id raises here,
+    not as a MemoryError or an overflow later).
+    """
+    layers, slots = old.shape
+    highest = int(max(old.max(), new.max()))
+    if highest < slots:
+        ids, old_ids, new_ids = highest + 1, old, new
+    else:  # ids renumbered densely, so that the tables below stay small
+        ids_seen, dense = np.unique(np.concatenate([old, new], axis=1), return_inverse=True)
+        dense = dense.reshape(layers, 2 * slots)
+        ids, old_ids, new_ids = ids_seen.size, dense[:, :slots], dense[:, slots:]
+    rows = np.arange(layers)[:, None]
+    in_old = np.zeros((layers, ids), dtype=bool)
+    in_old[rows, old_ids] = True
+    missing = ~in_old[rows, new_ids]
     if missing.any():
         layer, slot = np.argwhere(missing)[0]
         raise ValueError(
             f"new_phy2log[{layer}, {slot}] = expert {new[layer, slot]}, which no slot of "
             f"old_phy2log holds in layer {layer}: no rank can provide its weights"
         )
-    return old, new
+    if highest >= slots:
+        layer, slot = np.argwhere(old == highest)[0]
+        raise ValueError(
+            f"expert ids must be < the number of slots R={slots} (a placement holds each of "
+            f"its experts at least once), got {highest} at old_phy2log[{layer}, {slot}]"
+        )
+
+
+def check_keeps_experts(old: np.ndarray, new: np.ndarray) -> None:
+    """Refuse a ``new`` that drops an expert ``old`` holds: its weights would be lost.
+
+    old, new: [layers, R] int64, maps :func:`check_maps` has returned (so every
+    id of ``new`` is held by ``old`` in its layer and is < R).
+    """
+    layers, slots = old.shape
+    rows = np.arange(layers)[:, None]
+    kept = np.zeros((layers, slots), dtype=bool)
+    kept[rows, new] = True
+    dropped = ~kept[rows, old]
+    if dropped.any():
+        layer, slot = np.argwhere(dropped)[0]
+        raise ValueError(
+            f"new_phy2log must keep every expert of old_phy2log: layer {layer} drops expert "
+            f"{old[layer, slot]} (old_phy2log[{layer}, {slot}]), whose weights would be lost"
+        )
 
 
 def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int) -> RearrangePlan:
@@ -141,8 +186,10 @@ def plan_rearrangement(old_phy2log: object, new_phy2log: object, world_size: int
     new_phy2log: [layers, R] int, the expert each slot must hold afterwards.
     world_size: P, the number of EP ranks; rank r holds slots r*R/P .. (r+1)*R/P - 1.
 
-    Every id in ``new_phy2log[l]`` must occur in ``old_phy2log[l]``. Raises
-    TypeError/ValueError otherwise. Replicas of an expert are taken to hold the
+    Every id in ``new_phy2log[l]`` must occur in ``old_phy2log[l]`` and lie in
+    0..R-1. Raises TypeError/ValueError otherwise. (The plan itself allows
+    ``new_phy2log`` to drop an expert; :func:`check_keeps_experts` refuses that
+    for weight moves.) Replicas of an expert are taken to hold the
     same weights, so any of them may serve as the source.
     """
     return plan_checked(*check_maps(old_phy2log, new_phy2log, world_size), int(world_size))

@@ -117,9 +117,15 @@ class LoadWindow:
         self._position = 0
         self._one = torch.ones((), dtype=torch.int32, device=device)
 
-    def add(self, layer: int, expert_ids: torch.Tensor) -> None:
-        """Count ``expert_ids`` ([n] int, logical experts) into this step's load of ``layer``."""
-        self._step[layer].index_add_(0, expert_ids, self._one.expand(expert_ids.numel()))
+    def add(
+        self, layer: int, expert_ids: torch.Tensor, counted: torch.Tensor | None = None
+    ) -> None:
+        """Count ``expert_ids`` ([n] int, logical experts) into this step's load of ``layer``.
+
+        counted: [n] bool or None; where False, that id is not counted (masked ids).
+        """
+        ones = self._one.expand(expert_ids.numel())
+        self._step[layer].index_add_(0, expert_ids, ones if counted is None else counted.int())
 
     def roll(self) -> None:
         """Close the step: it enters the window, the oldest step leaves."""
@@ -323,6 +329,7 @@ class ExpertBalancer:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
         self._pending: Future[_Plan] | None = None
+        self._closed = False
         self._apply_at = 0
 
         # The first rebalance should not pay for opening the P2P channels
@@ -347,16 +354,19 @@ class ExpertBalancer:
 
         layer: the MoE layer, a Python int (fixed when a CUDA graph is captured).
         topk_ids: [tokens, k] int32/int64 on ``device``, the logical expert each
-            token chose in each of its k choices; values must lie in 0..E-1 (not
-            checked: that would need a host sync).
+            token chose in each of its k choices. An id outside 0..E-1 (e.g. -1
+            for a padding token) goes to slot -1 and is not counted, with or
+            without ``record``: raising instead would need a host sync.
         record: count these tokens in the load (False for warm-up and dummy
             batches, e.g. those run while capturing CUDA graphs).
 
-        Returns [tokens, k], same dtype: the slot each choice goes to. Token
-        ``t``'s choice of expert ``e`` goes to replica ``t % logcnt[layer, e]``,
-        so an expert's tokens spread over its replicas deterministically.
-        Tensor ops only: no host sync, safe inside ``torch.cuda.graph`` capture.
+        Returns [tokens, k], same dtype: the slot each choice goes to, -1 for
+        ids outside 0..E-1 (MoE kernels skip such entries). Token ``t``'s choice
+        of expert ``e`` goes to replica ``t % logcnt[layer, e]``, so an
+        expert's tokens spread over its replicas deterministically. Tensor ops
+        only: no host sync, safe inside ``torch.cuda.graph`` capture.
         """
+        self._check_open()
         if isinstance(layer, bool) or not isinstance(layer, int):
             raise TypeError(f"layer must be an int, got {type(layer).__name__}")
         if not 0 <= layer < self.config.num_layers:
@@ -367,18 +377,24 @@ class ExpertBalancer:
             raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
         if topk_ids.device != self.device:
             raise ValueError(f"topk_ids must be on {self.device}, got {topk_ids.device}")
+        # Masked, not checked: ids outside 0..E-1 look up expert 0, then count
+        # nothing and get slot -1, the same in both modes.
+        valid = (topk_ids >= 0) & (topk_ids < self.config.num_logical_experts)
+        ids = topk_ids.where(valid, 0)
         if record:
-            self.window.add(layer, topk_ids.reshape(-1))
-        count = self.logcnt[layer][topk_ids]
+            self.window.add(layer, ids.reshape(-1), valid.reshape(-1))
+        count = self.logcnt[layer][ids]
         if self._truncated:
             count.clamp_(max=self.max_replicas)
         token = torch.arange(topk_ids.shape[0], device=self.device).unsqueeze(1)
-        return self.log2phy[layer][topk_ids, token % count].to(topk_ids.dtype)
+        slots = self.log2phy[layer][ids, token % count]
+        return slots.where(valid, -1).to(topk_ids.dtype)
 
     def window_load(self) -> torch.Tensor:
         """[layers, num_logical_experts] int64 on ``device``: this rank's tokens per
         logical expert over the window, as of the last ``step()``. A live buffer:
         read it, do not write it."""
+        self._check_open()
         return self.window.total
 
     # ------------------------------------------------------------------ once per step
@@ -394,6 +410,7 @@ class ExpertBalancer:
         rearrangement or the placement computation raised (see the class
         docstring); the balancer is then failed until :meth:`reset`.
         """
+        self._check_open()
         self.window.roll()
         self.stats.steps += 1
         applied = False
@@ -416,6 +433,7 @@ class ExpertBalancer:
 
         Not a collective, but every rank must call it at the same step.
         """
+        self._check_open()
         maps = None
         if phy2log is not None:
             host = _as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
@@ -430,13 +448,23 @@ class ExpertBalancer:
         self.error = None
 
     def close(self) -> None:
-        """Stop the worker thread (waits for a placement being computed) and free kept buffers.
+        """Drop a placement not yet applied, stop the worker thread, free kept buffers.
 
-        Call it on every rank before destroying the process group.
+        Waits for a placement being computed, then drops it: no later call
+        applies it. Call it on every rank before destroying the process group.
+        Any use after ``close()`` raises RuntimeError; a second close does nothing.
         """
-        self._executor.shutdown(wait=True)
+        if self._closed:
+            return
+        self._closed = True
+        self._pending = None
+        self._executor.shutdown(wait=True, cancel_futures=True)
         if self._buffers is not None:
             self._buffers.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ExpertBalancer was closed; make a new one")
 
     @property
     def failed(self) -> bool:
@@ -588,8 +616,13 @@ def _maps_from_phy2log(
     of range or an expert has no slot.
     """
     layers, slots = phy2log.shape
-    if phy2log.min() < 0 or phy2log.max() >= num_experts:
-        raise ValueError(f"phy2log values must lie in 0..{num_experts - 1}")
+    bad = (phy2log < 0) | (phy2log >= num_experts)
+    if bad.any():
+        layer, slot = np.argwhere(bad)[0]
+        raise ValueError(
+            f"phy2log values must lie in 0..{num_experts - 1}, got {phy2log[layer, slot]} at "
+            f"[layer, slot]=[{layer}, {slot}]"
+        )
     rows = np.repeat(np.arange(layers), slots)
     logcnt = np.zeros((layers, num_experts), dtype=np.int64)
     np.add.at(logcnt, (rows, phy2log.ravel()), 1)
