@@ -20,6 +20,7 @@ from .rearrange import (
 )
 from .rebalance import rebalance_experts
 from .serving import BalancerStats, ExpertBalancer
+from .staged import StagedApply, StagedApplyError, StagedMove
 
 __all__ = [
     "BalancerStats",
@@ -28,6 +29,9 @@ __all__ = [
     "RearrangeBuffers",
     "RearrangePlan",
     "RearrangeStats",
+    "StagedApply",
+    "StagedApplyError",
+    "StagedMove",
     "keep_experts_in_place",
     "plan_rearrangement",
     "prepare_rearrangement",

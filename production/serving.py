@@ -51,6 +51,7 @@ from .rearrange import (
     warmup_rearrangement,
 )
 from .rebalance import rebalance_experts
+from .staged import StagedApply, StagedMove, staged_steps
 
 __all__ = ["BalancerStats", "ExpertBalancer"]
 
@@ -94,6 +95,7 @@ class _Plan(NamedTuple):
     balancedness_after: float
     seconds: float
     prepared: PreparedRearrangement | None  # None: its preparation refused the input
+    staged: StagedMove | None = None  # with layers_per_step: the move in chunks
 
 
 class ExpertBalancer:
@@ -168,6 +170,7 @@ class ExpertBalancer:
         keep_buffers: bool = False,
         keep_slots: bool = False,
         prepare_ahead: bool = True,
+        layers_per_step: int | None = None,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -202,6 +205,12 @@ class ExpertBalancer:
             starts moving at once. Its Python work then shares the interpreter
             lock with the serving thread while the forward passes run; False
             plans inside the apply instead.
+        layers_per_step: apply each placement this many layers per step, the
+            weights moving on a side stream while forward passes go on, each
+            layer switching wholly at a step boundary
+            (:class:`eplb.production.StagedApply`): ``ceil(num_layers /
+            layers_per_step)`` steps after the apply step, which must end
+            before the next interval. None: all layers in the apply step.
         """
         _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(
@@ -225,6 +234,13 @@ class ExpertBalancer:
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
                 f"and step_interval={self.step_interval}"
             )
+        if layers_per_step is not None:
+            chunks = staged_steps(num_layers, layers_per_step)
+            if self.apply_delay + chunks >= self.step_interval:
+                raise ValueError(
+                    "apply_delay + ceil(num_layers / layers_per_step) must be < step_interval, "
+                    f"got {self.apply_delay} + {chunks} and step_interval={self.step_interval}"
+                )
         largest = num_replicas - num_logical_experts + 1
         self.max_replicas = (
             largest if max_replicas is None else check_count("max_replicas", max_replicas)
@@ -289,6 +305,20 @@ class ExpertBalancer:
         self._host_phy2log = torch.from_numpy(initial)
         self._host_logcnt = torch.empty(0, dtype=torch.int64)
         self._install(*_maps_from_phy2log(initial, experts, self.max_replicas))
+        self._staged = (
+            None
+            if layers_per_step is None
+            else StagedApply(
+                self.phy2log,
+                self.log2phy,
+                self.logcnt,
+                layers_per_step,
+                group=group,
+                max_batch_bytes=self.max_batch_bytes,
+                buffers=self._buffers,
+            )
+        )
+        self._staging: _Plan | None = None  # the plan a staged apply is applying
 
     # ------------------------------------------------------------------ forward pass
 
@@ -341,16 +371,18 @@ class ExpertBalancer:
             [R / num_gpus, ...] (slot ``rank * R / num_gpus + i`` at index i); moved
             in place when a placement is applied.
 
-        Returns True when this step applied a new placement. Raises what the
+        Returns True when this step finished applying a new placement (with
+        ``layers_per_step``: committed its last layers). Raises what the
         rearrangement or the placement computation raised (see the class
         docstring); the balancer is then failed until :meth:`reset`.
         """
         self._roll_window()
         self.stats.steps += 1
         applied = False
+        if self._staging is not None:
+            applied = self._advance_staged(expert_weights)
         if self._pending is not None and self.stats.steps >= self._apply_at:
-            self._apply(expert_weights)
-            applied = True
+            applied = self._apply(expert_weights)
         if self.stats.steps % self.step_interval == 0:
             if self.error is None:
                 self._start_rebalance(expert_weights)
@@ -376,6 +408,17 @@ class ExpertBalancer:
             # reads until it returns.
             self._pending.exception()
             self._pending = None
+        if self._staging is not None:
+            assert self._staged is not None
+            # The layers committed so far hold the new placement.
+            self._staged.cancel()
+            self._staging = None
+            if maps is None:
+                maps = _maps_from_phy2log(
+                    self._staged.placement()[0].numpy(),
+                    self.config.num_logical_experts,
+                    self.max_replicas,
+                )
         if maps is not None:
             self._install(*maps)
         self.error = None
@@ -460,7 +503,13 @@ class ExpertBalancer:
                 logcnt.pin_memory(),
             )
         prepared: PreparedRearrangement | None = None
-        if self.prepare_ahead:
+        staged = None
+        if self._staged is not None:
+            new_maps = (phy2log, log2phy, logcnt)
+            staged = self._staged.prepare(
+                self._host_phy2log, new_maps, expert_weights, ahead=self.prepare_ahead
+            )
+        elif self.prepare_ahead:
             try:
                 prepared = prepare_rearrangement(
                     self._host_phy2log,
@@ -482,9 +531,11 @@ class ExpertBalancer:
             float(after.mean()),
             seconds,
             prepared,
+            staged,
         )
 
-    def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
+    def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Apply the worker's placement; False when it goes on in chunks (``_advance_staged``)."""
         assert self._pending is not None
         start = time.perf_counter()
         if not self._pending.done():
@@ -492,6 +543,11 @@ class ExpertBalancer:
         pending, self._pending = self._pending, None
         try:
             plan = pending.result()
+            if plan.staged is not None:
+                assert self._staged is not None
+                self._staged.begin(plan.staged, expert_weights)
+                self._staging = plan
+                return False
             moved = rearrange_expert_weights(
                 self._host_phy2log,
                 plan.phy2log,
@@ -505,6 +561,29 @@ class ExpertBalancer:
             self.error = exc
             raise
         self._install(plan.phy2log, plan.log2phy, plan.logcnt)
+        self._record(plan, moved, time.perf_counter() - start)
+        return True
+
+    def _advance_staged(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Commit the chunk in flight, launch the next; True once the last is committed."""
+        assert self._staged is not None and self._staging is not None
+        plan = self._staging
+        try:
+            done = self._staged.advance(expert_weights)
+        except BaseException as exc:
+            # The weights hold the committed layers' new placement, the rest the old.
+            self._staging = None
+            self._host_phy2log, self._host_logcnt = self._staged.placement()
+            self.error = exc
+            raise
+        if not done:
+            return False
+        self._staging = None
+        self._host_phy2log, self._host_logcnt = plan.phy2log, plan.logcnt
+        self._record(plan, self._staged.stats(), self._staged.host_seconds)
+        return True
+
+    def _record(self, plan: _Plan, moved: RearrangeStats, apply_seconds: float) -> None:
         stats = self.stats
         stats.rebalances += 1
         stats.last_rebalance_step = stats.steps
@@ -512,7 +591,7 @@ class ExpertBalancer:
         stats.balancedness_before = plan.balancedness_before
         stats.balancedness_after = plan.balancedness_after
         stats.last_rearrange = moved
-        stats.last_apply_seconds = time.perf_counter() - start
+        stats.last_apply_seconds = apply_seconds
 
     def _install(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
         """Copy host maps into the static buffers, ordered on the current stream."""
