@@ -183,7 +183,8 @@ class Model:
         local = (slots - self.rank * s).reshape(-1)
         mine = (local >= 0) & (local < s)
         local = torch.where(mine, local, s)  # row s: a dump for other ranks' pairs
-        onehot = torch.nn.functional.one_hot(local, s + 1)
+        # A pair's place among its slot's pairs, by a running count: no host sync.
+        onehot = (local.unsqueeze(1) == torch.arange(s + 1, device=x.device)).long()
         position = (onehot.cumsum(0) * onehot).sum(1) - 1
         position = torch.where(position < c, position, c)  # column c: overflow, dropped
         token = torch.arange(slots.numel(), device=x.device) // slots.shape[1]

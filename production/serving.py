@@ -21,6 +21,11 @@ load (SPEC.md) without blocking the compute stream:
    share of that move (:func:`eplb.production.prepare_rearrangement`), so the
    rearrangement starts moving at once.
 
+   With ``layers_per_step=K``, the move is spread over the next
+   ``ceil(L / K)`` steps instead, K layers each, on a side stream while
+   forward passes run, each layer switching wholly at a step boundary
+   (:mod:`eplb.production.staged`).
+
 The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
 """
 
@@ -145,6 +150,10 @@ class ExpertBalancer:
     rearrangement that refuses its input (TypeError/ValueError, raised on every
     rank before any weight is touched), fails it the same way with the weights
     untouched: ``reset()`` without a placement resumes.
+    A staged apply (``layers_per_step``) that fails raises
+    :class:`eplb.production.StagedApplyError` on every rank at the same step;
+    the maps then describe the weights exactly (its ``layers_new`` hold the new
+    placement, ``layers_old`` the old one), so ``reset()`` alone resumes.
 
     Every rank of ``group`` must create its balancer with the same arguments
     (construction is collective: it opens the point-to-point channels the
