@@ -152,8 +152,10 @@ class StagedApply:
         timeout: float = DEFAULT_COMMIT_TIMEOUT,
     ) -> None:
         staged_steps(phy2log.shape[0], layers_per_step)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self._maps = (phy2log, log2phy, logcnt)
         self.num_layers = phy2log.shape[0]
         self.layers_per_step = layers_per_step
@@ -174,8 +176,9 @@ class StagedApply:
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None  # host phy2log, logcnt
         self._chunk = 0  # the chunk in flight
         self._failure: BaseException | None = None  # this rank's, to report at the commit
-        self._flags = torch.zeros(self._world_size, dtype=torch.int32, device=self.device)
-        self._host_flags = torch.zeros(self._world_size, dtype=torch.int32, pin_memory=cuda)
+        # Made afresh per vote: a vote dropped unfinished (cancel) must not write the next one's.
+        self._flags = torch.zeros(0, dtype=torch.int32)
+        self._host_flags = torch.zeros(0, dtype=torch.int32)
         self._vote: dist.Work | None = None
         self._voted: torch.cuda.Event | None = None
         self._committed: torch.cuda.Event | None = None
@@ -204,11 +207,6 @@ class StagedApply:
     def staging_bytes(self) -> int:
         """Bytes of the staging buffer (0 until the first :meth:`prepare`)."""
         return sum(t.numel() * t.element_size() for layer in self._staging for t in layer)
-
-    @property
-    def layers_new(self) -> list[int]:
-        """Layers of the apply in progress already committed."""
-        return list(range(self.chunk(self._chunk).start)) if self.active else []
 
     def prepare(
         self,
@@ -275,7 +273,8 @@ class StagedApply:
         the chunk is then written, and the apply is over.
         """
         start = time.perf_counter()
-        assert self._move is not None, "no staged apply in progress"
+        if self._move is None:
+            raise RuntimeError("advance() needs a staged apply in progress (begin() starts one)")
         self._commit(expert_weights, self._await_vote())
         self._chunk += 1
         done = self._chunk == self.num_chunks
@@ -343,7 +342,7 @@ class StagedApply:
                 )
             except Exception as exc:  # reported by every rank at the commit, after the vote
                 self._failure = exc
-            self._flags.zero_()
+            self._flags = torch.zeros(self._world_size, dtype=torch.int32, device=self.device)
             self._flags[self._rank] = self._failure is not None
             if self._world_size > 1:
                 # NCCL: queued on the side stream (the host returns at once); its
@@ -354,6 +353,7 @@ class StagedApply:
                 )
                 self._vote = None if cuda else work
             if self._side is not None:
+                self._host_flags = torch.empty_like(self._flags, device="cpu", pin_memory=True)
                 self._host_flags.copy_(self._flags, non_blocking=True)
                 self._voted = torch.cuda.Event()
                 self._voted.record(self._side)

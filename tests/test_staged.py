@@ -5,6 +5,7 @@ the final placement is SPEC's; a rank failing before a commit leaves every rank 
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import torch
@@ -248,6 +249,52 @@ def test_fault_before_commit_one_rank():
 
 def test_fault_before_commit_two_ranks_leaves_every_layer_old_or_new():
     mp.spawn(_fault_before_commit, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _silent_rank(rank: int, world: int, port: int) -> None:
+    """Rank 1 stalls 4 s after its move, before voting; rank 0 must give up after 1 s."""
+    _init(rank, world, port)
+    real = staged_module.rearrange_expert_weights
+
+    def stalling(*args, **kwargs):
+        moved = real(*args, **kwargs)
+        time.sleep(4.0)
+        return moved
+
+    try:
+        balancer = _balancer(world, None)  # its static maps and initial placement
+        maps = (balancer.phy2log, balancer.log2phy, balancer.logcnt)
+        staged = StagedApply(*maps, 2, max_batch_bytes=1 << 20, timeout=1.0)
+        weights = _weights(balancer.phy2log, rank, world)
+        load = torch.arange(LAYERS * EXPERTS).reshape(LAYERS, EXPERTS) % 7 + 1
+        phy2log, log2phy, logcnt = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
+        padded = torch.full(maps[1].shape, -1, dtype=torch.int64)
+        padded[..., : log2phy.shape[2]] = torch.from_numpy(log2phy)
+        old = balancer.phy2log.clone()
+        new = (torch.from_numpy(phy2log), padded, torch.from_numpy(logcnt))
+        move = staged.prepare(old, new, weights)
+        if rank == 1:
+            staged_module.rearrange_expert_weights = stalling
+        staged.begin(move, weights)
+        if rank == 0:
+            start = time.monotonic()
+            with pytest.raises(StagedApplyError, match="did not come within 1 s") as info:
+                staged.advance(weights)
+            assert 1.0 <= time.monotonic() - start < 3.5
+            assert info.value.layers_new == () and info.value.layers_old == tuple(range(LAYERS))
+            assert torch.equal(balancer.phy2log, old) and not staged.active
+            generator = torch.Generator().manual_seed(5)
+            ids = [_ids(generator, 20, layer, 0) for layer in range(LAYERS)]
+            _check_step(balancer, weights, rank, world, ids)
+        dist.barrier()
+        balancer.close()
+    finally:
+        staged_module.rearrange_expert_weights = real
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_stops_answering_fails_the_commit_within_the_timeout():
+    mp.spawn(_silent_rank, args=(2, _free_port()), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize(
