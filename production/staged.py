@@ -37,7 +37,9 @@ chunk, so if any rank fails (its move raises, or it stops answering and the
 vote does not complete within ``timeout``), every rank's layers are either
 wholly old or wholly new, the same layers on every rank, with maps that match.
 :class:`StagedApplyError` lists them; the balancer's maps then describe the
-weights exactly.
+weights exactly. A vote cannot be withdrawn, so a rank that votes only after
+the others' timeout may still commit that chunk; its own error, at its next
+collective, then lists it as new.
 
 The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
 """
@@ -96,8 +98,10 @@ def staged_steps(num_layers: int, layers_per_step: object) -> int:
 class StagedApplyError(RuntimeError):
     """A staged apply stopped before its last commit.
 
-    layers_new: layers holding the new placement (weights and maps), on every rank.
-    layers_old: layers holding the old one, on every rank. No layer is mixed.
+    layers_new: layers holding the new placement (weights and maps) on this rank.
+    layers_old: layers holding the old one on this rank. No layer is mixed. The
+        same on every rank, unless a rank answered the vote only after the
+        others' ``timeout``: it may then have committed one chunk more.
     """
 
     def __init__(self, message: str, layers_new: Sequence[int], layers_old: Sequence[int]) -> None:
