@@ -226,7 +226,9 @@ class StagedApply:
         new_maps: host phy2log [L, R], log2phy [L, E, max_replicas], logcnt [L, E]
             of the new placement.
         expert_weights: per layer, this rank's weight tensors; the first call
-            allocates the staging buffer after them (one chunk of layers).
+            allocates the staging buffer after them (one chunk of layers). If
+            they do not fit (not one list of tensors per layer), nothing is
+            allocated or prepared and the launch refuses the move on every rank.
         ahead: also prepare each chunk's move on the staging buffer
             (:func:`eplb.production.prepare_rearrangement`); a chunk whose
             preparation refuses its input is left to the call, which refuses it
@@ -238,7 +240,7 @@ class StagedApply:
         for index in range(self.num_chunks):
             rows = self.chunk(index)
             made = None
-            if ahead:
+            if ahead and self._staging:
                 try:
                     made = prepare_rearrangement(
                         old_phy2log[rows.start : rows.stop],
@@ -312,13 +314,15 @@ class StagedApply:
     # ------------------------------------------------------------------ steps
 
     def _allocate_staging(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
-        if len(expert_weights) != self.num_layers or not expert_weights[0]:
-            raise ValueError(
-                f"expert_weights must have one non-empty entry per layer ({self.num_layers})"
-            )
-        first = expert_weights[0]
+        """K layers shaped as the first layer's tensors; none if the weights do not fit."""
+        try:
+            if len(expert_weights) != self.num_layers:
+                return
+            first = [(t.shape, t.dtype, t.device) for t in expert_weights[0]]
+        except (TypeError, AttributeError):
+            return
         self._staging = [
-            [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in first]
+            [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in first]
             for _ in range(min(self.layers_per_step, self.num_layers))
         ]
 
@@ -330,9 +334,16 @@ class StagedApply:
         self._failure = None
         with _on_stream(self._side, self._committed), torch.no_grad():
             try:
+                if len(staging) != len(rows):
+                    raise ValueError("expert_weights must have one entry per layer")
                 for stage, layer in zip(staging, rows, strict=True):
                     for buffer, slots in zip(stage, expert_weights[layer], strict=True):
                         buffer.copy_(slots)
+            except Exception as exc:
+                # The move below then refuses no weights on every rank (its
+                # agreement), instead of the others waiting for this rank.
+                self._failure, staging = exc, []
+            try:
                 self._moved.append(
                     rearrange_expert_weights(
                         move.old_phy2log[rows.start : rows.stop],
@@ -341,11 +352,11 @@ class StagedApply:
                         self.group,
                         max_batch_bytes=self.max_batch_bytes,
                         buffers=self.buffers,
-                        prepared=move.prepared[self._chunk],
+                        prepared=move.prepared[self._chunk] if staging else None,
                     )
                 )
             except Exception as exc:  # reported by every rank at the commit, after the vote
-                self._failure = exc
+                self._failure = self._failure or exc
             self._flags = torch.zeros(self._world_size, dtype=torch.int32, device=self.device)
             self._flags[self._rank] = self._failure is not None
             if self._world_size > 1:

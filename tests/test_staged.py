@@ -251,6 +251,42 @@ def test_fault_before_commit_two_ranks_leaves_every_layer_old_or_new():
     mp.spawn(_fault_before_commit, args=(2, _free_port()), nprocs=2, join=True)
 
 
+def _bad_weights_on_one_rank(rank: int, world: int, port: int) -> None:
+    """Rank 1 passes a wrongly shaped layer 1 when the first chunk launches."""
+    _init(rank, world, port)
+    try:
+        balancer = _balancer(world, 2)
+        weights = _weights(balancer.phy2log, rank, world)
+        initial = [[t.clone() for t in layer] for layer in weights]
+        before = balancer.phy2log.clone()
+        generator = torch.Generator().manual_seed(3 + rank)
+        for _ in range(INTERVAL + DELAY - 1):
+            for layer in range(LAYERS):
+                balancer.route(layer, _ids(generator, 30, layer, 1))
+            balancer.step(weights)
+        given = list(weights)
+        if rank == 1:
+            given[1] = [weights[1][0][:, :2], weights[1][1]]
+        balancer.step(given)  # the apply step: launches chunk 0 (layers 0..1)
+        with pytest.raises(StagedApplyError, match=r"rank\(s\) \[0, 1\]") as info:
+            balancer.step(weights)
+        assert info.value.layers_new == () and info.value.layers_old == tuple(range(LAYERS))
+        if rank == 1:
+            assert "must match the size" in str(info.value.__cause__)  # the copy into staging
+        else:
+            assert "refused their input" in str(info.value.__cause__)
+        assert torch.equal(balancer.phy2log, before) and balancer.failed
+        for got, want in zip(weights, initial, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        balancer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_refusing_its_weights_at_a_launch_fails_every_rank_untouched():
+    mp.spawn(_bad_weights_on_one_rank, args=(2, _free_port()), nprocs=2, join=True)
+
+
 def _silent_rank(rank: int, world: int, port: int) -> None:
     """Rank 1 stalls 4 s after its move, before voting; rank 0 must give up after 1 s."""
     _init(rank, world, port)
