@@ -358,6 +358,14 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
         "steps from an interval to the end of its apply; moved: fraction of slots whose expert "
         "changed per rebalance. All weights checked against the maps after each mode."
     )
+    if "none" in results:
+        steady = results["none"][args.warmup :]
+        say("\nagainst no rebalancing (targets: staged p99 <= 1.05x, staged max < 1.2x)")
+        say(f"{'mode':10s} {'p99 x':>8s} {'max x':>8s}")
+        for mode, times in results.items():
+            timed = times[args.warmup :]
+            ratio_p99 = np.percentile(timed, 99) / np.percentile(steady, 99)
+            say(f"{mode:10s} {ratio_p99:8.3f} {timed.max() / steady.max():8.3f}")
     if out and rank == 0:
         plot(args, results, out)
         say(f"plot written to {out}")

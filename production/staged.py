@@ -368,7 +368,7 @@ class StagedApply:
                 )
                 self._vote = None if cuda else work
             if self._side is not None:
-                self._host_flags = torch.empty_like(self._flags, device="cpu", pin_memory=True)
+                self._host_flags = torch.empty(self._world_size, dtype=torch.int32, pin_memory=True)
                 self._host_flags.copy_(self._flags, non_blocking=True)
                 self._voted = torch.cuda.Event()
                 self._voted.record(self._side)

@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 
 
-def _rows(stdout: str) -> dict[str, list[str]]:
+def _rows(stdout: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The main table's rows and the ratio table's, by mode."""
     modes = ("none", "blocking", "all", "staged")
-    return {line.split()[0]: line.split() for line in stdout.splitlines() if line.startswith(modes)}
+    main, ratios = stdout.split("columns:")
+
+    def table(part: str) -> dict[str, list[str]]:
+        return {
+            line.split()[0]: line.split() for line in part.splitlines() if line.startswith(modes)
+        }
+
+    return table(main), table(ratios)
 
 
 @pytest.mark.parametrize("world", ["1", "2"])
@@ -21,8 +29,9 @@ def test_tiny_run_on_gloo(real_loads, run_benchmark, tmp_path, world):
         *("--tiny", "--device", "cpu", "--world-size", world, "--modes", modes),
         *("--plot", str(plot)),
     )
-    rows = _rows(stdout)
-    assert list(rows) == modes.split(","), stdout
+    rows, ratios = _rows(stdout)
+    assert list(rows) == list(ratios) == modes.split(","), stdout
+    assert ratios["none"][1:] == ["1.000", "1.000"]
     # columns: mode, p50, p99, max, worst rebalance step, done, steps, moved fraction
     for mode, row in rows.items():
         p50, p99, top = (float(v) for v in row[1:4])
