@@ -37,6 +37,7 @@ the maps (a fingerprint per expert); a mismatch exits non-zero.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -271,6 +272,7 @@ def run_mode(
     model.check_weights()
     balancer.close()
     del model, balancer
+    gc.collect()  # the next mode's weights need this one's memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return ModeRun(step_ms, finished, float(np.mean(moved)) if moved else 0.0)
@@ -334,6 +336,8 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
         phase_ids(args, phase_probs(args, loads, p), rank, 8).to(device)
         for p in range(args.steps // args.interval + 1)
     ]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    say(f"torch {torch.__version__}, {name}, backend {dist.get_backend()}")
     say(
         f"{args.world_size} rank(s) ({args.device}), {args.layers} layers, {args.experts} experts, "
         f"{args.slots} slots, hidden {args.hidden}, ffn {args.ffn}, {args.tokens} tokens/rank, "
