@@ -120,6 +120,8 @@ class StagedMove:
     logcnt: [layers, E] int64, its replicas per expert.
     prepared: per chunk, this rank's share of its move worked out ahead (None:
         planned in the call).
+    changed: per layer, the runs ``(first, end)`` of this rank's slots (local
+        indices) whose expert changes: the only slots a commit writes.
     """
 
     old_phy2log: torch.Tensor
@@ -127,6 +129,7 @@ class StagedMove:
     log2phy: torch.Tensor
     logcnt: torch.Tensor
     prepared: tuple[PreparedRearrangement | None, ...]
+    changed: tuple[tuple[tuple[int, int], ...], ...]
 
 
 class StagedApply:
@@ -252,7 +255,10 @@ class StagedApply:
                 except (TypeError, ValueError):
                     pass
             prepared.append(made)
-        return StagedMove(old_phy2log, *new_maps, prepared=tuple(prepared))
+        changed = _changed_runs(
+            old_phy2log.numpy(), new_maps[0].numpy(), self._rank, self._world_size
+        )
+        return StagedMove(old_phy2log, *new_maps, prepared=tuple(prepared), changed=changed)
 
     def begin(self, move: StagedMove, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         """Launch the first chunk of ``move`` (collective: every rank, the same step)."""
@@ -402,9 +408,12 @@ class StagedApply:
         if self._voted is not None:
             torch.cuda.current_stream(self.device).wait_event(self._voted)
         with torch.no_grad():
+            # Slots keeping their expert already hold it (with keep_slots, about
+            # those of every expert staying on this GPU): only the others are copied.
             for stage, layer in zip(self._staging, rows, strict=False):
-                for slots, buffer in zip(expert_weights[layer], stage, strict=True):
-                    slots.copy_(buffer)
+                for first, end in move.changed[layer]:
+                    for slots, buffer in zip(expert_weights[layer], stage, strict=True):
+                        slots[first:end].copy_(buffer[first:end])
             part = slice(rows.start, rows.stop)
             news = (move.phy2log, move.log2phy, move.logcnt)
             for live, new in zip(self._maps, news, strict=True):
@@ -436,6 +445,23 @@ def _logcnt_of(phy2log: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     counts = np.zeros((layers, experts), dtype=np.int64)
     np.add.at(counts, (np.arange(layers)[:, None], phy2log.numpy()), 1)
     return torch.from_numpy(counts)
+
+
+def _changed_runs(
+    old: np.ndarray, new: np.ndarray, rank: int, world_size: int
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per layer, runs (first, end) of this rank's local slots where ``new`` differs from ``old``.
+
+    old, new: [layers, R] int, two placements.
+    """
+    local = old.shape[1] // world_size
+    mine = slice(rank * local, (rank + 1) * local)
+    changed = np.pad(old[:, mine] != new[:, mine], ((0, 0), (1, 1)))
+    runs = []
+    for row in changed:
+        edges = np.flatnonzero(row[1:] != row[:-1])  # starts and ends alternate
+        runs.append(tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)))
+    return tuple(runs)
 
 
 def _span(layers: Sequence[int]) -> str:

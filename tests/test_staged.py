@@ -21,7 +21,9 @@ LAYERS, EXPERTS, SLOTS, GROUPS = 5, 8, 12, 2
 INTERVAL, DELAY = 8, 1
 
 
-def _balancer(world: int, layers_per_step: int | None, device: str = "cpu") -> ExpertBalancer:
+def _balancer(
+    world: int, layers_per_step: int | None, device: str = "cpu", keep_slots: bool = False
+) -> ExpertBalancer:
     return ExpertBalancer(
         LAYERS,
         EXPERTS,
@@ -33,6 +35,7 @@ def _balancer(world: int, layers_per_step: int | None, device: str = "cpu") -> E
         step_interval=INTERVAL,
         apply_delay=DELAY,
         layers_per_step=layers_per_step,
+        keep_slots=keep_slots,
     )
 
 
@@ -72,10 +75,12 @@ def _check_step(balancer: ExpertBalancer, weights, rank: int, world: int, ids_by
         assert torch.equal(phy2log[layer][slots], ids)
 
 
-def _serve(rank: int, world: int, layers_per_step: int | None, device: str = "cpu"):
+def _serve(
+    rank: int, world: int, layers_per_step: int | None, device: str = "cpu", keep: bool = False
+):
     """Serve 2 intervals plus the apply; check every step. Returns (balancer, weights, load,
     steps at which each layer changed, steps step() returned True)."""
-    balancer = _balancer(world, layers_per_step, device)
+    balancer = _balancer(world, layers_per_step, device, keep)
     weights = [[w.to(device) for w in layer] for layer in _weights(balancer.phy2log, rank, world)]
     generator = torch.Generator().manual_seed(7 + rank)
     load = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
@@ -164,14 +169,21 @@ def _same_on_every_rank(tensor: torch.Tensor) -> bool:
     return all(torch.equal(g, tensor) for g in gathered)
 
 
-def _two_rank_schedule(rank: int, world: int, port: int, layers_per_step: int) -> None:
+def _two_rank_schedule(rank: int, world: int, port: int, layers_per_step: int, keep: bool) -> None:
     _init(rank, world, port)
     try:
-        balancer, _, load, changed, applied_at = _serve(rank, world, layers_per_step)
+        balancer, _, load, changed, applied_at = _serve(rank, world, layers_per_step, keep=keep)
         _check_schedule(changed, applied_at, layers_per_step)
         dist.all_reduce(load)
         spec = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
-        assert torch.equal(balancer.phy2log, torch.from_numpy(spec[0]))
+        if keep:  # the same experts on each GPU, those staying there in their slots
+            per_gpu = (LAYERS, world, SLOTS // world)
+            assert torch.equal(
+                balancer.phy2log.reshape(per_gpu).sort(dim=2).values,
+                torch.from_numpy(spec[0]).reshape(per_gpu).sort(dim=2).values,
+            )
+        else:
+            assert torch.equal(balancer.phy2log, torch.from_numpy(spec[0]))
         assert _same_on_every_rank(balancer.log2phy)
         moved = balancer.stats.last_rearrange
         assert moved is not None and moved.experts_received > 0
@@ -180,9 +192,11 @@ def _two_rank_schedule(rank: int, world: int, port: int, layers_per_step: int) -
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("layers_per_step", [1, 2])
-def test_two_ranks_every_step_each_layer_wholly_old_or_new(layers_per_step):
-    mp.spawn(_two_rank_schedule, args=(2, _free_port(), layers_per_step), nprocs=2, join=True)
+@pytest.mark.parametrize(("layers_per_step", "keep"), [(1, False), (2, False), (2, True)])
+def test_two_ranks_every_step_each_layer_wholly_old_or_new(layers_per_step, keep):
+    # keep: kept slots, so many slots keep their expert and a commit copies only the others.
+    args = (2, _free_port(), layers_per_step, keep)
+    mp.spawn(_two_rank_schedule, args=args, nprocs=2, join=True)
 
 
 def _fault_before_commit(rank: int, world: int, port: int) -> None:
