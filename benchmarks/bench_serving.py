@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=None, help="steps between rebalances")
     p.add_argument("--warmup", type=int, default=None, help="leading steps left out of stats")
     p.add_argument("--modes", default="none,blocking,all,staged1,staged2,staged4")
+    p.add_argument(
+        "--keep-slots",
+        action="store_true",
+        help="ExpertBalancer(keep_slots=True) in the all and staged modes (fewer copies)",
+    )
     p.add_argument("--plot", default=None, help="write step time over the run to this PNG")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -245,6 +250,7 @@ def run_mode(
         window_size=args.interval,
         step_interval=args.interval if automatic else 10**9,
         layers_per_step=int(mode[6:]) if mode.startswith("staged") else None,
+        keep_slots=args.keep_slots and automatic,
     )
     model = Model(args, balancer, rank)
     x0 = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
@@ -343,6 +349,7 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
         f"{args.slots} slots, hidden {args.hidden}, ffn {args.ffn}, {args.tokens} tokens/rank, "
         f"top-{args.topk}; {args.steps} steps, rebalance every {args.interval}, "
         f"first {args.warmup} steps not in the statistics"
+        + ("; kept slots (all, staged)" if args.keep_slots else "")
     )
     results: dict[str, np.ndarray] = {}
     say(
