@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one call on a 2-GPU H200 machine (device tool,
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
-#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example
+#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1
+# (serving: bench_serving.py on 2 ranks; serving1: on 1 GPU, for a single-GPU machine)
 # The real loads travel in .data/ (an ignored copy made by the caller).
 # BENCH_FLAGS: extra flags for every bench_rearrange.py run (e.g. "--repeats 5").
 set -uo pipefail
@@ -9,7 +10,7 @@ OUT=${OUT:-/tmp/eplb-gpu}
 mkdir -p "$OUT"
 export EPLB_DATA_DIR=${EPLB_DATA_DIR:-$PWD/.data/deepseek-r1-expert-load}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-parts=${*:-tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example}
+parts=${*:-tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving}
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
@@ -28,6 +29,8 @@ for part in $parts; do
     rearrange-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --keep-slots 2>&1 | tee "$OUT/bench_rearrange_slots.log" ;;
     rearrange-ahead) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --plan-ahead 2>&1 | tee "$OUT/bench_rearrange_ahead.log" ;;
     rearrange-ahead-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --plan-ahead --keep-slots 2>&1 | tee "$OUT/bench_rearrange_ahead_slots.log" ;;
+    serving) python3 benchmarks/bench_serving.py --world-size 2 --plot "$OUT/serving.png" 2>&1 | tee "$OUT/bench_serving.log" ;;
+    serving1) python3 benchmarks/bench_serving.py --world-size 1 --plot "$OUT/serving_1gpu.png" 2>&1 | tee "$OUT/bench_serving_1gpu.log" ;;
     example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log" ;;
     *) echo "unknown part $part"; status=2 ;;
   esac

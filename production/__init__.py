@@ -20,6 +20,7 @@ from .rearrange import (
 )
 from .rebalance import rebalance_experts
 from .serving import BalancerStats, ExpertBalancer, LoadWindow, RearrangeOptions
+from .staged import StagedApply, StagedApplyError, StagedMove
 
 __all__ = [
     "BalancerStats",
@@ -30,6 +31,9 @@ __all__ = [
     "RearrangeOptions",
     "RearrangePlan",
     "RearrangeStats",
+    "StagedApply",
+    "StagedApplyError",
+    "StagedMove",
     "keep_experts_in_place",
     "plan_rearrangement",
     "prepare_rearrangement",

@@ -21,6 +21,11 @@ load (SPEC.md) without blocking the compute stream:
    share of that move (:func:`eplb.production.prepare_rearrangement`), so the
    rearrangement starts moving at once.
 
+   With ``layers_per_step=K``, the move is spread over the next
+   ``ceil(L / K)`` steps instead, K layers each, on a side stream while
+   forward passes run, each layer switching wholly at a step boundary
+   (:mod:`eplb.production.staged`).
+
 The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
 """
 
@@ -50,6 +55,7 @@ from .rearrange import (
     warmup_rearrangement,
 )
 from .rebalance import rebalance_experts
+from .staged import StagedApply, StagedMove, staged_steps
 from .transport import rank_and_size
 
 __all__ = ["BalancerStats", "ExpertBalancer", "LoadWindow", "RearrangeOptions"]
@@ -175,6 +181,7 @@ class _Plan(NamedTuple):
     balancedness_after: float
     seconds: float
     prepared: PreparedRearrangement | None  # None: its preparation refused the input
+    staged: StagedMove | None = None  # with layers_per_step: the move in chunks
 
 
 class ExpertBalancer:
@@ -224,6 +231,10 @@ class ExpertBalancer:
     rearrangement that refuses its input (TypeError/ValueError, raised on every
     rank before any weight is touched), fails it the same way with the weights
     untouched: ``reset()`` without a placement resumes.
+    A staged apply (``layers_per_step``) that fails raises
+    :class:`eplb.production.StagedApplyError` on every rank at the same step;
+    the maps then describe the weights exactly (its ``layers_new`` hold the new
+    placement, ``layers_old`` the old one), so ``reset()`` alone resumes.
 
     Every rank of ``group`` must create its balancer with the same arguments
     (construction is collective: it opens the point-to-point channels the
@@ -246,6 +257,7 @@ class ExpertBalancer:
         apply_delay: int = 1,
         max_replicas: int | None = None,
         rearrange: RearrangeOptions | None = None,
+        layers_per_step: int | None = None,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -266,6 +278,12 @@ class ExpertBalancer:
             less, replicas beyond it keep their weights but receive no tokens.
         rearrange: how the weights move (:class:`RearrangeOptions`; default:
             its defaults, the move prepared ahead on the worker thread).
+        layers_per_step: apply each placement this many layers per step, the
+            weights moving on a side stream while forward passes go on, each
+            layer switching wholly at a step boundary
+            (:class:`eplb.production.StagedApply`): ``ceil(num_layers /
+            layers_per_step)`` steps after the apply step, which must end
+            before the next interval. None: all layers in the apply step.
         """
         _, self.num_gpus = rank_and_size(group)
         self.config = validate_config(
@@ -286,6 +304,13 @@ class ExpertBalancer:
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
                 f"and step_interval={self.step_interval}"
             )
+        if layers_per_step is not None:
+            chunks = staged_steps(num_layers, layers_per_step)
+            if self.apply_delay + chunks >= self.step_interval:
+                raise ValueError(
+                    "apply_delay + ceil(num_layers / layers_per_step) must be < step_interval, "
+                    f"got {self.apply_delay} + {chunks} and step_interval={self.step_interval}"
+                )
         largest = num_replicas - num_logical_experts + 1
         self.max_replicas = (
             largest if max_replicas is None else check_count("max_replicas", max_replicas)
@@ -346,6 +371,20 @@ class ExpertBalancer:
         self._host_phy2log = torch.from_numpy(initial)
         self._host_logcnt = torch.empty(0, dtype=torch.int64)
         self._install(*_maps_from_phy2log(initial, experts, self.max_replicas))
+        self._staged = (
+            None
+            if layers_per_step is None
+            else StagedApply(
+                self.phy2log,
+                self.log2phy,
+                self.logcnt,
+                layers_per_step,
+                group=group,
+                max_batch_bytes=rearrange.max_batch_bytes,
+                buffers=self._buffers,
+            )
+        )
+        self._staging: _Plan | None = None  # the plan a staged apply is applying
 
     # ------------------------------------------------------------------ forward pass
 
@@ -406,7 +445,8 @@ class ExpertBalancer:
             [R / num_gpus, ...] (slot ``rank * R / num_gpus + i`` at index i); moved
             in place when a placement is applied.
 
-        Returns True when this step applied a new placement. Raises what the
+        Returns True when this step finished applying a new placement (with
+        ``layers_per_step``: committed its last layers). Raises what the
         rearrangement or the placement computation raised (see the class
         docstring); the balancer is then failed until :meth:`reset`.
         """
@@ -414,9 +454,10 @@ class ExpertBalancer:
         self.window.roll()
         self.stats.steps += 1
         applied = False
+        if self._staging is not None:
+            applied = self._advance_staged(expert_weights)
         if self._pending is not None and self.stats.steps >= self._apply_at:
-            self._apply(expert_weights)
-            applied = True
+            applied = self._apply(expert_weights)
         if self.stats.steps % self.step_interval == 0:
             if self.error is None:
                 self._start_rebalance(expert_weights)
@@ -443,6 +484,17 @@ class ExpertBalancer:
             # reads until it returns.
             self._pending.exception()
             self._pending = None
+        if self._staging is not None:
+            assert self._staged is not None
+            # The layers committed so far hold the new placement.
+            self._staged.cancel()
+            self._staging = None
+            if maps is None:
+                maps = _maps_from_phy2log(
+                    self._staged.placement()[0].numpy(),
+                    self.config.num_logical_experts,
+                    self.max_replicas,
+                )
         if maps is not None:
             self._install(*maps)
         self.error = None
@@ -530,7 +582,13 @@ class ExpertBalancer:
                 logcnt.pin_memory(),
             )
         prepared: PreparedRearrangement | None = None
-        if self.rearrange.prepare_ahead:
+        staged = None
+        if self._staged is not None:
+            new_maps = (phy2log, log2phy, logcnt)
+            staged = self._staged.prepare(
+                self._host_phy2log, new_maps, expert_weights, ahead=self.rearrange.prepare_ahead
+            )
+        elif self.rearrange.prepare_ahead:
             try:
                 prepared = prepare_rearrangement(
                     self._host_phy2log,
@@ -552,9 +610,11 @@ class ExpertBalancer:
             float(after.mean()),
             seconds,
             prepared,
+            staged,
         )
 
-    def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
+    def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Apply the worker's placement; False when it goes on in chunks (``_advance_staged``)."""
         assert self._pending is not None
         start = time.perf_counter()
         if not self._pending.done():
@@ -562,6 +622,11 @@ class ExpertBalancer:
         pending, self._pending = self._pending, None
         try:
             plan = pending.result()
+            if plan.staged is not None:
+                assert self._staged is not None
+                self._staged.begin(plan.staged, expert_weights)
+                self._staging = plan
+                return False
             moved = rearrange_expert_weights(
                 self._host_phy2log,
                 plan.phy2log,
@@ -575,6 +640,29 @@ class ExpertBalancer:
             self.error = exc
             raise
         self._install(plan.phy2log, plan.log2phy, plan.logcnt)
+        self._record(plan, moved, time.perf_counter() - start)
+        return True
+
+    def _advance_staged(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Commit the chunk in flight, launch the next; True once the last is committed."""
+        assert self._staged is not None and self._staging is not None
+        plan = self._staging
+        try:
+            done = self._staged.advance(expert_weights)
+        except BaseException as exc:
+            # The weights hold the committed layers' new placement, the rest the old.
+            self._staging = None
+            self._host_phy2log, self._host_logcnt = self._staged.placement()
+            self.error = exc
+            raise
+        if not done:
+            return False
+        self._staging = None
+        self._host_phy2log, self._host_logcnt = plan.phy2log, plan.logcnt
+        self._record(plan, self._staged.stats(), self._staged.host_seconds)
+        return True
+
+    def _record(self, plan: _Plan, moved: RearrangeStats, apply_seconds: float) -> None:
         stats = self.stats
         stats.rebalances += 1
         stats.last_rebalance_step = stats.steps
@@ -582,7 +670,7 @@ class ExpertBalancer:
         stats.balancedness_before = plan.balancedness_before
         stats.balancedness_after = plan.balancedness_after
         stats.last_rearrange = moved
-        stats.last_apply_seconds = time.perf_counter() - start
+        stats.last_apply_seconds = apply_seconds
 
     def _install(self, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> None:
         """Copy host maps into the static buffers, ordered on the current stream."""

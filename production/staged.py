@@ -1,0 +1,490 @@
+"""Staged rebalance: apply a placement a few layers per step while serving goes on.
+
+:class:`StagedApply` applies one placement (see ``ExpertBalancer(...,
+layers_per_step=K)``) in chunks of K consecutive layers, one chunk per engine
+step, so that no forward pass waits for the whole weight move:
+
+1. Launch (step ``n``, after that step's forward pass was queued): on a side
+   stream, copy the chunk's current slots into a staging buffer, move the
+   weights on those staging copies (:func:`eplb.production.rearrange_expert_weights`
+   with the chunk's old and new ``phy2log`` rows; its own pack, wire and write
+   streams wait for the side stream and the side stream waits for them), then
+   issue the vote: an all-reduce of "this rank holds the chunk" over the EP
+   group, also on the side stream, so it completes only once every rank's move
+   has. The live slots and maps are not touched: forward pass ``n + 1`` runs on
+   the compute stream with the old weights and maps of those layers.
+2. Commit (step ``n + 1``): the host waits for the vote (at most ``timeout``
+   seconds; on CUDA it has normally long completed). If every rank holds the
+   chunk, the compute stream waits for the vote's event (only this: it
+   follows the move) and then, on the compute stream, copies staging into the
+   slots and the new ``phy2log``/``log2phy``/``logcnt`` rows of those layers
+   into the maps, in place (static buffers: CUDA graphs stay valid). Forward
+   pass ``n + 2`` sees those layers wholly new. The next chunk is launched in
+   the same step; its copy into staging waits (on the side stream) for this
+   commit's copies only.
+
+So a placement of L layers takes ``ceil(L / K)`` steps after the one that
+launches its first chunk: chunk c is launched at step ``a + c`` and committed
+at step ``a + c + 1``, one forward pass in flight each. In every forward pass
+each layer's maps and weights agree: a layer is wholly old or wholly new.
+
+Memory: one staging buffer of K layers of this rank's slots, allocated once
+(:attr:`StagedApply.staging_bytes`), plus the move's message ring, bounded by
+``max_batch_bytes`` per pipeline step as for any rearrangement.
+
+Failure: nothing is written before every rank has voted that it holds the
+chunk, so if any rank fails (its move raises, or it stops answering and the
+vote does not complete within ``timeout``), every rank's layers are either
+wholly old or wholly new, the same layers on every rank, with maps that match.
+:class:`StagedApplyError` lists them; the balancer's maps then describe the
+weights exactly. A vote cannot be withdrawn, so a rank that votes only after
+the others' timeout may still commit that chunk; its own error, at its next
+collective, then lists it as new.
+
+The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .rearrange import (
+    PreparedRearrangement,
+    RearrangeBuffers,
+    RearrangeStats,
+    prepare_rearrangement,
+    rearrange_expert_weights,
+)
+
+__all__ = [
+    "DEFAULT_COMMIT_TIMEOUT",
+    "StagedApply",
+    "StagedApplyError",
+    "StagedMove",
+    "staged_steps",
+]
+
+#: Seconds a commit waits for every rank's vote. A chunk's move normally takes
+#: a few forward passes' time at most; a minute is far beyond that yet well
+#: under a process group's default timeout (30 minutes), so a lost rank fails
+#: the group in bounded time.
+DEFAULT_COMMIT_TIMEOUT = 60.0
+
+# Host sleep between polls of the vote while waiting for it: short against a
+# forward pass, long enough not to spin a core.
+_POLL_SECONDS = 1e-4
+
+
+def staged_steps(num_layers: int, layers_per_step: object) -> int:
+    """Steps a staged apply of ``num_layers`` takes: ``ceil(num_layers / layers_per_step)``.
+
+    Raises TypeError/ValueError unless ``layers_per_step`` is an int >= 1.
+    """
+    if isinstance(layers_per_step, bool) or not isinstance(layers_per_step, int):
+        raise TypeError(
+            f"layers_per_step must be an int or None, got {type(layers_per_step).__name__}"
+        )
+    if layers_per_step < 1:
+        raise ValueError(f"layers_per_step must be >= 1, got {layers_per_step}")
+    return -(-num_layers // layers_per_step)
+
+
+class StagedApplyError(RuntimeError):
+    """A staged apply stopped before its last commit.
+
+    layers_new: layers holding the new placement (weights and maps) on this rank.
+    layers_old: layers holding the old one on this rank. No layer is mixed. The
+        same on every rank, unless a rank answered the vote only after the
+        others' ``timeout``: it may then have committed one chunk more.
+    """
+
+    def __init__(self, message: str, layers_new: Sequence[int], layers_old: Sequence[int]) -> None:
+        super().__init__(message)
+        self.layers_new = tuple(layers_new)
+        self.layers_old = tuple(layers_old)
+
+
+@dataclass(frozen=True)
+class StagedMove:
+    """A placement ready to apply in chunks (host tensors, from :meth:`StagedApply.prepare`).
+
+    old_phy2log: [layers, R] int64, the placement the weights hold when it begins.
+    phy2log: [layers, R] int64, the new placement.
+    log2phy: [layers, E, max_replicas] int64, its slots per expert, -1 padded.
+    logcnt: [layers, E] int64, its replicas per expert.
+    prepared: per chunk, this rank's share of its move worked out ahead (None:
+        planned in the call).
+    changed: per layer, the runs ``(first, end)`` of this rank's slots (local
+        indices) whose expert changes: the only slots a commit writes.
+    """
+
+    old_phy2log: torch.Tensor
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+    prepared: tuple[PreparedRearrangement | None, ...]
+    changed: tuple[tuple[tuple[int, int], ...], ...]
+
+
+class StagedApply:
+    """Applies placements K layers per step into a balancer's maps (see the module docstring).
+
+    phy2log, log2phy, logcnt: the balancer's static device maps ([L, R],
+        [L, E, max_replicas], [L, E] int64), updated in place, a chunk's rows
+        at its commit.
+    layers_per_step: K, layers per chunk (>= 1).
+    group: the EP process group (None: the world, or a single rank).
+    max_batch_bytes, buffers: passed to every chunk's move.
+    timeout: seconds a commit waits for the other ranks' votes.
+
+    Every rank must make the same calls at the same steps.
+    """
+
+    def __init__(
+        self,
+        phy2log: torch.Tensor,
+        log2phy: torch.Tensor,
+        logcnt: torch.Tensor,
+        layers_per_step: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        max_batch_bytes: int,
+        buffers: RearrangeBuffers | None = None,
+        timeout: float = DEFAULT_COMMIT_TIMEOUT,
+    ) -> None:
+        staged_steps(phy2log.shape[0], layers_per_step)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self._maps = (phy2log, log2phy, logcnt)
+        self.num_layers = phy2log.shape[0]
+        self.layers_per_step = layers_per_step
+        self.group = group
+        self.max_batch_bytes = max_batch_bytes
+        self.buffers = buffers
+        self.timeout = float(timeout)
+        self.device = phy2log.device
+        distributed = dist.is_available() and dist.is_initialized()
+        self._rank = dist.get_rank(group) if distributed else 0
+        self._world_size = dist.get_world_size(group) if distributed else 1
+        cuda = self.device.type == "cuda"
+        self._side = torch.cuda.Stream(self.device) if cuda else None
+        #: K layers of this rank's slots, allocated by the first prepare and kept.
+        self._staging: list[list[torch.Tensor]] = []
+        # The state of the apply in progress.
+        self._move: StagedMove | None = None
+        self._current: tuple[torch.Tensor, torch.Tensor] | None = None  # host phy2log, logcnt
+        self._chunk = 0  # the chunk in flight
+        self._failure: BaseException | None = None  # this rank's, to report at the commit
+        # Made afresh per vote: a vote dropped unfinished (cancel) must not write the next one's.
+        self._flags = torch.zeros(0, dtype=torch.int32)
+        self._host_flags = torch.zeros(0, dtype=torch.int32)
+        self._vote: dist.Work | None = None
+        self._voted: torch.cuda.Event | None = None
+        self._committed: torch.cuda.Event | None = None
+        self._moved: list[RearrangeStats] = []
+        #: Host seconds spent in ``begin`` and ``advance`` for the current or last apply.
+        self.host_seconds = 0.0
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def num_chunks(self) -> int:
+        """Steps one placement takes: ``ceil(layers / layers_per_step)``."""
+        return staged_steps(self.num_layers, self.layers_per_step)
+
+    def chunk(self, index: int) -> range:
+        """The layers of chunk ``index``."""
+        start = index * self.layers_per_step
+        return range(start, min(start + self.layers_per_step, self.num_layers))
+
+    @property
+    def active(self) -> bool:
+        """True while a placement is being applied (a chunk is in flight)."""
+        return self._move is not None
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of the staging buffer (0 until the first :meth:`prepare`)."""
+        return sum(t.numel() * t.element_size() for layer in self._staging for t in layer)
+
+    def prepare(
+        self,
+        old_phy2log: torch.Tensor,
+        new_maps: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        *,
+        ahead: bool = True,
+    ) -> StagedMove:
+        """Make a :class:`StagedMove` (host work, safe on a worker thread).
+
+        old_phy2log: [layers, R] int64 host, the placement the weights hold.
+        new_maps: host phy2log [L, R], log2phy [L, E, max_replicas], logcnt [L, E]
+            of the new placement.
+        expert_weights: per layer, this rank's weight tensors; the first call
+            allocates the staging buffer after them (one chunk of layers). If
+            they do not fit (not one list of tensors per layer), nothing is
+            allocated or prepared and the launch refuses the move on every rank.
+        ahead: also prepare each chunk's move on the staging buffer
+            (:func:`eplb.production.prepare_rearrangement`); a chunk whose
+            preparation refuses its input is left to the call, which refuses it
+            on every rank at once.
+        """
+        if not self._staging:
+            self._allocate_staging(expert_weights)
+        prepared: list[PreparedRearrangement | None] = []
+        for index in range(self.num_chunks):
+            rows = self.chunk(index)
+            made = None
+            if ahead and self._staging:
+                try:
+                    made = prepare_rearrangement(
+                        old_phy2log[rows.start : rows.stop],
+                        new_maps[0][rows.start : rows.stop],
+                        self._staging[: len(rows)],
+                        self.group,
+                        max_batch_bytes=self.max_batch_bytes,
+                    )
+                except (TypeError, ValueError):
+                    pass
+            prepared.append(made)
+        changed = _changed_runs(
+            old_phy2log.numpy(), new_maps[0].numpy(), self._rank, self._world_size
+        )
+        return StagedMove(old_phy2log, *new_maps, prepared=tuple(prepared), changed=changed)
+
+    def begin(self, move: StagedMove, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Launch the first chunk of ``move`` (collective: every rank, the same step)."""
+        start = time.perf_counter()
+        self._move = move
+        self._current = (move.old_phy2log.clone(), _logcnt_of(move.old_phy2log, move.logcnt))
+        self._chunk = 0
+        self._moved = []
+        self.host_seconds = 0.0
+        if self._side is not None:
+            # The first chunk's slots as the compute stream leaves them (the
+            # engine may have written them); later chunks wait for commits only.
+            self._committed = torch.cuda.Event()
+            self._committed.record(torch.cuda.current_stream(self.device))
+        self._launch(expert_weights)
+        self.host_seconds += time.perf_counter() - start
+
+    def advance(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
+        """Commit the chunk in flight and launch the next (collective: every rank, each step).
+
+        Returns True when this committed the last chunk. Raises
+        :class:`StagedApplyError` when some rank did not get the chunk (its
+        move failed or its vote did not come within ``timeout``); nothing of
+        the chunk is then written, and the apply is over.
+        """
+        start = time.perf_counter()
+        if self._move is None:
+            raise RuntimeError("advance() needs a staged apply in progress (begin() starts one)")
+        self._commit(expert_weights, self._await_vote())
+        self._chunk += 1
+        done = self._chunk == self.num_chunks
+        if done:
+            self._move = None
+        else:
+            self._launch(expert_weights)
+        self.host_seconds += time.perf_counter() - start
+        return done
+
+    def cancel(self) -> None:
+        """Drop the apply in progress: the layers not yet committed keep the old placement."""
+        self._move = None
+        self._vote = self._voted = None
+        self._failure = None
+
+    def placement(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host phy2log [L, R] and logcnt [L, E] of what the weights hold now, during or
+        after the last apply (committed layers new, the others old)."""
+        assert self._current is not None, "no staged apply yet"
+        return self._current
+
+    def stats(self) -> RearrangeStats:
+        """The moves of the current or last apply, summed over its chunks."""
+        sums = {}
+        for f in fields(RearrangeStats):
+            if f.name != "phase_ms":
+                sums[f.name] = sum(getattr(m, f.name) for m in self._moved)
+        return RearrangeStats(**sums)
+
+    # ------------------------------------------------------------------ steps
+
+    def _allocate_staging(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
+        """K layers shaped as the first layer's tensors; none if the weights do not fit."""
+        try:
+            if len(expert_weights) != self.num_layers:
+                return
+            first = [(t.shape, t.dtype, t.device) for t in expert_weights[0]]
+        except (TypeError, AttributeError):
+            return
+        self._staging = [
+            [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in first]
+            for _ in range(min(self.layers_per_step, self.num_layers))
+        ]
+
+    def _launch(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Side stream: slots -> staging, the move on staging, the vote."""
+        assert self._move is not None
+        move, rows = self._move, self.chunk(self._chunk)
+        staging = self._staging[: len(rows)]
+        self._failure = None
+        with _on_stream(self._side, self._committed), torch.no_grad():
+            try:
+                if len(staging) != len(rows):
+                    raise ValueError("expert_weights must have one entry per layer")
+                for stage, layer in zip(staging, rows, strict=True):
+                    for buffer, slots in zip(stage, expert_weights[layer], strict=True):
+                        buffer.copy_(slots)
+            except Exception as exc:
+                # The move below then refuses no weights on every rank (its
+                # agreement), instead of the others waiting for this rank.
+                self._failure, staging = exc, []
+            try:
+                self._moved.append(
+                    rearrange_expert_weights(
+                        move.old_phy2log[rows.start : rows.stop],
+                        move.phy2log[rows.start : rows.stop],
+                        staging,
+                        self.group,
+                        max_batch_bytes=self.max_batch_bytes,
+                        buffers=self.buffers,
+                        prepared=move.prepared[self._chunk] if staging else None,
+                    )
+                )
+            except Exception as exc:  # reported by every rank at the commit, after the vote
+                self._failure = self._failure or exc
+            self._flags = torch.zeros(self._world_size, dtype=torch.int32, device=self.device)
+            self._flags[self._rank] = self._failure is not None
+            if self._world_size > 1:
+                # NCCL: queued on the side stream (the host returns at once); its
+                # event tells the host. gloo: polled through its work handle.
+                cuda = self._side is not None
+                work = dist.all_reduce(
+                    self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=not cuda
+                )
+                self._vote = None if cuda else work
+            if self._side is not None:
+                self._host_flags = torch.empty(self._world_size, dtype=torch.int32, pin_memory=True)
+                self._host_flags.copy_(self._flags, non_blocking=True)
+                self._voted = torch.cuda.Event()
+                self._voted.record(self._side)
+
+    def _await_vote(self) -> list[int]:
+        """Ranks that do not hold the chunk, once every rank voted (bounded wait)."""
+        deadline = time.monotonic() + self.timeout
+        while not self._vote_done():
+            if time.monotonic() > deadline:
+                self._fail(
+                    f"the other ranks' votes on layers {_span(self.chunk(self._chunk))} did not "
+                    f"come within {self.timeout:g} s"
+                )
+            time.sleep(_POLL_SECONDS)
+        if self._vote is not None:
+            self._vote.wait()
+        flags = (self._host_flags if self._voted is not None else self._flags).tolist()
+        return [rank for rank, flag in enumerate(flags) if flag]
+
+    def _vote_done(self) -> bool:
+        if self._voted is not None:
+            return bool(self._voted.query())
+        return self._vote is None or self._vote.is_completed()
+
+    def _commit(self, expert_weights: Sequence[Sequence[torch.Tensor]], failed: list[int]) -> None:
+        """Compute stream: staging -> slots, then the chunk's rows of the maps."""
+        assert self._move is not None and self._current is not None
+        if failed:
+            self._fail(f"rank(s) {failed} did not get layers {_span(self.chunk(self._chunk))}")
+        move, rows = self._move, self.chunk(self._chunk)
+        if self._voted is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._voted)
+        with torch.no_grad():
+            # Slots keeping their expert already hold it (with keep_slots, about
+            # those of every expert staying on this GPU): only the others are copied.
+            for stage, layer in zip(self._staging, rows, strict=False):
+                for first, end in move.changed[layer]:
+                    for slots, buffer in zip(expert_weights[layer], stage, strict=True):
+                        slots[first:end].copy_(buffer[first:end])
+            part = slice(rows.start, rows.stop)
+            news = (move.phy2log, move.log2phy, move.logcnt)
+            for live, new in zip(self._maps, news, strict=True):
+                live[part].copy_(new[part], non_blocking=True)
+        if self._side is not None:
+            self._committed = torch.cuda.Event()
+            self._committed.record(torch.cuda.current_stream(self.device))
+        phy2log, logcnt = self._current
+        phy2log[part] = move.phy2log[part]
+        logcnt[part] = move.logcnt[part]
+
+    def _fail(self, reason: str) -> None:
+        rows = self.chunk(self._chunk)
+        new, old = list(range(rows.start)), list(range(rows.start, self.num_layers))
+        cause = self._failure
+        self.cancel()
+        raise StagedApplyError(
+            f"staged rebalance stopped: {reason}; nothing of them was written. On every rank, "
+            f"layers {_span(new)} hold the new placement and layers {_span(old)} the old one, "
+            "each with matching maps (none is mixed)",
+            new,
+            old,
+        ) from cause
+
+
+def _logcnt_of(phy2log: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[L, E] int64 replicas per expert of host ``phy2log`` (E from ``like``)."""
+    layers, experts = like.shape
+    counts = np.zeros((layers, experts), dtype=np.int64)
+    np.add.at(counts, (np.arange(layers)[:, None], phy2log.numpy()), 1)
+    return torch.from_numpy(counts)
+
+
+def _changed_runs(
+    old: np.ndarray, new: np.ndarray, rank: int, world_size: int
+) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per layer, runs (first, end) of this rank's local slots where ``new`` differs from ``old``.
+
+    old, new: [layers, R] int, two placements.
+    """
+    local = old.shape[1] // world_size
+    mine = slice(rank * local, (rank + 1) * local)
+    changed = np.pad(old[:, mine] != new[:, mine], ((0, 0), (1, 1)))
+    runs = []
+    for row in changed:
+        edges = np.flatnonzero(row[1:] != row[:-1])  # starts and ends alternate
+        runs.append(tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)))
+    return tuple(runs)
+
+
+def _span(layers: Sequence[int]) -> str:
+    """``3..7`` for a non-empty run of layers, ``none`` for none."""
+    if not layers:
+        return "none"
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
+
+
+class _on_stream:
+    """Run on ``stream`` after ``event`` (both None on the CPU: host order)."""
+
+    def __init__(self, stream: torch.cuda.Stream | None, event: torch.cuda.Event | None) -> None:
+        self._stream, self._event = stream, event
+        self._context: torch.cuda.StreamContext | None = None
+
+    def __enter__(self) -> None:
+        if self._stream is not None:
+            if self._event is not None:
+                self._stream.wait_event(self._event)
+            self._context = torch.cuda.stream(self._stream)
+            self._context.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)

@@ -1,0 +1,45 @@
+"""The serving benchmark's CPU smoke run: every mode serves, rebalances on schedule, moves most
+slots and ends with every slot holding its mapped expert (the script checks, exits non-zero)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _rows(stdout: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The main table's rows and the ratio table's, by mode."""
+    modes = ("none", "blocking", "all", "staged")
+    main, ratios = stdout.split("columns:")
+
+    def table(part: str) -> dict[str, list[str]]:
+        return {
+            line.split()[0]: line.split() for line in part.splitlines() if line.startswith(modes)
+        }
+
+    return table(main), table(ratios)
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_tiny_run_on_gloo(real_loads, run_benchmark, tmp_path, world):
+    # The fixture fails or skips the test where the real loads are missing.
+    plot = tmp_path / "steps.png"
+    modes = "none,blocking,all,staged1,staged2,staged4" if world == "2" else "none,staged2"
+    stdout = run_benchmark(
+        "bench_serving.py",
+        *("--tiny", "--device", "cpu", "--world-size", world, "--modes", modes),
+        *("--plot", str(plot)),
+    )
+    rows, ratios = _rows(stdout)
+    assert list(rows) == list(ratios) == modes.split(","), stdout
+    assert ratios["none"][1:] == ["1.000", "1.000"]
+    # columns: mode, p50, p99, max, worst rebalance step, done, steps, moved fraction
+    for mode, row in rows.items():
+        p50, p99, top = (float(v) for v in row[1:4])
+        assert 0 < p50 <= p99 <= top, row
+        done, steps, moved = int(row[5]), int(row[6]), float(row[7])
+        # 36 steps, an interval every 10: 3 rebalances; apply_delay 1, 4 layers.
+        fixed = {"none": (0, 0), "blocking": (3, 0), "all": (3, 1)}
+        expected = fixed[mode] if mode in fixed else (3, 1 + -(-4 // int(mode[6:])))
+        assert (done, steps) == expected, row
+        assert (moved > 0.5) == (mode != "none"), row
+    assert plot.stat().st_size > 10_000

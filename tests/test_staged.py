@@ -1,0 +1,373 @@
+"""Staged rebalance (``ExpertBalancer(..., layers_per_step=K)``): at every step each layer is
+wholly old or wholly new, in its weights, its maps and its routing, on one and two gloo ranks;
+the final placement is SPEC's; a rank failing before a commit leaves every rank old-or-new."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import eplb.production.staged as staged_module
+from eplb.production import ExpertBalancer, RearrangeOptions, StagedApply, StagedApplyError
+from eplb.reference import rebalance_experts
+
+# 5 layers so that K = 2 leaves a short last chunk; 8 experts in 2 groups, 12 slots.
+LAYERS, EXPERTS, SLOTS, GROUPS = 5, 8, 12, 2
+INTERVAL, DELAY = 8, 1
+
+
+def _balancer(
+    world: int, layers_per_step: int | None, device: str = "cpu", keep_slots: bool = False
+) -> ExpertBalancer:
+    return ExpertBalancer(
+        LAYERS,
+        EXPERTS,
+        SLOTS,
+        GROUPS,
+        1,
+        device=device,
+        window_size=INTERVAL,
+        step_interval=INTERVAL,
+        apply_delay=DELAY,
+        layers_per_step=layers_per_step,
+        rearrange=RearrangeOptions(keep_slots=keep_slots),
+    )
+
+
+def _weights(phy2log: torch.Tensor, rank: int, world: int) -> list[list[torch.Tensor]]:
+    """Per layer, two tensors whose rows are filled with 100 * layer + expert of each slot."""
+    local = SLOTS // world
+    out = []
+    for layer in range(LAYERS):
+        code = 100.0 * layer + phy2log[layer, rank * local : (rank + 1) * local].cpu().double()
+        out.append([code[:, None].repeat(1, 3), -code[:, None, None].repeat(1, 2, 2)])
+    return out
+
+
+def _ids(generator: torch.Generator, tokens: int, layer: int, phase: int) -> torch.Tensor:
+    """[tokens, 2] distinct skewed expert ids; the hot experts depend on layer and phase."""
+    popularity = 1.0 / torch.arange(1, EXPERTS + 1, dtype=torch.float64) ** 1.5
+    return torch.multinomial(
+        popularity.roll(3 * layer + 5 * phase).expand(tokens, -1), 2, generator=generator
+    )
+
+
+def _check_step(balancer: ExpertBalancer, weights, rank: int, world: int, ids_by_layer) -> None:
+    """Every layer's slots hold exactly the experts its current maps name; routing lands on them."""
+    phy2log, log2phy, logcnt = (
+        t.cpu() for t in (balancer.phy2log, balancer.log2phy, balancer.logcnt)
+    )
+    expected = _weights(phy2log, rank, world)
+    for layer in range(LAYERS):
+        for got, want in zip(weights[layer], expected[layer], strict=True):
+            assert torch.equal(got.cpu(), want), f"layer {layer}: slots and phy2log disagree"
+        assert torch.equal(torch.bincount(phy2log[layer], minlength=EXPERTS), logcnt[layer])
+        for expert in range(EXPERTS):
+            held = log2phy[layer, expert, : logcnt[layer, expert]]
+            assert torch.equal(phy2log[layer, held], torch.full_like(held, expert))
+        ids = ids_by_layer[layer]
+        slots = balancer.route(layer, ids.to(balancer.device), record=False).cpu()
+        assert torch.equal(phy2log[layer][slots], ids)
+
+
+def _serve(
+    rank: int, world: int, layers_per_step: int | None, device: str = "cpu", keep: bool = False
+):
+    """Serve 2 intervals plus the apply; check every step. Returns (balancer, weights, load,
+    steps at which each layer changed, steps step() returned True)."""
+    balancer = _balancer(world, layers_per_step, device, keep)
+    weights = [[w.to(device) for w in layer] for layer in _weights(balancer.phy2log, rank, world)]
+    generator = torch.Generator().manual_seed(7 + rank)
+    load = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+    changed: dict[int, list[int]] = {layer: [] for layer in range(LAYERS)}
+    applied_at = []
+    chunks = 1 if layers_per_step is None else -(-LAYERS // layers_per_step)
+    for step in range(1, 2 * INTERVAL + DELAY + chunks + 2):
+        before = balancer.phy2log.cpu().clone()
+        ids_by_layer = []
+        for layer in range(LAYERS):
+            ids = _ids(generator, 30 + 5 * rank, layer, step // INTERVAL)
+            ids_by_layer.append(ids)
+            balancer.route(layer, ids.to(device))
+            if INTERVAL < step <= 2 * INTERVAL:  # the window the second interval sees
+                load[layer] += torch.bincount(ids.reshape(-1), minlength=EXPERTS)
+        if balancer.step(weights):
+            applied_at.append(step)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        _check_step(balancer, weights, rank, world, ids_by_layer)
+        for layer in range(LAYERS):
+            if not torch.equal(before[layer], balancer.phy2log[layer].cpu()):
+                changed[layer].append(step)
+    return balancer, weights, load, changed, applied_at
+
+
+def _check_schedule(changed, applied_at, layers_per_step: int | None) -> None:
+    """The interval at step n applies at n + DELAY; chunk c commits at n + DELAY + c + 1."""
+    starts = [INTERVAL + DELAY, 2 * INTERVAL + DELAY]
+    if layers_per_step is None:
+        assert applied_at == starts
+        assert all(set(steps) <= set(starts) for steps in changed.values())
+        return
+    chunks = -(-LAYERS // layers_per_step)
+    assert applied_at == [start + chunks for start in starts]
+    for layer, steps in changed.items():
+        commit = layer // layers_per_step + 1
+        assert set(steps) <= {start + commit for start in starts}, (layer, steps)
+
+
+@pytest.mark.parametrize("layers_per_step", [None, 1, 2, 4])
+def test_one_rank_every_step_each_layer_wholly_old_or_new(layers_per_step):
+    balancer, _, load, changed, applied_at = _serve(0, 1, layers_per_step)
+    _check_schedule(changed, applied_at, layers_per_step)
+    assert any(len(steps) == 2 for steps in changed.values())  # both rebalances moved slots
+    spec = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, 1)
+    assert torch.equal(balancer.phy2log, torch.from_numpy(spec[0]))
+    assert torch.equal(balancer.logcnt, torch.from_numpy(spec[2]))
+    assert balancer.stats.rebalances == 2 and not balancer.failed
+    moved = balancer.stats.last_rearrange
+    assert moved is not None and moved.local_copies > 0
+    balancer.close()
+
+
+@pytest.mark.parametrize("layers_per_step", [2, 9])
+def test_staging_holds_one_chunk_of_this_ranks_slots(layers_per_step):
+    balancer = _balancer(1, None)
+    maps = (balancer.phy2log, balancer.log2phy, balancer.logcnt)
+    staged = StagedApply(*maps, layers_per_step, max_batch_bytes=1 << 20)
+    assert staged.staging_bytes == 0 and staged.num_chunks == -(-LAYERS // layers_per_step)
+    weights = _weights(balancer.phy2log, 0, 1)
+    host = tuple(m.clone() for m in maps)
+    move = staged.prepare(host[0], host, weights)
+    # Per slot: 3 + 4 float64 values; K layers, at most all of them.
+    assert staged.staging_bytes == min(layers_per_step, LAYERS) * SLOTS * (3 + 4) * 8
+    assert len(move.prepared) == staged.num_chunks
+    assert all(p is not None for p in move.prepared)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)  # one core per rank: more threads only contend
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+
+
+def _same_on_every_rank(tensor: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return all(torch.equal(g, tensor) for g in gathered)
+
+
+def _two_rank_schedule(rank: int, world: int, port: int, layers_per_step: int, keep: bool) -> None:
+    _init(rank, world, port)
+    try:
+        balancer, _, load, changed, applied_at = _serve(rank, world, layers_per_step, keep=keep)
+        _check_schedule(changed, applied_at, layers_per_step)
+        dist.all_reduce(load)
+        spec = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
+        if keep:  # the same experts on each GPU, those staying there in their slots
+            per_gpu = (LAYERS, world, SLOTS // world)
+            assert torch.equal(
+                balancer.phy2log.reshape(per_gpu).sort(dim=2).values,
+                torch.from_numpy(spec[0]).reshape(per_gpu).sort(dim=2).values,
+            )
+        else:
+            assert torch.equal(balancer.phy2log, torch.from_numpy(spec[0]))
+        assert _same_on_every_rank(balancer.log2phy)
+        moved = balancer.stats.last_rearrange
+        assert moved is not None and moved.experts_received > 0
+        balancer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("layers_per_step", "keep"), [(1, False), (2, False), (2, True)])
+def test_two_ranks_every_step_each_layer_wholly_old_or_new(layers_per_step, keep):
+    # keep: kept slots, so many slots keep their expert and a commit copies only the others.
+    args = (2, _free_port(), layers_per_step, keep)
+    mp.spawn(_two_rank_schedule, args=args, nprocs=2, join=True)
+
+
+def _fault_before_commit(rank: int, world: int, port: int) -> None:
+    """Rank 1 raises after receiving chunk 1 (layers 2..3), before its commit."""
+    if world > 1:
+        _init(rank, world, port)
+    real = staged_module.rearrange_expert_weights
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        moved = real(*args, **kwargs)
+        if len(calls) == 2 and rank == world - 1:
+            raise RuntimeError("injected fault")
+        return moved
+
+    staged_module.rearrange_expert_weights = failing
+    try:
+        balancer = _balancer(world, 2)
+        weights = _weights(balancer.phy2log, rank, world)
+        initial = balancer.phy2log.clone()
+        generator = torch.Generator().manual_seed(3 + rank)
+        error, step = None, 0
+        while step < INTERVAL + DELAY + 3:
+            step += 1
+            for layer in range(LAYERS):
+                balancer.route(layer, _ids(generator, 30, layer, 1))
+            try:
+                balancer.step(weights)
+            except StagedApplyError as exc:
+                error = exc
+                break
+        # Every rank raises at the same step: chunk 1's commit.
+        assert error is not None and step == INTERVAL + DELAY + 2, step
+        assert error.layers_new == (0, 1) and error.layers_old == (2, 3, 4), error
+        if rank == world - 1:
+            assert "injected fault" in str(error.__cause__)
+        assert f"rank(s) [{world - 1}]" in str(error)
+        assert balancer.failed and balancer.error is error
+        # Committed layers are new, the others old, weights and maps alike.
+        assert not torch.equal(balancer.phy2log[:2], initial[:2])
+        assert torch.equal(balancer.phy2log[2:], initial[2:])
+        ids = [_ids(generator, 30, layer, 1) for layer in range(LAYERS)]
+        _check_step(balancer, weights, rank, world, ids)
+        if world > 1:
+            assert _same_on_every_rank(balancer.phy2log)
+        # The maps describe the weights: reset() alone resumes serving and rebalancing.
+        staged_module.rearrange_expert_weights = real
+        balancer.reset()
+        for _ in range(INTERVAL + DELAY + 3):
+            balancer.step(weights)
+            _check_step(balancer, weights, rank, world, ids)
+        assert balancer.stats.rebalances == 1 and not balancer.failed
+        balancer.close()
+    finally:
+        staged_module.rearrange_expert_weights = real
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_fault_before_commit_one_rank():
+    _fault_before_commit(0, 1, 0)
+
+
+def test_fault_before_commit_two_ranks_leaves_every_layer_old_or_new():
+    mp.spawn(_fault_before_commit, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _bad_weights_on_one_rank(rank: int, world: int, port: int) -> None:
+    """Rank 1 passes a wrongly shaped layer 1 when the first chunk launches."""
+    _init(rank, world, port)
+    try:
+        balancer = _balancer(world, 2)
+        weights = _weights(balancer.phy2log, rank, world)
+        initial = [[t.clone() for t in layer] for layer in weights]
+        before = balancer.phy2log.clone()
+        generator = torch.Generator().manual_seed(3 + rank)
+        for _ in range(INTERVAL + DELAY - 1):
+            for layer in range(LAYERS):
+                balancer.route(layer, _ids(generator, 30, layer, 1))
+            balancer.step(weights)
+        given = list(weights)
+        if rank == 1:
+            given[1] = [weights[1][0][:, :2], weights[1][1]]
+        balancer.step(given)  # the apply step: launches chunk 0 (layers 0..1)
+        with pytest.raises(StagedApplyError, match=r"rank\(s\) \[0, 1\]") as info:
+            balancer.step(weights)
+        assert info.value.layers_new == () and info.value.layers_old == tuple(range(LAYERS))
+        if rank == 1:
+            assert "must match the size" in str(info.value.__cause__)  # the copy into staging
+        else:
+            assert "refused their input" in str(info.value.__cause__)
+        assert torch.equal(balancer.phy2log, before) and balancer.failed
+        for got, want in zip(weights, initial, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        balancer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_refusing_its_weights_at_a_launch_fails_every_rank_untouched():
+    mp.spawn(_bad_weights_on_one_rank, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _silent_rank(rank: int, world: int, port: int) -> None:
+    """Rank 1 stalls 4 s after its move, before voting; rank 0 must give up after 1 s."""
+    _init(rank, world, port)
+    real = staged_module.rearrange_expert_weights
+
+    def stalling(*args, **kwargs):
+        moved = real(*args, **kwargs)
+        time.sleep(4.0)
+        return moved
+
+    try:
+        balancer = _balancer(world, None)  # its static maps and initial placement
+        maps = (balancer.phy2log, balancer.log2phy, balancer.logcnt)
+        staged = StagedApply(*maps, 2, max_batch_bytes=1 << 20, timeout=1.0)
+        weights = _weights(balancer.phy2log, rank, world)
+        load = torch.arange(LAYERS * EXPERTS).reshape(LAYERS, EXPERTS) % 7 + 1
+        phy2log, log2phy, logcnt = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
+        padded = torch.full(maps[1].shape, -1, dtype=torch.int64)
+        padded[..., : log2phy.shape[2]] = torch.from_numpy(log2phy)
+        old = balancer.phy2log.clone()
+        new = (torch.from_numpy(phy2log), padded, torch.from_numpy(logcnt))
+        move = staged.prepare(old, new, weights)
+        if rank == 1:
+            staged_module.rearrange_expert_weights = stalling
+        staged.begin(move, weights)
+        if rank == 0:
+            start = time.monotonic()
+            with pytest.raises(StagedApplyError, match="did not come within 1 s") as info:
+                staged.advance(weights)
+            assert 1.0 <= time.monotonic() - start < 3.5
+            assert info.value.layers_new == () and info.value.layers_old == tuple(range(LAYERS))
+            assert torch.equal(balancer.phy2log, old) and not staged.active
+            generator = torch.Generator().manual_seed(5)
+            ids = [_ids(generator, 20, layer, 0) for layer in range(LAYERS)]
+            _check_step(balancer, weights, rank, world, ids)
+        dist.barrier()
+        balancer.close()
+    finally:
+        staged_module.rearrange_expert_weights = real
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_stops_answering_fails_the_commit_within_the_timeout():
+    mp.spawn(_silent_rank, args=(2, _free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers_per_step": 0}, ValueError, "layers_per_step must be >= 1"),
+        ({"layers_per_step": 1.5}, TypeError, "layers_per_step must be an int"),
+        ({"layers_per_step": True}, TypeError, "layers_per_step must be an int"),
+        ({"layers_per_step": 1, "step_interval": 6}, ValueError, "must be < step_interval"),
+    ],
+)
+def test_bad_layers_per_step_is_refused(kwargs, error, match):
+    kwargs = {"device": "cpu", "step_interval": INTERVAL, **kwargs}
+    with pytest.raises(error, match=match):
+        ExpertBalancer(LAYERS, EXPERTS, SLOTS, GROUPS, 1, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layers_per_step", [1, 4])
+def test_one_gpu_every_step_each_layer_wholly_old_or_new(layers_per_step):
+    balancer, _, load, changed, applied_at = _serve(0, 1, layers_per_step, "cuda")
+    _check_schedule(changed, applied_at, layers_per_step)
+    spec = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, 1)
+    assert torch.equal(balancer.phy2log.cpu(), torch.from_numpy(spec[0]))
+    balancer.close()
