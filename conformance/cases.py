@@ -24,6 +24,7 @@ import numpy as np
 from eplb._validation import EplbConfig
 
 __all__ = [
+    "DEFAULT_EXAMPLES",
     "LOAD_KINDS",
     "SHAPE_MENU",
     "SPEC_EXAMPLE",
@@ -33,6 +34,12 @@ __all__ = [
     "Problem",
     "make_load",
 ]
+
+
+#: Valid inputs ``check_candidate``/``check_project`` (and ``eplb conformance``)
+#: draw when not told: enough to catch each single deviation of
+#: tests/conformance_variants.py, derandomized.
+DEFAULT_EXAMPLES = 300
 
 
 @dataclass(frozen=True)
