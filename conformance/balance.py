@@ -63,7 +63,9 @@ class BalanceDifference:
             f"(max {float(self.expected.max())!r} for SPEC.md, {float(self.got.max())!r} here)",
             f"  {'GPU':>5}  {'SPEC.md':>24}  {'candidate':>24}",
         ]
-        for gpu, (want, have) in enumerate(zip(self.expected.tolist(), self.got.tolist())):
+        for gpu, (want, have) in enumerate(
+            zip(self.expected.tolist(), self.got.tolist(), strict=True)
+        ):
             mark = "" if want == have else "  <"
             lines.append(f"  {gpu:>5}  {want!r:>24}  {have!r:>24}{mark}")
         return "\n".join(lines)

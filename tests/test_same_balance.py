@@ -56,7 +56,7 @@ def test_moved_slot_fails_same_balance_as_real_difference(
     assert "per-GPU loads differ from SPEC.md's" in out
     table = [line.split() for line in out.splitlines() if line.strip().endswith("<")]
     assert len(table) >= 2  # GPUs 0 and 1, SPEC.md's load beside the candidate's
-    for gpu, want, have, _ in table:
+    for _gpu, want, have, _mark in table:
         assert float(want) != float(have)
 
 
