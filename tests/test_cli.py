@@ -211,3 +211,19 @@ def test_loader_keeps_what_the_api_accepts(tmp_path):
     assert read_load(tmp_path / "ints.npy").tolist() == [list(range(8)), list(range(8, 16))]
     assert (read_load(tmp_path / "bf16.pt") == 1.5).all()
     assert read_load(tmp_path / "stats.json").dtype == np.float64
+
+
+def test_report_says_when_the_hierarchy_caps_balance(tmp_path, capsys):
+    # All load in group 0: its node is busy, the other idle, whatever the placement.
+    np.save(tmp_path / "load.npy", np.array([[10.0, 10, 10, 10, 0, 0, 0, 0]]))
+    args = ["rebalance", str(tmp_path / "load.npy"), "--replicas", "8", "--gpus", "4"]
+    assert main([*args, "--groups", "2", "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line.split()[-1] for line in out.splitlines() if "  " in line}
+    assert float(rows["balancedness, mean"]) == 0.5
+    assert float(rows["balancedness, mean, global policy (no groups)"]) == 1.0
+    assert "the hierarchy caps the balance" in out and "reaches 1.0000" in out
+    # One node: the hierarchy constrains nothing, no comparison.
+    assert main([*args, "--groups", "2", "--nodes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "global policy" not in out and "caps" not in out

@@ -115,9 +115,7 @@ def test_vllm_keeps_experts_in_their_old_slots():
     _check_consistent(phy2log, log2phy, logcnt, counts)
     per_gpu = (3, 8, 3)
     # The same experts on every GPU as the fresh placement (same balance) ...
-    assert torch.equal(
-        phy2log.view(per_gpu).sort(-1).values, fresh.view(per_gpu).sort(-1).values
-    )
+    assert torch.equal(phy2log.view(per_gpu).sort(-1).values, fresh.view(per_gpu).sort(-1).values)
     # ... and more slots unchanged from the old placement than the fresh one has.
     assert int((phy2log == old).sum()) > int((fresh == old).sum())
 
@@ -162,11 +160,14 @@ def test_sglang_compute_algorithm():
         sglang.compute_algorithm("no_such", 8, 4)
 
 
+_deepseek = sglang.deepseek_rebalance_experts
+
+
 @pytest.mark.parametrize(
     ("call", "words"),
     [
-        (lambda: sglang.deepseek_rebalance_experts(torch.ones(1, 12), 12, 3, 2, 2, True), "divide"),
-        (lambda: sglang.deepseek_rebalance_experts(torch.ones(1, 12), 12, None, 2, 2, True), "None"),
+        (lambda: _deepseek(torch.ones(1, 12), 12, 3, 2, 2, True), "divide"),
+        (lambda: _deepseek(torch.ones(1, 12), 12, None, 2, 2, True), "None"),
         (lambda: sglang.rebalance_experts(torch.ones(2, 12), 12, 3, 4, 2, "deepseek"), "3-D"),
         (lambda: sglang.rebalance_experts(torch.ones(1, 2, 12), 12, 5, 4, 2, "deepseek"), "divide"),
         (
@@ -175,7 +176,7 @@ def test_sglang_compute_algorithm():
             ),
             "real numbers",
         ),
-        (lambda: sglang.deepseek_rebalance_experts(-torch.ones(1, 12), 12, 4, 2, 2, True), ">= 0"),
+        (lambda: _deepseek(-torch.ones(1, 12), 12, 4, 2, 2, True), ">= 0"),
     ],
     ids=["G%N", "no-groups", "2-D", "local", "bool", "negative"],
 )

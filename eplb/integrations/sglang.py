@@ -59,9 +59,7 @@ class EplbAlgorithm(enum.Enum):
     deepseek_hierarchical = enum.auto()
 
 
-def compute_algorithm(
-    raw_algorithm: str, num_groups: int | None, num_nodes: int
-) -> EplbAlgorithm:
+def compute_algorithm(raw_algorithm: str, num_groups: int | None, num_nodes: int) -> EplbAlgorithm:
     """SGLang's choice: "auto" is hierarchical when ``num_nodes`` divides ``num_groups``.
 
     Raises ``KeyError`` for an unknown name, as SGLang's ``EplbAlgorithm[...]`` does.
