@@ -230,6 +230,13 @@ def _classify(problem: Problem, expected: Placement, got: object) -> tuple[str |
     except AssertionError as exc:
         return None, [str(exc)]
     balance = first_balance_difference(problem.weight, problem.num_gpus, expected, placement)
+    if balance is None and all(
+        np.array_equal(want, have) for want, have in zip(expected, placement, strict=True)
+    ):
+        return TIE_ORDER_ONLY, [
+            "SPEC.md's placement itself, in another integer dtype or log2phy width "
+            "(passes --same-balance)"
+        ]
     if balance is None:
         return TIE_ORDER_ONLY, [
             "every layer's per-GPU loads equal SPEC.md's (sorted): the placement differs only "

@@ -117,3 +117,14 @@ def test_as_integer_placement_accepts_int32_and_wide_padding() -> None:
     assert placement[1].shape == (1, 2, 2)
     floats = as_integer_placement((phy2log.astype(float), log2phy, logcnt), 2)
     assert isinstance(floats, str) and "integer dtype" in floats
+
+
+def _int32_reference(weight, *counts):  # type: ignore[no-untyped-def]
+    return tuple(out.astype(np.int32) for out in rebalance_experts(weight, *counts))
+
+
+def test_int32_copy_of_spec_is_told_apart_from_tie_order() -> None:
+    exact = check_candidate(_int32_reference, examples=5)
+    assert exact is not None and exact.classification == TIE_ORDER_ONLY
+    assert "SPEC.md's placement itself, in another integer dtype" in exact.message
+    assert check_candidate(_int32_reference, examples=5, same_balance=True) is None
