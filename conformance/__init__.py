@@ -11,8 +11,12 @@ copy of the algorithm (``eplb conformance --impl my_module:my_function``).
 - ``invariants``: ``check_invariants``, SPEC.md's invariants of any placement.
 - ``agreement``: adapters for the three implementations, ``first_difference``,
   ``check_agreement``, ``check_refusal``.
-- ``runner``: the hypothesis search behind the CLI (``check_candidate``,
-  ``check_project``).
+- ``balance``: same balance, for placements that differ from SPEC.md's only
+  where SPEC.md chose between equals (``exact_gpu_loads``,
+  ``first_balance_difference``).
+- ``runner``: the hypothesis search (``check_candidate``, ``check_project``)
+  that the ``eplb conformance`` command (``eplb._cli_conformance``) runs; the
+  library never imports the command.
 - ``workloads``: the benchmark configurations with real loads.
 - ``device_check``: a hypothesis-free agreement run on a given torch device
   (``python -m eplb.conformance.device_check --device cuda``).
@@ -37,7 +41,16 @@ if TYPE_CHECKING:
         project_implementations,
         torch_production,
     )
-    from .cases import LOAD_KINDS, SHAPE_MENU, SPEC_EXAMPLE, InvalidProblem, Problem, make_load
+    from .balance import BalanceDifference, exact_gpu_loads, first_balance_difference
+    from .cases import (
+        DEFAULT_EXAMPLES,
+        LOAD_KINDS,
+        SHAPE_MENU,
+        SPEC_EXAMPLE,
+        InvalidProblem,
+        Problem,
+        make_load,
+    )
     from .invariants import check_invariants
     from .runner import Failure, check_candidate, check_project
     from .strategies import (
@@ -54,6 +67,8 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "BENCHMARK_MODELS": "workloads",
     "BENCHMARK_SHAPES": "workloads",
+    "BalanceDifference": "balance",
+    "DEFAULT_EXAMPLES": "cases",
     "Difference": "agreement",
     "Failure": "runner",
     "INVALID_RULES": "strategies",
@@ -71,6 +86,8 @@ _EXPORTS = {
     "check_project": "runner",
     "check_refusal": "agreement",
     "configs": "strategies",
+    "exact_gpu_loads": "balance",
+    "first_balance_difference": "balance",
     "first_difference": "agreement",
     "invalid_problems": "strategies",
     "jax_reference": "agreement",
@@ -85,10 +102,12 @@ _EXPORTS = {
 __all__ = [
     "BENCHMARK_MODELS",
     "BENCHMARK_SHAPES",
+    "DEFAULT_EXAMPLES",
     "INVALID_RULES",
     "LOAD_KINDS",
     "SHAPE_MENU",
     "SPEC_EXAMPLE",
+    "BalanceDifference",
     "Difference",
     "Failure",
     "InvalidProblem",
@@ -101,6 +120,8 @@ __all__ = [
     "check_project",
     "check_refusal",
     "configs",
+    "exact_gpu_loads",
+    "first_balance_difference",
     "first_difference",
     "invalid_problems",
     "jax_reference",

@@ -10,8 +10,8 @@ tie-breaking), all-equal and zero rows (lowest index among equal totals),
 decimals ``0.1 * k`` and groups that are permutations of one multiset
 (summation order), integers near ``2**24`` and ``2**53`` (float32
 arithmetic: distinct in float64, equal in float32), rare huge spikes, loads
-near the float64 maximum whose sums overflow to inf, continuous floats and
-float32-representable floats.
+near the float64 maximum whose sums overflow to inf, continuous floats,
+float32-representable floats, and subnormal loads (which XLA flushes to zero).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from eplb._validation import EplbConfig
 
 __all__ = [
+    "DEFAULT_EXAMPLES",
     "LOAD_KINDS",
     "SHAPE_MENU",
     "SPEC_EXAMPLE",
@@ -33,6 +34,12 @@ __all__ = [
     "Problem",
     "make_load",
 ]
+
+
+#: Valid inputs ``check_candidate``/``check_project`` (and ``eplb conformance``)
+#: draw when not told: enough to catch each single deviation of
+#: tests/conformance_variants.py, derandomized.
+DEFAULT_EXAMPLES = 300
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,14 @@ def _float32(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
     return rng.uniform(0, 1e4, n).astype(np.float32).astype(np.float64)
 
 
+def _subnormal(rng: np.random.Generator, n: int, group_size: int) -> np.ndarray:
+    # Below float64's normal range, where XLA computes 0 and numpy does not:
+    # multiples of the smallest subnormal (ties, exact sums), zeros, and
+    # normal loads near 2**-1022 whose shares per replica are subnormal.
+    values = [0.0, 2.0**-1074, 3 * 2.0**-1074, 2.0**-1040, 2.0**-1022, 3 * 2.0**-1022]
+    return rng.choice(values, n)
+
+
 _KINDS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "small_ints": _small_ints,
     "token_counts": _token_counts,
@@ -185,6 +200,7 @@ _KINDS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
     "overflow": _overflow,
     "floats": _floats,
     "float32": _float32,
+    "subnormal": _subnormal,
 }
 #: The load kinds, simplest first (hypothesis shrinks toward it).
 LOAD_KINDS: tuple[str, ...] = tuple(_KINDS)

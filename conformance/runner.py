@@ -2,8 +2,15 @@
 
 ``check_candidate`` is what ``eplb conformance --impl`` runs for any callable;
 ``check_project`` what plain ``eplb conformance`` runs for the project's
-three implementations. Each returns None when nothing was found, else a
-``Failure`` holding the smallest failing input hypothesis shrank to.
+implementations. Each returns None when nothing was found, else a
+``Failure`` holding the smallest failing input hypothesis shrank to; its
+``report()`` is the text the command prints. Progress goes to a callback:
+this module prints nothing and knows nothing of the command line.
+
+Two bars: *exact* (the default) wants SPEC.md's integers; *same balance*
+(``same_balance=True``) accepts a placement that differs only where SPEC.md
+chose between equals (see ``eplb.conformance.balance``). Either way a
+placement that differs is classified: tie order only, or a real difference.
 """
 
 from __future__ import annotations
@@ -29,8 +36,21 @@ from .agreement import (
     numpy_reference,
     project_implementations,
 )
-from .cases import SHAPE_MENU, SPEC_EXAMPLE, SPEC_LOGCNT, SPEC_PHY2LOG, InvalidProblem, Problem
-from .cli import DEFAULT_EXAMPLES
+from .balance import (
+    REAL_DIFFERENCE,
+    TIE_ORDER_ONLY,
+    as_integer_placement,
+    first_balance_difference,
+)
+from .cases import (
+    DEFAULT_EXAMPLES,
+    SHAPE_MENU,
+    SPEC_EXAMPLE,
+    SPEC_LOGCNT,
+    SPEC_PHY2LOG,
+    InvalidProblem,
+    Problem,
+)
 from .invariants import check_invariants
 from .strategies import invalid_problems, loads, problems
 
@@ -54,6 +74,9 @@ class Failure:
     problem: the (shrunk) input.
     message: what went wrong, one or more lines.
     difference: the first differing entry, when outputs differ.
+    classification: for a placement that differs from SPEC.md's and keeps its
+        invariants, ``"tie order only"`` (every layer's per-GPU loads equal
+        SPEC.md's as sorted lists) or ``"real difference"``; else None.
     """
 
     phase: str
@@ -61,6 +84,34 @@ class Failure:
     problem: Problem | InvalidProblem
     message: str
     difference: Difference | None = None
+    classification: str | None = None
+
+    def report(self) -> str:
+        """The failure as ``eplb conformance`` prints it: check, shrunk input, what differs."""
+        problem = self.problem
+        lines = [
+            f"DOES NOT CONFORM: {self.implementation} ({self.phase})",
+            "smallest failing input found (shrunk by hypothesis):",
+            f"  configuration: {problem!r}",
+        ]
+        weight = problem.weight
+        if isinstance(weight, np.ndarray) and weight.size <= _PRINT_LIMIT:
+            # tolist() prints each float as its shortest exact repr: the input
+            # can be pasted back as it is.
+            lines.append(f"  weight = {weight.tolist()!r}  # dtype {weight.dtype}")
+        else:
+            lines.append(f"  weight: {type(weight).__name__} {getattr(weight, 'shape', '')}")
+        lines += [f"  {line}" for line in self.message.splitlines()]
+        if isinstance(problem, Problem) and self.difference is not None:
+            counts = ", ".join(str(c) for c in problem.counts)
+            lines.append(
+                "reproduce: eplb.reference.rebalance_experts(numpy.array(weight), " + counts + ")"
+            )
+        return "\n".join(lines)
+
+
+# Loads up to this many entries are printed in full; larger ones by shape.
+_PRINT_LIMIT = 4096
 
 
 class _Nonconforming(Exception):
@@ -122,9 +173,19 @@ def menu_problems(draw: st.DrawFn, menu: tuple[EplbConfig, ...] = SHAPE_MENU) ->
 
 
 def _compare(
-    name: str, impl: Implementation, problem: Problem, phase: str = "valid input"
+    name: str,
+    impl: Implementation,
+    problem: Problem,
+    phase: str = "valid input",
+    *,
+    same_balance: bool = False,
 ) -> Failure | None:
-    """Compare ``impl`` with the numpy reference on one valid input."""
+    """Compare ``impl`` with the numpy reference on one valid input.
+
+    same_balance: pass a placement that differs from the reference's when it
+        keeps SPEC.md's invariants and every layer's per-GPU loads (as sorted
+        lists); integer outputs of any width are accepted then.
+    """
     expected = numpy_reference(problem.weight.copy(), *problem.counts)
     weight = problem.weight.copy()
     try:
@@ -133,26 +194,65 @@ def _compare(
         return Failure(phase, name, problem, f"raised {type(exc).__name__} on valid input: {exc}")
     lines = []
     difference = first_difference(expected, got)
-    if difference is not None:
-        lines.append(f"first difference: {difference}")
-    if difference is None or difference.index is not None:
-        # Three arrays of the reference's shapes and dtype: the invariants apply.
+    classification = None
+    if difference is None:
+        # Equal to the reference's: a reference that broke them shows here.
         phy2log, log2phy, logcnt = cast(Placement, got)
         try:
             check_invariants(phy2log, log2phy, logcnt, *problem.counts)
         except AssertionError as exc:
             lines.append(str(exc))
+    else:
+        classification, detail = _classify(problem, expected, got)
+        if not (same_balance and classification == TIE_ORDER_ONLY):
+            lines.append(f"first difference: {difference}")
+            if classification is not None:
+                lines.append(f"classification: {classification}")
+            lines += detail
     if not np.array_equal(weight, problem.weight, equal_nan=True):
         lines.append("it modified its input weight")
     if not lines:
         return None
-    return Failure(phase, name, problem, "\n".join(lines), difference)
+    return Failure(phase, name, problem, "\n".join(lines), difference, classification)
+
+
+def _classify(problem: Problem, expected: Placement, got: object) -> tuple[str | None, list[str]]:
+    """Tie order only or a real difference, with the lines that show it.
+
+    None (with the reason) when ``got`` is not a sound placement: there is no
+    balance to compare then.
+    """
+    placement = as_integer_placement(got, problem.weight.shape[1])
+    if isinstance(placement, str):
+        return None, [placement]
+    try:
+        check_invariants(*placement, *problem.counts)
+    except AssertionError as exc:
+        return None, [str(exc)]
+    balance = first_balance_difference(problem.weight, problem.num_gpus, expected, placement)
+    if balance is None and all(
+        np.array_equal(want, have) for want, have in zip(expected, placement, strict=True)
+    ):
+        return TIE_ORDER_ONLY, [
+            "SPEC.md's placement itself, in another integer dtype or log2phy width "
+            "(passes --same-balance)"
+        ]
+    if balance is None:
+        return TIE_ORDER_ONLY, [
+            "every layer's per-GPU loads equal SPEC.md's (sorted): the placement differs only "
+            "where SPEC.md chose between equals (passes --same-balance)"
+        ]
+    return REAL_DIFFERENCE, str(balance).splitlines()
 
 
 def _refuses(
-    name: str, impl: Implementation, bad: InvalidProblem, *, same_type: bool
+    name: str, impl: Implementation, bad: InvalidProblem, *, same_type: bool, any_type: bool
 ) -> Failure | None:
-    """Check that ``impl`` refuses ``bad``: ValueError/TypeError, the expected one if same_type."""
+    """Check that ``impl`` refuses ``bad``.
+
+    same_type: the reference's exception type is required; any_type: any
+    exception will do (an engine's ``assert``); neither: ValueError or TypeError.
+    """
     try:
         impl(bad.weight, *bad.counts)
     except (ValueError, TypeError) as exc:
@@ -165,6 +265,8 @@ def _refuses(
             )
         return None
     except Exception as exc:
+        if any_type:
+            return None
         return Failure(
             "invalid input",
             name,
@@ -185,10 +287,12 @@ def _check_all(
     examples: int,
     seed: int | None,
     same_type: bool,
+    same_balance: bool = False,
     progress: Callable[[str], None],
 ) -> Failure | None:
     """Valid inputs, invalid inputs, then SPEC.md's example, for each implementation.
 
+    same_balance: the bar of ``check_candidate(same_balance=True)``.
     The JAX reference (a name starting with "jax") is drawn on ``SHAPE_MENU``
     shapes only, a quarter as many times: each new shape compiles.
     """
@@ -196,18 +300,20 @@ def _check_all(
         jax = name.startswith("jax")
         count = max(10, examples // 4) if jax else examples
         strategy = menu_problems() if jax else problems()
-        failure = _search(strategy, functools.partial(_compare, name, impl), count, seed)
+        compare = functools.partial(_compare, name, impl, same_balance=same_balance)
+        failure = _search(strategy, compare, count, seed)
         if failure is not None:
             return failure
-        progress(
-            f"ok    valid input: {name} gives the reference's placement on {count} drawn inputs"
-        )
+        gives = "the reference's balance" if same_balance else "the reference's placement"
+        progress(f"ok    valid input: {name} gives {gives} on {count} drawn inputs")
     invalid = _invalid_examples(examples)
     refused_as = "the reference's exception type" if same_type else "ValueError/TypeError"
+    if same_balance:
+        refused_as = "an exception"
     for name, impl in impls.items():
         failure = _search(
             invalid_problems(),
-            functools.partial(_refuses, name, impl, same_type=same_type),
+            functools.partial(_refuses, name, impl, same_type=same_type, any_type=same_balance),
             invalid,
             seed,
         )
@@ -221,10 +327,12 @@ def _check_all(
             message = f"the numpy reference's {output} is not SPEC.md's: {got.tolist()}"
             return Failure("SPEC.md example", "numpy reference", SPEC_EXAMPLE, message)
     for name, impl in impls.items():
-        failure = _compare(name, impl, SPEC_EXAMPLE, "SPEC.md example")
+        failure = _compare(name, impl, SPEC_EXAMPLE, "SPEC.md example", same_balance=same_balance)
         if failure is not None:
             return failure
-    progress("ok    SPEC.md worked example: SPEC.md's placement")
+    progress(
+        f"ok    SPEC.md worked example: SPEC.md's {'balance' if same_balance else 'placement'}"
+    )
     return None
 
 
@@ -234,6 +342,7 @@ def check_candidate(
     name: str = "candidate",
     examples: int = DEFAULT_EXAMPLES,
     seed: int | None = None,
+    same_balance: bool = False,
     progress: Callable[[str], None] = lambda line: None,
 ) -> Failure | None:
     """Check any implementation against the numpy reference (``eplb conformance --impl``).
@@ -242,15 +351,29 @@ def check_candidate(
         numpy ``weight`` [L, E]; its outputs may be anything numpy.asarray converts.
     examples: inputs drawn for the valid-input check (a third as many invalid ones).
     seed: hypothesis seed; None runs derandomized (the same inputs every time).
+    same_balance: the bar for engines whose copy breaks ties its own way
+        (``eplb conformance --same-balance``): a placement may differ from
+        the reference's if it keeps SPEC.md's invariants and, in every layer,
+        its per-GPU loads (each summed with ``math.fsum``) equal the
+        reference's as sorted lists; outputs of any integer dtype (int32
+        included) and ``log2phy`` padded wider with ``-1`` are accepted, and
+        any exception (``AssertionError`` included) refuses an invalid input.
     progress: called with one line per finished check ("ok    ...", "skip  ...").
 
-    Checks, in order: equal outputs and SPEC.md's invariants on ``examples``
-    drawn valid inputs; a ValueError or TypeError on drawn invalid inputs;
-    SPEC.md's worked example (last, so that a failure found by the search is
-    reported shrunk, not as the worked example).
+    Checks, in order: equal outputs (or balance) and SPEC.md's invariants on
+    ``examples`` drawn valid inputs; a ValueError or TypeError (any exception
+    with ``same_balance``) on drawn invalid inputs; SPEC.md's worked example
+    (last, so that a failure found by the search is reported shrunk, not as
+    the worked example). A placement that differs is classified in the
+    failure: tie order only, or a real difference with the GPU loads side by side.
     """
     return _check_all(
-        {name: candidate}, examples=examples, seed=seed, same_type=False, progress=progress
+        {name: candidate},
+        examples=examples,
+        seed=seed,
+        same_type=False,
+        same_balance=same_balance,
+        progress=progress,
     )
 
 

@@ -8,7 +8,8 @@ and then, realistic sizes (hundreds of experts, dozens of layers).
 
 Each layer of a load draws one *kind* (``LOAD_KINDS``, described in
 ``eplb.conformance.cases``), each built to break one shortcut (sort
-stability, tie-breaking, summation order, float32 arithmetic, overflow).
+stability, tie-breaking, summation order, float32 arithmetic, overflow,
+subnormal numbers).
 The values come from a numpy generator seeded by a drawn integer, so that
 layers of hundreds of experts cost one draw; hypothesis still shrinks the
 configuration, the kinds and the seed.

@@ -6,6 +6,7 @@ SPEC.md. Three implementations return the same integers for every valid input:
 - ``eplb.reference``: numpy, the spec as code (and ``eplb.reference.jax``).
 - ``eplb.production``: torch, for serving.
 - ``eplb.conformance``: the suite that proves they agree.
+- ``eplb.integrations``: the placement behind vLLM's and SGLang's policy interfaces.
 
 This umbrella module holds only what they share; importing it imports neither
 torch nor JAX.

@@ -167,6 +167,7 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
     busy = bound > 0  # idle (e.g. dense) layers: balancedness 1.0, no load ratio
     colocated = colocated_replicas(phy2log, problem.gpus)
     worst = int(np.argmin(bal_after))
+    global_bal = _global_balancedness(weight, problem, rebalance_experts)
 
     num_layers, num_experts = weight.shape
     policy = "hierarchical" if problem.groups % problem.nodes == 0 else "global"
@@ -199,6 +200,12 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
             f"{bal_before[busy].min():.4f}",
             f"{bal_after[busy].min():.4f}",
         )
+        if global_bal is not None:
+            table.add_row(
+                "balancedness, mean, global policy (no groups)",
+                "",
+                f"{global_bal[busy].mean():.4f}",
+            )
         ratio_before = before.max(-1)[busy] / bound[busy]
         ratio_after = after.max(-1)[busy] / bound[busy]
         table.add_row(
@@ -211,6 +218,16 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
         )
     table.add_row("replicas sharing a GPU with their twin", "0", f"{int(colocated.sum())}")
     console.print(table)
+    if global_bal is not None and busy.any():
+        gap = global_bal[busy].mean() - bal_after[busy].mean()
+        if gap >= _CAP_GAP:
+            console.print(
+                f"the hierarchy caps the balance: each node must hold "
+                f"{problem.groups // problem.nodes} whole group(s) of "
+                f"{num_experts // problem.groups} experts, so {problem.nodes} nodes cannot even "
+                f"out the groups' loads; the global policy (--groups 1 --nodes 1, no node "
+                f"locality) reaches {global_bal[busy].mean():.4f} on the same loads"
+            )
     console.print(
         f"placement computed in {warm_ms:.2f} ms (eplb.production, CPU; "
         f"first call {first_ms:.2f} ms)"
@@ -223,6 +240,26 @@ def _report(problem: _Problem, output: str | None, plot: str | None) -> int:
         _plot(Path(plot), before, after, bal_before, bal_after, worst, problem)
         console.print(f"plot written to {plot}")
     return 0
+
+
+# Balancedness the global policy must gain before the report says the hierarchy caps it.
+_CAP_GAP = 0.01
+
+
+def _global_balancedness(
+    weight: np.ndarray, problem: _Problem, rebalance: Any
+) -> np.ndarray | None:
+    """Balancedness per layer [L] under the global policy, when the hierarchy constrains it.
+
+    weight: [L, E] float64, the loads. None for one node (or the global
+    policy already): there the hierarchy constrains nothing.
+    """
+    if problem.nodes == 1 or problem.groups % problem.nodes:
+        return None
+    import torch
+
+    phy2log, _, logcnt = rebalance(torch.from_numpy(weight), problem.replicas, 1, 1, problem.gpus)
+    return balancedness(gpu_loads(weight, phy2log.numpy(), logcnt.numpy(), problem.gpus))
 
 
 def _write_maps(path: Path, phy2log: np.ndarray, log2phy: np.ndarray, logcnt: np.ndarray) -> None:

@@ -12,7 +12,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["EplbConfig", "check_count", "validate_config", "validate_weight"]
+__all__ = [
+    "EplbConfig",
+    "check_count",
+    "check_real_dtype",
+    "validate_config",
+    "validate_weight",
+]
 
 
 class EplbConfig(NamedTuple):
@@ -43,6 +49,14 @@ def check_count(name: str, value: object) -> int:
     if as_int < 1:
         raise ValueError(f"{name} must be >= 1, got {as_int}")
     return as_int
+
+
+def check_real_dtype(dtype: np.dtype) -> None:
+    """Raise TypeError unless ``dtype`` holds real numbers (integer or float, not bool)."""
+    if dtype.kind == "b":
+        raise TypeError("weight must hold real numbers, got boolean dtype")
+    if dtype.kind not in "iuf":
+        raise TypeError(f"weight must hold real numbers, got dtype {dtype}")
 
 
 def validate_config(
@@ -106,11 +120,8 @@ def validate_weight(
     """
     if not isinstance(weight, np.ndarray):
         raise TypeError(f"weight must be a numpy.ndarray, got {type(weight).__name__}")
+    check_real_dtype(weight.dtype)
     kind = weight.dtype.kind
-    if kind == "b":
-        raise TypeError("weight must hold real numbers, got boolean dtype")
-    if kind not in "iuf":
-        raise TypeError(f"weight must hold real numbers, got dtype {weight.dtype}")
     config = validate_config(weight.shape, num_replicas, num_groups, num_nodes, num_gpus)
     as_f64 = np.ascontiguousarray(weight, dtype=np.float64)
     if kind == "f":

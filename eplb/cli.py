@@ -21,7 +21,7 @@ __all__ = ["main"]
 _SUBCOMMANDS = {
     "rebalance": "eplb._cli_rebalance",
     "demo": "eplb._cli_rebalance",
-    "conformance": "eplb.conformance.cli",
+    "conformance": "eplb._cli_conformance",
 }
 
 

@@ -15,6 +15,17 @@ can also be traced inside your own ``jit``/``vmap``, but only with x64 on
 for that trace (else they raise TypeError): a trace begun in 32 bits cannot
 switch.
 
+Subnormal loads: XLA flushes subnormal float64 values to zero in every
+operation (CPU and GPU), where numpy computes with them. ``rebalance_experts``
+therefore first scales each layer that holds a subnormal load by a power of
+two, on the host: that is exact, and every sum, ratio and comparison of the
+algorithm scales with it, so the placement is unchanged, while the loads are
+now normal numbers XLA keeps. Where numpy rounds a share per replica to the
+subnormal grid, the JAX code rounds the lifted share to the lifted grid the
+same way. Exact for every layer whose largest load is below ``2**900``
+(larger ones cannot be lifted far enough; layers without loads below
+``2**-1022 * R`` are never lifted).
+
 ``K`` (the last axis of ``log2phy``) is data-dependent, which ``jit`` cannot
 express; the compiled program fills a ``-1``-padded map with the static bound
 ``R/N - E/N + 1`` (no expert has more replicas than its node has spare slots
@@ -117,14 +128,47 @@ def balanced_packing(weight: jax.Array, num_packs: int) -> tuple[jax.Array, jax.
     return pack_rows(weight)
 
 
-def _replicate_row(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _share(load: jax.Array, count: jax.Array, quantum: jax.Array) -> jax.Array:
+    """``load / count`` rounded as numpy rounds it before the layer was lifted.
+
+    load: [n] float64, lifted loads (``_lift_subnormals``); count: [n] float64,
+    replica counts (integers below ``2**26``); quantum: the lifted spacing of
+    float64's subnormals, ``2**-1074`` times the layer's scale (0: not lifted).
+
+    numpy rounds a quotient below ``2**-1022`` to a multiple of ``2**-1074``,
+    not to 53 bits. Lifted, that is a multiple of ``quantum`` below
+    ``unit = 2**52 * quantum``: the 53-bit quotient ``r`` is moved to the
+    nearer multiple, and where ``r`` sits on a midpoint (it may have been
+    rounded onto it), the exact sign of ``load - r * count`` (Dekker's split
+    of ``r``, computed in units of ``unit`` so that nothing overflows) says
+    which side the true quotient lies on; an exact tie goes to the even multiple.
+    """
+    r = load / count
+    below = (quantum > 0) & (r < quantum * 2.0**52)
+    safe = jnp.where(quantum > 0, quantum, 1.0)
+    steps = jnp.floor(r / safe)
+    low = steps * safe
+    unit = safe * 2.0**52
+    scaled = r / unit
+    split = scaled * 134217729.0  # 2**27 + 1: the high half of r keeps 26 bits
+    high = split - (split - scaled)
+    ahead = (load / unit - high * count) - (scaled - high) * count  # sign of load - r * count
+    past_half = r - low - 0.5 * safe
+    odd = jnp.mod(steps, 2.0) == 1.0
+    up = (past_half > 0) | ((past_half == 0) & ((ahead > 0) | ((ahead == 0) & odd)))
+    return jnp.where(below, jnp.where(up, low + safe, low), r)
+
+
+def _replicate_row(
+    weight: jax.Array, quantum: jax.Array, num_phy: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """replicate_experts for one row: weight [n] float64 -> phy2log, rank [num_phy], logcnt [n]."""
     num_log = weight.shape[0]
     expert = jnp.arange(num_log, dtype=jnp.int64)
 
     def add_slot(count: jax.Array, _: None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         # argmax returns the first maximum: lowest expert index among equal loads.
-        best = jnp.argmax(weight / count.astype(jnp.float64))
+        best = jnp.argmax(_share(weight, count.astype(jnp.float64), quantum))
         return count + (expert == best), (best, count[best])
 
     count, (extra, extra_rank) = lax.scan(
@@ -137,19 +181,25 @@ def _replicate_row(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Arra
 
 @_in_float64
 @functools.partial(jax.jit, static_argnames=("num_phy",))
-def replicate_experts(weight: jax.Array, num_phy: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def replicate_experts(
+    weight: jax.Array, num_phy: int, quantum: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SPEC.md primitive 2: give the ``num_phy - n`` extra slots to the hottest experts.
 
     weight: [X, n] float, the load of each expert; rows are independent.
     num_phy: slots per row, ``>= n``.
+    quantum: [X] float64, for rows lifted out of the subnormal range: the
+        lifted ``2**-1074`` (see ``rebalance_experts``); None or 0: not lifted.
 
     Returns
       phy2log: [X, num_phy] int64, the expert of each slot.
       rank: [X, num_phy] int64, the replica rank of each slot.
       logcnt: [X, n] int64, the replica count of each expert.
     """
+    if quantum is None:
+        quantum = jnp.zeros(weight.shape[0], jnp.float64)
     replicate_rows = jax.vmap(functools.partial(_replicate_row, num_phy=num_phy))
-    return replicate_rows(weight)
+    return replicate_rows(weight, quantum)
 
 
 def _scatter_rows(index: jax.Array, value: jax.Array, width: int) -> jax.Array:
@@ -167,10 +217,13 @@ def rebalance_experts_hierarchical(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    quantum: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """SPEC.md "The hierarchy": groups to nodes, replicas within nodes, slots to GPUs.
 
     weight: [L, E] float, load of each logical expert in each layer (not validated here).
+    quantum: [L] float64, for layers lifted out of the subnormal range: the
+        lifted ``2**-1074`` (see ``rebalance_experts``); None or 0: not lifted.
 
     Returns
       phy2log: [L, R] int64, the logical expert of each slot.
@@ -205,12 +258,17 @@ def rebalance_experts_hierarchical(
 
     # Step 4: replicate within each node; row layer*N + node holds that node's experts.
     node_load = jnp.take_along_axis(weight, mlog2log, axis=1).reshape(-1, experts_per_node)
-    phy2mlog, phyrank, mlogcnt = replicate_experts(node_load, slots_per_node)
+    if quantum is None:
+        quantum = jnp.zeros(num_layers, jnp.float64)
+    node_quantum = jnp.repeat(quantum, num_nodes)
+    phy2mlog, phyrank, mlogcnt = replicate_experts(node_load, slots_per_node, node_quantum)
 
     # Step 5: the load each slot carries.
-    slot_load = jnp.take_along_axis(node_load, phy2mlog, axis=1) / jnp.take_along_axis(
-        mlogcnt, phy2mlog, axis=1
-    ).astype(jnp.float64)
+    slot_load = jax.vmap(_share)(
+        jnp.take_along_axis(node_load, phy2mlog, axis=1),
+        jnp.take_along_axis(mlogcnt, phy2mlog, axis=1).astype(jnp.float64),
+        node_quantum,
+    )
 
     # Step 6: slots to GPUs within each node.
     gpu_pack, gpu_rank = balanced_packing(slot_load, gpus_per_node)
@@ -229,16 +287,22 @@ def rebalance_experts_hierarchical(
 
 @functools.partial(jax.jit, static_argnames=("num_replicas", "num_groups", "num_nodes", "num_gpus"))
 def _placement(
-    weight: jax.Array, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    weight: jax.Array,
+    quantum: jax.Array,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The compiled part of rebalance_experts, with log2phy padded to the static bound.
 
     weight: [L, E] float64, validated loads; the counts are already policy-adjusted.
+    quantum: [L] float64, the lifted 2**-1074 of each lifted layer, else 0.
 
     Returns phy2log [L, R], log2phy [L, E, R/N - E/N + 1] (-1 padded), logcnt [L, E].
     """
     phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
-        weight, num_replicas, num_groups, num_nodes, num_gpus
+        weight, num_replicas, num_groups, num_nodes, num_gpus, quantum
     )
     num_layers, num_logical = weight.shape
     bound = (num_replicas - num_logical) // num_nodes + 1
@@ -283,17 +347,56 @@ def rebalance_experts(
     if not config.hierarchical:
         groups, nodes = 1, 1
 
+    # Step 3: layers with subnormal loads scaled up by a power of two (exact).
+    weight64, quantum = _lift_subnormals(weight64, config.num_replicas)
+
     with jax.enable_x64(True):
-        # Step 3: the validated float64 goes back to the caller's device (the
+        # Step 4: the validated float64 goes back to the caller's device (the
         # default one for numpy input or a sharded array) for the compiled hierarchy.
         devices = weight.devices() if isinstance(weight, jax.Array) else set()
         target = next(iter(devices)) if len(devices) == 1 else None
         phy2log, log2phy, logcnt = _placement(
-            jax.device_put(weight64, target), config.num_replicas, groups, nodes, config.num_gpus
+            jax.device_put(weight64, target),
+            jax.device_put(quantum, target),
+            config.num_replicas,
+            groups,
+            nodes,
+            config.num_gpus,
         )
 
-        # Step 4: cut the padded log2phy to K, known only now.
+        # Step 5: cut the padded log2phy to K, known only now.
         return phy2log, log2phy[:, :, : int(logcnt.max())], logcnt
+
+
+def _lift_subnormals(weight: np.ndarray, num_replicas: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer holding a subnormal load, times the largest safe power of two.
+
+    weight: [L, E] float64, validated loads (finite, >= 0).
+    num_replicas: R, the largest replica count a load is divided by: a load
+        below ``2**-1022 * R`` is normal but its per-replica share may not be.
+
+    XLA flushes subnormals to zero; numpy does not. Multiplying a layer by
+    ``2**k`` is exact (no rounding) and commutes with every operation of the
+    algorithm (sums, ratios to replica counts, comparisons), as long as no
+    result leaves the normal range. So ``k`` puts the layer's largest load
+    just below ``2**(1022 - bits(E))``, where no sum of the layer can
+    overflow, and only scales up: a layer whose sums overflow in numpy keeps
+    them overflowing. The host does it: inside XLA the subnormals would be
+    flushed before the multiply. What scaling does not carry over is numpy's
+    rounding of quotients to the subnormal grid: ``_share`` redoes it.
+
+    Returns the lifted loads [L, E] and, per layer, the lifted ``2**-1074``
+    (0.0 for layers left as they were) [L] float64.
+    """
+    small = np.ldexp(np.finfo(np.float64).tiny, int(num_replicas).bit_length())
+    lift = ((weight > 0) & (weight < small)).any(axis=1)
+    if not lift.any():
+        return weight, np.zeros(weight.shape[0])
+    _, top_exponent = np.frexp(weight.max(axis=1))  # max < 2**top_exponent
+    headroom = 1022 - int(weight.shape[1]).bit_length()
+    shift = np.where(lift, np.maximum(headroom - top_exponent, 0), 0).astype(np.int32)
+    quantum = np.where(lift, np.ldexp(1.0, shift - 1074), 0.0)
+    return np.ldexp(weight, shift[:, None]), quantum
 
 
 def rebalance_experts_batched(

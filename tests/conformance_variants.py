@@ -22,6 +22,16 @@ leaves them open, i.e. the ones an engine author plausibly gets wrong:
 - ``pairwise_group_sum``: group loads by ``numpy.sum`` (pairwise summation
   for 9 or more experts per group).
 - ``reversed_group_sum``: group loads added right to left.
+
+Two more, written as an engine's copy is, for ``--same-balance``: int32
+outputs, ``log2phy`` padded to ``R - E + 1`` as vLLM pads it, and
+``AssertionError`` on invalid input.
+
+- ``relabelled``: SPEC.md's placement with every GPU's slots in reverse
+  order and the GPUs of each node numbered backwards. The same balance, so
+  it passes ``--same-balance`` and fails the exact check.
+- ``moved_slot``: SPEC.md's placement with the first slots of a node's first
+  two GPUs swapped: a real difference wherever the two slots' loads differ.
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ __all__ = [
     "faithful",
     "float32_arithmetic",
     "highest_pack_on_ties",
+    "moved_slot",
     "no_single_item_case",
     "pairwise_group_sum",
+    "relabelled",
     "reversed_group_sum",
     "reversed_tie_order",
 ]
@@ -234,3 +246,53 @@ VARIANTS = (
     "pairwise_group_sum",
     "reversed_group_sum",
 )
+
+
+def _engine_style(
+    reorder: Callable[[np.ndarray, int, int], np.ndarray],
+) -> Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """SPEC.md's placement with its slots reordered by ``reorder(phy2log, N, P)``, engine style."""
+
+    def impl(
+        weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from eplb.reference import rebalance_experts
+
+        try:
+            phy2log, _, logcnt = rebalance_experts(
+                weight, num_replicas, num_groups, num_nodes, num_gpus
+            )
+        except (ValueError, TypeError) as exc:
+            raise AssertionError(str(exc)) from None  # an engine's `assert`
+        phy2log = reorder(phy2log, num_nodes, num_gpus)
+        num_layers, num_experts = logcnt.shape
+        # Replica k of an expert: its k-th slot in slot order; width R - E + 1 as vLLM's.
+        log2phy = np.full((num_layers, num_experts, num_replicas - num_experts + 1), -1)
+        for layer in range(num_layers):
+            seen = np.zeros(num_experts, dtype=np.int64)
+            for slot, expert in enumerate(phy2log[layer]):
+                log2phy[layer, expert, seen[expert]] = slot
+                seen[expert] += 1
+        return phy2log.astype(np.int32), log2phy.astype(np.int32), logcnt.astype(np.int32)
+
+    impl.__name__ = impl.__qualname__ = reorder.__name__
+    impl.__doc__ = reorder.__doc__
+    return impl
+
+
+@_engine_style
+def relabelled(phy2log: np.ndarray, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """SPEC.md's placement, each GPU's slots reversed, each node's GPUs numbered backwards."""
+    num_layers, num_replicas = phy2log.shape
+    shape = (num_layers, num_nodes, num_gpus // num_nodes, num_replicas // num_gpus)
+    return phy2log.reshape(shape)[:, :, ::-1, ::-1].reshape(num_layers, num_replicas)
+
+
+@_engine_style
+def moved_slot(phy2log: np.ndarray, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """SPEC.md's placement with the first slots of GPUs 0 and 1 swapped (one node, 2+ GPUs)."""
+    per_gpu = phy2log.shape[1] // num_gpus
+    moved = phy2log.copy()
+    if num_gpus // num_nodes >= 2:
+        moved[:, [0, per_gpu]] = phy2log[:, [per_gpu, 0]]
+    return moved

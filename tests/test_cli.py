@@ -144,3 +144,86 @@ def test_help_does_not_import_torch():
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    np.save(path, array)
+
+
+def _write_pt(path: Path, tensor: torch.Tensor) -> None:
+    torch.save(tensor, path)
+
+
+_ROW = [1, 2, 3, 4, 5, 6, 7, 8]
+# Each bad load file: (file name, how to write it, words in the one error line).
+BAD_FILES = {
+    "empty-pt": ("load.pt", lambda p: p.write_bytes(b""), "cannot read load file"),
+    "corrupt-pt": ("load.pt", lambda p: p.write_bytes(b"PK\x03\x04 not a zip"), "cannot read"),
+    "empty-npy": ("load.npy", lambda p: p.write_bytes(b""), "cannot read load file"),
+    "corrupt-npy": ("load.npy", lambda p: p.write_bytes(b"\x93NUMPY garbage"), "cannot read"),
+    "empty-json": ("load.json", lambda p: p.write_text(""), "cannot read load file"),
+    "json-bool": ("load.json", lambda p: p.write_text(json.dumps([[True, *_ROW[1:]]])), "boolean"),
+    "json-string": ("load.json", lambda p: p.write_text(json.dumps([["12", *_ROW[1:]]])), "'12'"),
+    "json-null": ("load.json", lambda p: p.write_text(json.dumps([[None, *_ROW[1:]]])), "null"),
+    "json-ragged": ("load.json", lambda p: p.write_text(json.dumps([_ROW, _ROW[:3]])), "cannot"),
+    "json-1d": ("load.json", lambda p: p.write_text(json.dumps(_ROW)), "2-D"),
+    "npy-bool": ("load.npy", lambda p: _write_npy(p, np.ones((1, 8), bool)), "boolean"),
+    "npy-complex": ("load.npy", lambda p: _write_npy(p, np.ones((1, 8), complex)), "complex"),
+    "npy-string": ("load.npy", lambda p: _write_npy(p, np.full((1, 8), "12")), "real numbers"),
+    "pt-bool": ("load.pt", lambda p: _write_pt(p, torch.ones(1, 8, dtype=torch.bool)), "boolean"),
+    "pt-complex": ("load.pt", lambda p: _write_pt(p, torch.ones(1, 8).to(torch.cfloat)), "complex"),
+    "pt-dict": ("load.pt", lambda p: _write_pt(p, {"w": torch.ones(1, 8)}), "expected a tensor"),
+    "suffix": ("load.csv", lambda p: p.write_text("1,2"), "suffix"),
+}
+
+
+@pytest.mark.parametrize(("name", "write", "words"), BAD_FILES.values(), ids=list(BAD_FILES))
+def test_bad_load_files_give_one_line_and_nonzero_exit(tmp_path, capsys, name, write, words):
+    path = tmp_path / name
+    write(path)
+    assert main(["rebalance", str(path), *_OK.split()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and name in err[0], err
+    assert "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.ones((1, 8), bool), np.ones((1, 8), complex), np.full((1, 8), "12")],
+    ids=["bool", "complex", "string"],
+)
+def test_loader_refuses_with_the_api_exception_type(tmp_path, array):
+    from eplb.reference import rebalance_experts as reference
+
+    np.save(tmp_path / "load.npy", array)
+    with pytest.raises(TypeError) as from_api:
+        reference(array, 8, 1, 1, 1)
+    with pytest.raises(TypeError) as from_file:
+        read_load(tmp_path / "load.npy")
+    assert str(from_api.value) in str(from_file.value)
+
+
+def test_loader_keeps_what_the_api_accepts(tmp_path):
+    # int and bfloat16 loads, and the DeepSeek statistics' JSON object, read exactly.
+    np.save(tmp_path / "ints.npy", np.arange(16, dtype=np.int32).reshape(2, 8))
+    torch.save(torch.full((2, 8), 1.5, dtype=torch.bfloat16), tmp_path / "bf16.pt")
+    (tmp_path / "stats.json").write_text(json.dumps({"logical_count": [_ROW, [0.5] * 8]}))
+    assert read_load(tmp_path / "ints.npy").tolist() == [list(range(8)), list(range(8, 16))]
+    assert (read_load(tmp_path / "bf16.pt") == 1.5).all()
+    assert read_load(tmp_path / "stats.json").dtype == np.float64
+
+
+def test_report_says_when_the_hierarchy_caps_balance(tmp_path, capsys):
+    # All load in group 0: its node is busy, the other idle, whatever the placement.
+    np.save(tmp_path / "load.npy", np.array([[10.0, 10, 10, 10, 0, 0, 0, 0]]))
+    args = ["rebalance", str(tmp_path / "load.npy"), "--replicas", "8", "--gpus", "4"]
+    assert main([*args, "--groups", "2", "--nodes", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("  ")[0]: line.split()[-1] for line in out.splitlines() if "  " in line}
+    assert float(rows["balancedness, mean"]) == 0.5
+    assert float(rows["balancedness, mean, global policy (no groups)"]) == 1.0
+    assert "the hierarchy caps the balance" in out and "reaches 1.0000" in out
+    # One node: the hierarchy constrains nothing, no comparison.
+    assert main([*args, "--groups", "2", "--nodes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "global policy" not in out and "caps" not in out

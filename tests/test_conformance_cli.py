@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import eplb.cli
-from eplb.conformance.cli import DEFAULT_EXAMPLES
+from eplb.conformance import DEFAULT_EXAMPLES
 from eplb.conformance.runner import check_candidate
 
 ROOT = Path(__file__).resolve().parents[1]

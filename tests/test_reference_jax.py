@@ -170,3 +170,30 @@ def test_refuses_what_numpy_refuses(name):
 def test_batched_refuses_a_matrix():
     with pytest.raises(ValueError, match="3-D"):
         jax_ref.rebalance_experts_batched(jnp.ones((2, 4)), 4, 1, 1, 1)
+
+
+def _flushed(weight: np.ndarray) -> np.ndarray:
+    """What XLA computes with: subnormal loads as zero."""
+    return np.where(np.abs(weight) < np.finfo(np.float64).tiny, 0.0, weight)
+
+
+@pytest.mark.parametrize("name", ["hierarchical", "global"])
+def test_subnormal_loads_agree_with_numpy(name):
+    num_experts, *counts = CONFIGS[name]
+    rng = np.random.default_rng(7)
+    tiny, smallest = np.finfo(np.float64).tiny, 2.0**-1074
+    weight = np.stack(
+        [
+            rng.integers(0, 5, num_experts) * smallest,  # subnormal only, ties
+            rng.choice([0.0, smallest, 2.0**-1030], num_experts),  # subnormals and zeros
+            rng.choice([tiny, 3 * tiny], num_experts),  # normal; shares per replica are not
+            rng.choice([smallest, 1.0, 1e6], num_experts),  # subnormals beside large loads
+        ]
+    )
+    expected = numpy_ref.rebalance_experts(weight, *counts)
+    got = jax_ref.rebalance_experts(weight, *counts)
+    for want, have in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(have), want)
+    # The check can fail: flushing the subnormals (XLA's arithmetic) changes the placement.
+    flushed = numpy_ref.rebalance_experts(_flushed(weight), *counts)[0]
+    assert not np.array_equal(flushed[:2], expected[0][:2])
