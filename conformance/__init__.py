@@ -9,7 +9,7 @@ copy of the algorithm (``eplb conformance --impl my_module:my_function``).
   ``configs``, ``loads``) and invalid ones (``invalid_problems``), and the
   ``ci`` / ``thorough`` settings profiles.
 - ``invariants``: ``check_invariants``, SPEC.md's invariants of any placement.
-- ``agreement``: adapters for the three implementations, ``first_difference``,
+- ``agreement``: adapters for the four implementations, ``first_difference``,
   ``check_agreement``, ``check_refusal``.
 - ``runner``: the hypothesis search behind the CLI (``check_candidate``,
   ``check_project``).
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         Difference,
         check_agreement,
         check_refusal,
+        compiled_production,
         first_difference,
         jax_reference,
         numpy_reference,
@@ -70,6 +71,7 @@ _EXPORTS = {
     "check_invariants": "invariants",
     "check_project": "runner",
     "check_refusal": "agreement",
+    "compiled_production": "agreement",
     "configs": "strategies",
     "first_difference": "agreement",
     "invalid_problems": "strategies",
@@ -100,6 +102,7 @@ __all__ = [
     "check_invariants",
     "check_project",
     "check_refusal",
+    "compiled_production",
     "configs",
     "first_difference",
     "invalid_problems",
