@@ -263,3 +263,10 @@ def test_placement_keeps_running_beside_a_busy_python_thread() -> None:
     )
     assert shared.rebalance_kept >= 0.3, shared
     assert shared.loop_kept >= 0.3, shared
+
+
+def test_gil_benchmark_quick_run(run_benchmark) -> None:
+    stdout = run_benchmark("bench_gil.py", "--quick")
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("DeepSeek-V3")]
+    assert [row[2] for row in rows] == ["numpy", "compiled"], stdout
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 for row in rows), stdout
