@@ -9,21 +9,20 @@ and the call waits for the lock only once, when it returns.
 
 Every step makes exactly the choices of SPEC.md, in its order:
 
-- items are taken in the order of a stable descending sort (numba's
-  ``argsort(kind="mergesort")`` is stable; sorting ``-w`` keeps equal weights by
-  ascending index);
+- items are taken in the order of a stable descending sort (``_sort_descending``:
+  equal weights keep ascending index);
 - pack totals start at ``0.0`` and get one float64 ``+`` per arriving item;
   replication divides ``W / count`` in float64;
-- the smallest pack total (among packs with room) and the largest per-replica
-  load are found by a tournament tree (``_tree_*``): each internal node holds
-  the winner of its two children, the left child (the lower indices) winning
-  unless the right one is strictly better, so the root is the lowest index
-  among equal totals, as SPEC.md's tie rule asks. A choice changes one leaf
-  and updates its ``log2(m)`` ancestors instead of rescanning all ``m`` packs,
-  which is what Kimi-K2's 448-slots-into-64-GPUs packing needs. A full pack
-  leaves the tree (its leaf becomes ``-1``, which never wins), so totals that
-  overflow to ``+inf`` (loads near the float64 maximum) need no special case:
-  ``inf < inf`` is false, and the lower index keeps the tie.
+- the smallest pack total (among packs with room) is found by a scan of few
+  packs or a tournament tree over many, the largest per-replica load by a
+  tree: each internal node holds the winner of its two children, the left
+  child (the lower indices) winning unless the right one is strictly better,
+  so the root is the lowest index among equal values, as SPEC.md's tie rule
+  asks. A choice changes one leaf and replays its ``log2(m)`` matches instead
+  of rescanning all ``m`` packs, which is what Kimi-K2's 448-slots-into-64-GPUs
+  packing needs. A full pack's total becomes NaN, which never wins, so totals
+  that overflow to ``+inf`` (loads near the float64 maximum) need no special
+  case: ``inf < inf`` is false, and the lower index keeps the tie.
 
 The module imports numpy and numba only; ``eplb.production.cores`` imports it
 when the compiled core is chosen and falls back to the numpy core when numba is
@@ -81,6 +80,11 @@ _LINEAR_MAX_PACKS = 16
 #: Rows whose largest weight times their length is below this cannot make any
 #: float64 pack total overflow (as in the numpy core).
 _SAFE_ROW_TOTAL = 2.0**1000
+#: Bit pattern of +inf. Non-negative doubles (+inf included) are ordered like
+#: their bit patterns read as int64.
+_INF_BITS = 0x7FF0000000000000
+#: Insertion-sorted run length before the merges of ``_sort_descending``.
+_RUN = 8
 
 _F64_2D = types.float64[:, ::1]
 _I64_2D = types.int64[:, ::1]
@@ -88,131 +92,85 @@ _I64_1D = types.int64[::1]
 _F64_1D = types.float64[::1]
 
 
-# --- tournament trees: the lowest index among the best ------------------------------------
-
-
-@_jit((_I64_1D, _F64_1D, types.int64))
-def _tree_update_min(tree: np.ndarray, key: np.ndarray, node: int) -> None:
-    """Replay the matches above tree node ``node`` for the smallest ``key`` (lowest index on ties).
-
-    tree: [2 * M] int64, ``tree[M + i]`` is leaf ``i`` (an index into ``key``,
-        or -1 for none); ``tree[j]`` the winner of ``tree[2j]`` and ``tree[2j+1]``.
-    key: [m] float64, the value of each index.
-    """
-    node //= 2
-    while node >= 1:
-        left, right = tree[2 * node], tree[2 * node + 1]
-        if left < 0 or (right >= 0 and key[right] < key[left]):
-            tree[node] = right
-        else:
-            tree[node] = left
-        node //= 2
-
-
-@_jit((_I64_1D, _F64_1D, types.int64))
-def _tree_update_max(tree: np.ndarray, key: np.ndarray, node: int) -> None:
-    """As ``_tree_update_min``, for the largest ``key`` (lowest index on ties)."""
-    node //= 2
-    while node >= 1:
-        left, right = tree[2 * node], tree[2 * node + 1]
-        if left < 0 or (right >= 0 and key[right] > key[left]):
-            tree[node] = right
-        else:
-            tree[node] = left
-        node //= 2
-
-
-@_jit((_I64_1D, _F64_1D, types.int64, types.boolean))
-def _tree_build(tree: np.ndarray, key: np.ndarray, count: int, smallest: bool) -> None:
-    """Fill a tournament tree over indices ``0..count-1`` of ``key``.
-
-    tree: [2 * M] int64, ``M`` a power of two ``>= count``; overwritten.
-    smallest: True for the smallest key wins, False for the largest.
-    """
-    leaves = tree.size // 2
-    for i in range(leaves):
-        tree[leaves + i] = i if i < count else -1
-    for node in range(leaves - 1, 0, -1):
-        left, right = tree[2 * node], tree[2 * node + 1]
-        if right < 0:
-            tree[node] = left
-        elif left < 0:
-            tree[node] = right
-        elif (key[right] < key[left]) if smallest else (key[right] > key[left]):
-            tree[node] = right
-        else:
-            tree[node] = left
-
-
-@_jit((types.int64,))
-def _tree_size(count: int) -> int:
-    """Entries of a tournament tree over ``count`` leaves: twice the next power of two."""
-    leaves = 1
-    while leaves < count:
-        leaves *= 2
-    return 2 * leaves
-
-
 # --- a stable descending sort --------------------------------------------------------------
 
-#: Runs of this many items are put in order by insertion before the merges.
-_RUN = 16
 
+@_jit((_I64_1D, _I64_1D))
+def _sort_keys(keys: np.ndarray, spare: np.ndarray) -> np.ndarray:
+    """Sort ``keys`` ascending: insertion-sorted runs, then merges; returns the sorted array.
 
-@_jit((_F64_1D, _I64_1D, _F64_1D, _I64_1D))
-def _sort_descending(
-    values: np.ndarray, order: np.ndarray, scratch: np.ndarray, spare: np.ndarray
-) -> None:
-    """The order of a stable descending sort of ``values``: equal values keep ascending index.
+    keys, spare: [n] int64; both are overwritten, the result is one of them.
 
-    values: [n] float64, no NaN. order: [n] int64, filled with the item indices.
-    scratch: [n] float64 and spare: [n] int64, work space.
-
-    numba's ``argsort(kind="mergesort")`` allocates and compares generically;
-    this bottom-up merge sort (insertion-sorted runs, then merges) reuses its
-    buffers and sorts values and indices together. Both passes are stable:
-    insertion moves an item only past strictly smaller values, and a merge
-    takes from the left run (the lower indices) unless the right value is
-    strictly larger.
+    The merges pick with a select rather than a branch (the comparison of two
+    loads mispredicts half the time), with the exhausted side read as the
+    largest int64.
     """
-    n = values.size
-    sorted_values = scratch
-    for i in range(n):
-        order[i] = i
-    # Insertion sort of each run, values carried in a local copy.
-    keys = values.copy()
+    n = keys.size
     for start in range(0, n, _RUN):
         stop = min(start + _RUN, n)
         for i in range(start + 1, stop):
-            key, item = keys[i], order[i]
+            key = keys[i]
             j = i
-            while j > start and keys[j - 1] < key:
+            while j > start and keys[j - 1] > key:
                 keys[j] = keys[j - 1]
-                order[j] = order[j - 1]
                 j -= 1
             keys[j] = key
-            order[j] = item
+    largest = np.int64(0x7FFFFFFFFFFFFFFF)
+    last = n - 1
+    source, target = keys, spare
     width = _RUN
-    src_keys, src_order, dst_keys, dst_order = keys, order, sorted_values, spare
     while width < n:
         for start in range(0, n, 2 * width):
             middle = min(start + width, n)
             stop = min(start + 2 * width, n)
             left, right = start, middle
             for out in range(start, stop):
-                if left < middle and (right >= stop or src_keys[right] <= src_keys[left]):
-                    dst_keys[out] = src_keys[left]
-                    dst_order[out] = src_order[left]
-                    left += 1
-                else:
-                    dst_keys[out] = src_keys[right]
-                    dst_order[out] = src_order[right]
-                    right += 1
-        src_keys, dst_keys = dst_keys, src_keys
-        src_order, dst_order = dst_order, src_order
+                left_key = source[min(left, last)] if left < middle else largest
+                right_key = source[min(right, last)] if right < stop else largest
+                take_right = right_key < left_key
+                target[out] = right_key if take_right else left_key
+                right += take_right
+                left += 1 - take_right
+        source, target = target, source
         width *= 2
-    if src_order is not order:
-        order[:] = src_order
+    return source
+
+
+@_jit((_F64_1D, _I64_1D, _I64_1D, _I64_1D))
+def _sort_descending(
+    values: np.ndarray, order: np.ndarray, keys: np.ndarray, spare: np.ndarray
+) -> None:
+    """The order of a stable descending sort of ``values``: equal values keep ascending index.
+
+    values: [n] float64, >= 0 or -0.0 (+inf allowed), no NaN.
+    order: [n] int64, filled with the item indices. keys, spare: [n] int64, work space.
+
+    As in the numpy core: one int64 key per item holds the value's bits
+    (ordered like the values), flipped so that larger values come first, with
+    its lowest ``b`` bits replaced by the item index (``2^b >= n``). The keys
+    are unique, so sorting them alone gives the stable order whenever the
+    dropped bits do not matter; equal values have equal kept bits and always
+    come out by index. Two different values that agree on every kept bit may
+    come out in the wrong order, which shows as a rise in the sorted values:
+    such a row is sorted again with the index as the tie-break, exactly.
+    """
+    n = values.size
+    shift = 1
+    while (1 << shift) < n:
+        shift += 1
+    low = (1 << shift) - 1
+    for i in range(n):
+        # "+ 0.0": -0.0 becomes 0.0, so that equal values have equal bits.
+        keys[i] = ((_INF_BITS - np.float64(values[i] + 0.0).view(np.int64)) & ~low) | i
+    sorted_keys = _sort_keys(keys, spare)
+    rises = False
+    for i in range(n):
+        order[i] = sorted_keys[i] & low
+        if i > 0 and values[order[i]] > values[order[i - 1]]:
+            rises = True
+    if rises:
+        # Rare (values within 2^-(52-b) of each other): numba's stable sort.
+        order[:] = np.argsort(-values, kind="mergesort")
 
 
 # --- SPEC.md's primitives ------------------------------------------------------------------
@@ -228,6 +186,15 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     Returns
       pack: [X, n] int64, the pack of each item.
       rank: [X, n] int64, the item's position in its pack, in order of arrival.
+
+    ``total[p]`` holds pack p's total while it has room and NaN once full;
+    "right beats left when ``right < left`` or left is NaN" then picks the
+    smallest total among open packs, and the lower index on equal totals
+    (``+inf`` ones included, when loads near the float64 maximum overflow).
+    Up to ``_LINEAR_MAX_PACKS`` packs are scanned; more go through a
+    tournament tree (``tree[j]`` is the winner of ``tree[2j]`` and
+    ``tree[2j+1]``, leaf ``j`` at ``tree[M + j]``; padding packs are NaN),
+    where a choice replays only the ``log2 M`` matches above its leaf.
     """
     num_rows, num_items = weight.shape
     items_per_pack = num_items // num_packs
@@ -240,42 +207,62 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
                 rank[row, item] = 0
         return pack, rank
 
-    totals = np.empty(num_packs, dtype=np.float64)
+    leaves = 1
+    while leaves < num_packs:
+        leaves *= 2
+    linear = num_packs <= _LINEAR_MAX_PACKS
+    total = np.empty(leaves, dtype=np.float64)
     counts = np.empty(num_packs, dtype=np.int64)
-    tree = np.empty(_tree_size(num_packs), dtype=np.int64)
-    leaves = tree.size // 2
+    tree = np.empty(2 * leaves, dtype=np.int64)
     order = np.empty(num_items, dtype=np.int64)
-    scratch, spare = np.empty(num_items, dtype=np.float64), np.empty(num_items, dtype=np.int64)
+    keys, spare = np.empty(num_items, dtype=np.int64), np.empty(num_items, dtype=np.int64)
     for row in range(num_rows):
-        _sort_descending(weight[row], order, scratch, spare)
-        totals[:] = 0.0
+        _sort_descending(weight[row], order, keys, spare)
+        total[:num_packs] = 0.0
+        total[num_packs:] = np.nan
         counts[:] = 0
-        if num_packs <= _LINEAR_MAX_PACKS and weight[row].max() * num_items < _SAFE_ROW_TOTAL:
-            # Few packs, no total near overflow: a scan of all packs, a full
-            # one's total replaced by +inf (which no real total reaches here),
-            # costs less than the tree's branches.
+        if not linear:
+            for j in range(leaves):
+                tree[leaves + j] = j
+            for node in range(leaves - 1, 0, -1):
+                tree[node] = tree[2 * node]  # all totals 0.0: the left one
+        if linear and weight[row].max() * num_items < _SAFE_ROW_TOTAL:
+            # No total can overflow: a full pack's total becomes +inf instead
+            # of NaN, which a plain "<" scan passes over for less.
             for item in order:
-                best, lowest = 0, totals[0]
+                best, lowest = 0, total[0]
                 for p in range(1, num_packs):
-                    if totals[p] < lowest:  # strict: the lowest index keeps a tie
-                        best, lowest = p, totals[p]
+                    if total[p] < lowest:
+                        best, lowest = p, total[p]
                 pack[row, item] = best
                 rank[row, item] = counts[best]
-                totals[best] += weight[row, item]
+                total[best] += weight[row, item]
                 counts[best] += 1
                 if counts[best] == items_per_pack:
-                    totals[best] = np.inf
+                    total[best] = np.inf
             continue
-        _tree_build(tree, totals, num_packs, True)
         for item in order:
-            best = tree[1]
+            if linear:
+                best, lowest = 0, total[0]
+                for p in range(1, num_packs):
+                    if (total[p] < lowest) | (lowest != lowest):
+                        best, lowest = p, total[p]
+            else:
+                best = tree[1]
             pack[row, item] = best
             rank[row, item] = counts[best]
-            totals[best] += weight[row, item]
+            total[best] += weight[row, item]
             counts[best] += 1
             if counts[best] == items_per_pack:
-                tree[leaves + best] = -1  # full: leaves the tournament
-            _tree_update_min(tree, totals, leaves + best)
+                total[best] = np.nan
+            if not linear:
+                node = (leaves + best) // 2
+                while node >= 1:
+                    left, right = tree[2 * node], tree[2 * node + 1]
+                    left_total = total[left]
+                    right_wins = (total[right] < left_total) | (left_total != left_total)
+                    tree[node] = right if right_wins else left
+                    node //= 2
     return pack, rank
 
 
@@ -292,14 +279,20 @@ def replicate_experts(
       phy2log: [X, num_phy] int64, the expert of each slot.
       rank: [X, num_phy] int64, the replica rank of each slot.
       logcnt: [X, n] int64, the replica count of each expert.
+
+    The largest ``W / count`` is found by a tournament tree as in
+    ``balanced_packing``: right beats left only when strictly larger, so the
+    lowest index wins ties; padding experts weigh -1.0, below every load.
     """
     num_rows, num_log = weight.shape
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     rank = np.zeros((num_rows, num_phy), dtype=np.int64)
     logcnt = np.ones((num_rows, num_log), dtype=np.int64)
-    per_replica = np.empty(num_log, dtype=np.float64)
-    tree = np.empty(_tree_size(num_log), dtype=np.int64)
-    leaves = tree.size // 2
+    leaves = 1
+    while leaves < num_log:
+        leaves *= 2
+    per_replica = np.full(leaves, -1.0)
+    tree = np.empty(2 * leaves, dtype=np.int64)
     for row in range(num_rows):
         for slot in range(num_log):
             phy2log[row, slot] = slot
@@ -307,14 +300,28 @@ def replicate_experts(
             per_replica[slot] = weight[row, slot]
         if num_phy == num_log:
             continue
-        _tree_build(tree, per_replica, num_log, False)
+        for j in range(leaves):
+            tree[leaves + j] = j
+        for node in range(leaves - 1, 0, -1):
+            left, right = tree[2 * node], tree[2 * node + 1]
+            if per_replica[right] > per_replica[left]:
+                tree[node] = right
+            else:
+                tree[node] = left
         for slot in range(num_log, num_phy):
             best = tree[1]
             phy2log[row, slot] = best
             rank[row, slot] = logcnt[row, best]
             logcnt[row, best] += 1
             per_replica[best] = weight[row, best] / np.float64(logcnt[row, best])
-            _tree_update_max(tree, per_replica, leaves + best)
+            node = (leaves + best) // 2
+            while node >= 1:
+                left, right = tree[2 * node], tree[2 * node + 1]
+                if per_replica[right] > per_replica[left]:
+                    tree[node] = right
+                else:
+                    tree[node] = left
+                node //= 2
     return phy2log, rank, logcnt
 
 

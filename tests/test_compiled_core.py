@@ -49,10 +49,14 @@ def _rows(rng: np.random.Generator, kind: str, shape: tuple[int, int]) -> np.nda
         return rng.choice([0.0, 1.0, MAX / 3, MAX / 2, MAX], shape)
     if kind == "zeros":
         return np.zeros(shape)
+    if kind == "last bits":
+        # Distinct values that differ only in the lowest mantissa bits, which
+        # the sort's keys drop: the exact re-sort must put them in order.
+        return 1.0 + rng.integers(0, 64, shape) * np.finfo(np.float64).eps
     return rng.exponential(100.0, shape)
 
 
-KINDS = ("ties", "subnormal", "near max", "zeros", "random")
+KINDS = ("ties", "subnormal", "near max", "zeros", "last bits", "random")
 
 
 # --- the steps, against the reference's steps -----------------------------------------------
