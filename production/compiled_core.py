@@ -202,9 +202,9 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     rank = np.empty((num_rows, num_items), dtype=np.int64)
     if items_per_pack == 1:
         for row in range(num_rows):
-            for item in range(num_items):
-                pack[row, item] = item
-                rank[row, item] = 0
+            for i in range(num_items):
+                pack[row, i] = i
+                rank[row, i] = 0
         return pack, rank
 
     leaves = 1

@@ -266,7 +266,7 @@ def test_placement_keeps_running_beside_a_busy_python_thread() -> None:
         lambda: rebalance_experts(weight, 448, 1, 8, 64, core="compiled"), seconds=0.6
     )
     assert shared.rebalance_kept >= 0.3, shared
-    assert shared.loop_kept >= 0.3, shared
+    assert shared.loop_kept >= 0.25, shared
 
 
 def test_gil_benchmark_quick_run(run_benchmark) -> None:
