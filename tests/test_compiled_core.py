@@ -226,8 +226,6 @@ def test_environment_chooses_the_core_in_a_fresh_process() -> None:
         """
     assert _python(code, EPLB_CORE="numpy").stdout.strip() == "numpy"
     assert _python(code, EPLB_CORE="compiled").stdout.strip() == "compiled"
-    bad = _python(code, EPLB_CORE="Compiled")
-    assert bad.returncode != 0 and "EPLB_CORE must be one of" in bad.stderr
 
 
 @pytest.mark.slow
