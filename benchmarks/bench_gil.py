@@ -18,6 +18,7 @@ default interval; ``--switch-interval`` sets another for the run (an engine
 can set it with ``sys.setswitchinterval``).
 
     python benchmarks/bench_gil.py                  # V3 and Kimi-K2, both cores
+    python benchmarks/bench_gil.py --busy python,torch   # also beside torch calls
     python benchmarks/bench_gil.py --quick          # smoke run, seconds
 """
 
@@ -77,18 +78,29 @@ class Shared:
 
 
 class _BusyLoop:
-    """A thread running a pure-Python loop (it never gives the lock up by itself)."""
+    """A busy thread: a pure-Python loop (it never gives the lock up by itself), or
+    a loop of small torch calls (each gives the lock up while it runs, as a
+    serving loop launching kernels does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "python") -> None:
         self.count = 0
         self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        run = self._run_python if kind == "python" else self._run_torch
+        self._thread = threading.Thread(target=run, daemon=True)
 
-    def _run(self) -> None:
+    def _run_python(self) -> None:
         count = 0
         while not self._stop:
             for _ in range(1000):
                 count += 1
+            self.count = count
+
+    def _run_torch(self) -> None:
+        count, tensor = 0, torch.zeros(16)
+        while not self._stop:
+            for _ in range(10):
+                tensor.add_(1.0)
+            count += 10
             self.count = count
 
     def __enter__(self) -> _BusyLoop:
@@ -111,20 +123,23 @@ def _rate(fn: Callable[[], object], seconds: float) -> float:
             return calls / elapsed
 
 
-def _loop_rate(seconds: float) -> float:
+def _loop_rate(seconds: float, kind: str) -> float:
     """Iterations per second of the busy loop alone."""
-    with _BusyLoop() as loop:
+    with _BusyLoop(kind) as loop:
         start_count, start = loop.count, time.perf_counter()
         time.sleep(seconds)
         return (loop.count - start_count) / (time.perf_counter() - start)
 
 
-def measure_shared(rebalance: Callable[[], object], seconds: float) -> Shared:
-    """Rates of ``rebalance`` (a placement) and of a busy loop, alone and side by side."""
+def measure_shared(rebalance: Callable[[], object], seconds: float, busy: str = "python") -> Shared:
+    """Rates of ``rebalance`` (a placement) and of a busy loop, alone and side by side.
+
+    busy: "python" (a pure-Python loop) or "torch" (a loop of small torch calls).
+    """
     rebalance()  # warm caches and the allocator
     alone = _rate(rebalance, seconds)
-    loop_alone = _loop_rate(seconds)
-    with _BusyLoop() as loop:
+    loop_alone = _loop_rate(seconds, busy)
+    with _BusyLoop(busy) as loop:
         time.sleep(0.05)  # let the loop start
         start_count, start = loop.count, time.perf_counter()
         beside = _rate(rebalance, seconds)
@@ -162,6 +177,11 @@ def main() -> int:
         "--cores", default="numpy,compiled", help="comma-separated placement cores to time"
     )
     parser.add_argument("--switch-interval", type=float, help="sys.setswitchinterval, seconds")
+    parser.add_argument(
+        "--busy",
+        default="python",
+        help="comma-separated busy loops: python (pure Python), torch (small torch calls)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = [n.strip() for n in args.shapes.split(",")] if args.shapes else list(DEFAULT_SHAPES)
@@ -169,6 +189,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {list(BENCHMARK_SHAPES)}")
     cores = [c.strip() for c in args.cores.split(",")]
+    busy_kinds = [b.strip() for b in args.busy.split(",")]
+    if not set(busy_kinds) <= {"python", "torch"}:
+        parser.error(f"--busy takes python and/or torch, got {args.busy!r}")
     if "compiled" in cores and compiled_core_error() is not None:
         print(f"compiled core unavailable ({compiled_core_error()}): numpy core only")
         cores.remove("compiled")
@@ -184,24 +207,29 @@ def main() -> int:
         f"commit {_commit()}; switch interval {interval * 1e3:g} ms; {args.seconds:g} s each"
     )
     header = (
-        f"{'shape':19} {'core':9} {'ms alone':>9} {'ms beside':>10} {'placement kept':>15} "
-        f"{'loop kept':>10} {'waits':>6}"
+        f"{'shape':19} {'core':9} {'busy':7} {'ms alone':>9} {'ms beside':>10} "
+        f"{'placement kept':>15} {'loop kept':>10} {'waits':>6}"
     )
     print(header)
     print("-" * len(header))
     for name in names:
-        for core in cores:
-            shared = measure_shared(placement_call(name, core), args.seconds)
-            print(
-                f"{name:19} {core:9} {1e3 / shared.rebalance_alone:9.3f} "
-                f"{1e3 / shared.rebalance_beside:10.3f} {shared.rebalance_kept:15.2f} "
-                f"{shared.loop_kept:10.2f} {shared.waits(interval):6.1f}"
-            )
+        for busy in busy_kinds:
+            for core in cores:
+                _print_row(name, core, busy, args.seconds, interval)
     print(
-        f"\ntargets: placement keeps >= {TARGET_REBALANCE:.2f} of its rate, "
+        f"\ntargets (python loop): placement keeps >= {TARGET_REBALANCE:.2f} of its rate, "
         f"the loop >= {TARGET_LOOP:.2f} of its own"
     )
     return 0
+
+
+def _print_row(name: str, core: str, busy: str, seconds: float, interval: float) -> None:
+    shared = measure_shared(placement_call(name, core), seconds, busy)
+    print(
+        f"{name:19} {core:9} {busy:7} {1e3 / shared.rebalance_alone:9.3f} "
+        f"{1e3 / shared.rebalance_beside:10.3f} {shared.rebalance_kept:15.2f} "
+        f"{shared.loop_kept:10.2f} {shared.waits(interval):6.1f}"
+    )
 
 
 if __name__ == "__main__":
