@@ -113,13 +113,14 @@ def _compiled_placement(
     """
     compiled = cores.load_compiled_core()
     assert compiled is not None, "resolve_core chose a core that does not load"
-    if host.dtype not in (np.float32, np.float64) or not host.flags.c_contiguous:
-        host = np.ascontiguousarray(host, dtype=np.float64)
+    loads = host
+    if loads.dtype not in (np.float32, np.float64) or not loads.flags.c_contiguous:
+        loads = np.ascontiguousarray(loads, dtype=np.float64)
     valid, phy2log, log2phy, logcnt = compiled.placement(
-        host, config.num_replicas, config.num_groups, config.num_nodes, config.num_gpus
+        loads, config.num_replicas, config.num_groups, config.num_nodes, config.num_gpus
     )
     if not valid:
-        validate_weight(host, *config[2:])
+        validate_weight(host, *config[2:])  # the load as given: the same message
         raise AssertionError("the compiled core refused a load that validate_weight accepts")
     return phy2log, log2phy, logcnt
 

@@ -158,6 +158,18 @@ def test_compiled_core_refuses_like_the_numpy_core(value: float, match: str) -> 
     assert messages[0] == messages[1]
 
 
+def test_refusal_of_a_float16_load_names_its_own_value() -> None:
+    # The compiled path converts float16 to float64 first; the message still
+    # shows the value as given, as the numpy core's does.
+    weight = torch.ones(2, 8, dtype=torch.float16)
+    weight[1, 2] = -0.1
+    for core in ("numpy", "compiled"):
+        with pytest.raises(
+            ValueError, match=r"got -0\.0999755859375 at \[layer, expert\]=\[1, 2\]"
+        ):
+            rebalance_experts(weight, 8, 1, 1, 2, core=core)
+
+
 def test_minus_zero_is_a_valid_load_that_ties_with_zero() -> None:
     weight = np.array([[0.0, -0.0, 1.0, -0.0, 0.0, 2.0, -0.0, 0.0]])
     check_agreement(weight, (12, 2, 2, 4), project_implementations(jax=False, cuda=False))
