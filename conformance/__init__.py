@@ -9,7 +9,7 @@ copy of the algorithm (``eplb conformance --impl my_module:my_function``).
   ``configs``, ``loads``) and invalid ones (``invalid_problems``), and the
   ``ci`` / ``thorough`` settings profiles.
 - ``invariants``: ``check_invariants``, SPEC.md's invariants of any placement.
-- ``agreement``: adapters for the three implementations, ``first_difference``,
+- ``agreement``: adapters for the four implementations, ``first_difference``,
   ``check_agreement``, ``check_refusal``.
 - ``balance``: same balance, for placements that differ from SPEC.md's only
   where SPEC.md chose between equals (``exact_gpu_loads``,
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         Difference,
         check_agreement,
         check_refusal,
+        compiled_production,
         first_difference,
         jax_reference,
         numpy_reference,
@@ -85,6 +86,7 @@ _EXPORTS = {
     "check_invariants": "invariants",
     "check_project": "runner",
     "check_refusal": "agreement",
+    "compiled_production": "agreement",
     "configs": "strategies",
     "exact_gpu_loads": "balance",
     "first_balance_difference": "balance",
@@ -119,6 +121,7 @@ __all__ = [
     "check_invariants",
     "check_project",
     "check_refusal",
+    "compiled_production",
     "configs",
     "exact_gpu_loads",
     "first_balance_difference",

@@ -4,10 +4,11 @@ An *implementation* here is any callable with the numpy reference's signature,
 ``impl(weight, num_replicas, num_groups, num_nodes, num_gpus)``, taking a
 numpy ``weight`` ``[L, E]`` and returning ``(phy2log, log2phy, logcnt)`` as
 anything ``numpy.asarray`` converts. The adapters below give the project's
-three implementations that shape (the JAX and torch ones convert the input,
-check that the outputs are int64 arrays of their own kind, on the right
-device, and bring them back to numpy). They import JAX and torch only when
-called.
+implementations that shape: the JAX reference and the torch production path,
+with its numpy core and with its compiled core, four with the numpy reference
+(the JAX and torch ones convert the input, check that the outputs are int64
+arrays of their own kind, on the right device, and bring them back to numpy).
+They import JAX and torch only when called.
 
 ``first_difference`` finds the first slot where two placements differ;
 ``check_agreement`` and ``check_refusal`` raise ``AssertionError`` naming the
@@ -32,6 +33,7 @@ __all__ = [
     "Placement",
     "check_agreement",
     "check_refusal",
+    "compiled_production",
     "first_difference",
     "jax_reference",
     "load_callable",
@@ -163,6 +165,7 @@ def torch_production(
     num_nodes: int,
     num_gpus: int,
     device: str = "cpu",
+    core: str = "numpy",
 ) -> Placement:
     """``eplb.production.rebalance_experts`` with a ``torch.Tensor`` in and out.
 
@@ -170,6 +173,7 @@ def torch_production(
         dtype where torch holds it, else is passed as it is (torch has no
         string arrays), for the implementation to refuse.
     device: "cpu" or "cuda"; the outputs must come back on it.
+    core: the placement core it runs (``"numpy"``, ``"compiled"`` or ``"auto"``).
     """
     import torch
 
@@ -178,7 +182,7 @@ def torch_production(
     tensor: object = weight
     if isinstance(weight, np.ndarray) and weight.dtype.kind in "biufc":
         tensor = torch.from_numpy(np.ascontiguousarray(weight)).to(device)
-    result = rebalance_experts(tensor, num_replicas, num_groups, num_nodes, num_gpus)
+    result = rebalance_experts(tensor, num_replicas, num_groups, num_nodes, num_gpus, core=core)
     for name, out in zip(OUTPUT_NAMES, result, strict=True):
         if (
             not isinstance(out, torch.Tensor)
@@ -192,14 +196,26 @@ def torch_production(
     return tuple(out.cpu().numpy() for out in result)
 
 
+def compiled_production(
+    weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> Placement:
+    """``eplb.production.rebalance_experts(..., core="compiled")`` on CPU tensors.
+
+    weight: [L, E] real (numpy), as for ``torch_production``.
+    """
+    return torch_production(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, "cpu", "compiled"
+    )
+
+
 def _torch_cuda(
     weight: np.ndarray, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
 ) -> Placement:
-    return torch_production(weight, num_replicas, num_groups, num_nodes, num_gpus, "cuda")
+    return torch_production(weight, num_replicas, num_groups, num_nodes, num_gpus, "cuda", "auto")
 
 
 def project_implementations(
-    *, jax: bool | None = True, cuda: bool | None = None
+    *, jax: bool | None = True, cuda: bool | None = None, compiled: bool | None = None
 ) -> dict[str, Implementation]:
     """The project's implementations other than the numpy reference, by name.
 
@@ -207,8 +223,16 @@ def project_implementations(
         seconds each: callers that draw many shapes leave it out); None: when
         JAX is installed (a serving machine may have torch only).
     cuda: include torch production on CUDA; None: when torch sees a GPU.
+    compiled: include torch production's compiled core; None: where it loads
+        (numba installed and able to compile).
     """
     impls: dict[str, Implementation] = {"torch production (cpu)": torch_production}
+    if compiled is None:
+        from eplb.production import compiled_core_error
+
+        compiled = compiled_core_error() is None
+    if compiled:
+        impls["compiled core (cpu)"] = compiled_production
     if cuda is None:
         import torch
 

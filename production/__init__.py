@@ -1,12 +1,15 @@
 """The torch path for expert-parallel serving.
 
-Same placements as ``eplb.reference`` (SPEC.md), fast: packing vectorized in
-numpy over all rows at once, one batched device-to-host copy of the load, weight
-rearrangement over ``torch.distributed``, and the serving-side state.
+Same placements as ``eplb.reference`` (SPEC.md), fast: computed by a compiled
+core (numba, without the interpreter lock) or, where numba cannot load, by a
+numpy core vectorized over all rows at once (``cores`` chooses); one batched
+device-to-host copy of the load; weight rearrangement over
+``torch.distributed``; and the serving-side state.
 
 Never imports JAX.
 """
 
+from .cores import compiled_core_error, resolve_core, warm_up_placement
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -34,10 +37,13 @@ __all__ = [
     "StagedApply",
     "StagedApplyError",
     "StagedMove",
+    "compiled_core_error",
     "keep_experts_in_place",
     "plan_rearrangement",
     "prepare_rearrangement",
     "rearrange_expert_weights",
     "rebalance_experts",
+    "resolve_core",
+    "warm_up_placement",
     "warmup_rearrangement",
 ]

@@ -4,7 +4,9 @@
 returns, as int64 tensors on the device of the load. On CUDA it costs one
 device-to-host copy of the load and one host-to-device copy of the result,
 and waits for nothing but its own copy: the serving stream keeps running.
-The placement itself is the vectorized numpy core of ``_packing``.
+The placement itself is computed by the compiled core (``compiled_core``,
+numba, without the interpreter lock) where it loads, else by the vectorized
+numpy core of ``_packing``; ``cores`` says how one is chosen.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb._validation import validate_config, validate_weight
+from eplb._validation import EplbConfig, validate_config, validate_weight
 
+from . import cores
 from ._packing import (
     balanced_packing,
     inverse_map,
@@ -35,6 +38,8 @@ def rebalance_experts(
     num_groups: int,
     num_nodes: int,
     num_gpus: int,
+    *,
+    core: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compute the placement of SPEC.md for every layer.
 
@@ -45,6 +50,9 @@ def rebalance_experts(
     num_groups: G, expert groups; experts ``g*E/G .. (g+1)*E/G - 1`` form group g.
     num_nodes: N, server nodes.
     num_gpus: P, GPUs (EP ranks) in all.
+    core: ``"compiled"``, ``"numpy"`` or ``"auto"``; None reads ``$EPLB_CORE``
+        (default ``"auto"``: compiled where numba loads). Both give the same
+        integers; see ``eplb.production.cores``.
 
     Returns, as int64 tensors on ``weight.device``:
       phy2log: [L, R], the logical expert held by each slot.
@@ -63,25 +71,58 @@ def rebalance_experts(
         raise TypeError("weight must hold real numbers, got boolean dtype")
     if weight.is_complex():
         raise TypeError(f"weight must hold real numbers, got dtype {weight.dtype}")
-    validate_config(tuple(weight.shape), num_replicas, num_groups, num_nodes, num_gpus)
+    config = validate_config(tuple(weight.shape), num_replicas, num_groups, num_nodes, num_gpus)
+    chosen = cores.resolve_core(core)
 
-    # Step 2: one device-to-host copy; then the value rules (finite, >= 0) and
-    # float64, by the same code as the reference.
+    # Step 2: one device-to-host copy.
     host = _load_to_host(weight)
+
+    if chosen == "compiled":
+        # Steps 3-5 in one compiled call that never holds the interpreter lock.
+        return _results_to_device(_compiled_placement(host, config), weight.device)
+
+    # Step 3: the value rules (finite, >= 0) and float64, by the same code as
+    # the reference.
     weight64, config = validate_weight(host, num_replicas, num_groups, num_nodes, num_gpus)
 
-    # Step 3: the placement. The global policy is the hierarchy with one group
+    # Step 4: the placement. The global policy is the hierarchy with one group
     # and one node (SPEC.md "Policy choice").
     groups, nodes = (config.num_groups, config.num_nodes) if config.hierarchical else (1, 1)
     phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
         weight64, config.num_replicas, groups, nodes, config.num_gpus
     )
 
-    # Step 4: log2phy from phy2log and the replica ranks.
+    # Step 5: log2phy from phy2log and the replica ranks.
     log2phy = inverse_map(phy2log, phyrank, logcnt)
 
-    # Step 5: one host-to-device copy of all three.
+    # Step 6: one host-to-device copy of all three.
     return _results_to_device((phy2log, log2phy, logcnt), weight.device)
+
+
+def _compiled_placement(
+    host: np.ndarray, config: EplbConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(phy2log, log2phy, logcnt) of a host load by the compiled core, in one call.
+
+    host: [L, E] real numpy array, the load as ``_load_to_host`` gives it.
+
+    float32 and float64 loads go in as they are (the core converts float32 to
+    float64 exactly, as numpy does); other dtypes are converted by numpy first,
+    as exactly. The core checks the value rules as it converts; on a bad value
+    ``validate_weight`` raises the very error the numpy core raises.
+    """
+    compiled = cores.load_compiled_core()
+    assert compiled is not None, "resolve_core chose a core that does not load"
+    loads = host
+    if loads.dtype not in (np.float32, np.float64) or not loads.flags.c_contiguous:
+        loads = np.ascontiguousarray(loads, dtype=np.float64)
+    valid, phy2log, log2phy, logcnt = compiled.placement(
+        loads, config.num_replicas, config.num_groups, config.num_nodes, config.num_gpus
+    )
+    if not valid:
+        validate_weight(host, *config[2:])  # the load as given: the same message
+        raise AssertionError("the compiled core refused a load that validate_weight accepts")
+    return phy2log, log2phy, logcnt
 
 
 def _load_to_host(weight: torch.Tensor) -> np.ndarray:

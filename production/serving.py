@@ -328,6 +328,9 @@ class ExpertBalancer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.group = group
         self.stats = BalancerStats()
+        from .cores import warm_up_placement
+
+        warm_up_placement()  # the placement core compiles (or loads) here, not on the worker
         #: The exception that failed the last rebalance, None while healthy.
         self.error: BaseException | None = None
 

@@ -1,5 +1,6 @@
-"""The conformance suite itself: its strategies, its invariants, and agreement of the three
-implementations on drawn inputs and on the real loads in every benchmark configuration.
+"""The conformance suite itself: its strategies, its invariants, and agreement of the four
+implementations (numpy and JAX references, torch production with its numpy core and with its
+compiled core) on drawn inputs and on the real loads in every benchmark configuration.
 
 Budgets follow the hypothesis profile (``tests/conftest.py``; ``ci`` by default,
 ``HYPOTHESIS_PROFILE=thorough`` for a long run).
@@ -28,6 +29,7 @@ from eplb.conformance import (
     check_agreement,
     check_invariants,
     check_refusal,
+    compiled_production,
     first_difference,
     invalid_problems,
     jax_reference,
@@ -250,7 +252,9 @@ def test_first_difference_names_output_and_slot() -> None:
 
 
 @pytest.mark.parametrize(
-    "impl", [numpy_reference, torch_production, jax_reference], ids=lambda f: f.__name__
+    "impl",
+    [numpy_reference, torch_production, compiled_production, jax_reference],
+    ids=lambda f: f.__name__,
 )
 def test_spec_worked_example(impl: Callable[..., tuple[np.ndarray, ...]]) -> None:
     phy2log, log2phy, logcnt = impl(SPEC_EXAMPLE.weight, *SPEC_EXAMPLE.counts)
@@ -386,5 +390,15 @@ def test_project_implementations_leave_out_missing_jax(monkeypatch: pytest.Monke
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "jax" else find_spec(name, *a)
     )
-    assert set(project_implementations(jax=None, cuda=False)) == {"torch production (cpu)"}
+    assert set(project_implementations(jax=None, cuda=False, compiled=False)) == {
+        "torch production (cpu)"
+    }
     assert "jax reference" in project_implementations(cuda=False)
+
+
+def test_project_implementations_hold_the_compiled_core_where_it_loads() -> None:
+    from eplb.production import compiled_core_error
+
+    impls = project_implementations(jax=False, cuda=False)
+    assert ("compiled core (cpu)" in impls) == (compiled_core_error() is None)
+    assert "compiled core (cpu)" not in project_implementations(cuda=False, compiled=False)
