@@ -6,6 +6,8 @@ so that the numpy reference, the production path and the CLI share it.
 - :func:`check_maps`: the rules two maps ``[layers, R]`` of one rearrangement obey.
 - :func:`keep_experts_in_place`: a new placement with each GPU's slots reordered
   so that experts staying on a GPU keep their slots.
+- :func:`optimal_assignment`: SPEC.md's optimal assignment (scipy), with which
+  relabelling matches new nodes and GPUs to old ones.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["check_maps", "keep_experts_in_place"]
+__all__ = ["check_maps", "keep_experts_in_place", "optimal_assignment"]
 
 
 def _host_map(name: str, phy2log: object) -> np.ndarray:
@@ -146,3 +148,20 @@ def _copy_keys(key: np.ndarray, per_rank: int) -> np.ndarray:
     occurrence = np.empty(key.size, dtype=np.int64)
     occurrence[order] = np.arange(key.size) - first
     return key * per_rank + occurrence
+
+
+def optimal_assignment(cost: np.ndarray) -> np.ndarray:
+    """SPEC.md "Optimal assignment": the column each row gets, for the least total cost.
+
+    cost: [k, k] int64, ``cost[i, j]`` of giving row i the column j.
+
+    Returns [k] int64. Among optimal assignments, one keeping the most rows in
+    place (``i -> i``); the ties left are scipy's, which is deterministic.
+    """
+    from scipy.optimize import linear_sum_assignment  # imported on use: a second or so
+
+    size = cost.shape[0]
+    # Each unit of cost outweighs every off-diagonal term together (at most k).
+    off_diagonal = 1 - np.eye(size, dtype=np.int64)
+    _, columns = linear_sum_assignment(cost * (size + 1) + off_diagonal)
+    return np.asarray(columns, dtype=np.int64)

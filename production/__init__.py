@@ -7,6 +7,7 @@ rearrangement over ``torch.distributed``, and the serving-side state.
 Never imports JAX.
 """
 
+from .migration import rebalance_experts_migration_aware, relabel_for_migration
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -33,5 +34,7 @@ __all__ = [
     "prepare_rearrangement",
     "rearrange_expert_weights",
     "rebalance_experts",
+    "rebalance_experts_migration_aware",
+    "relabel_for_migration",
     "warmup_rearrangement",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb._validation import validate_config, validate_weight
+from eplb._validation import EplbConfig, validate_config, validate_weight
 
 from ._packing import (
     balanced_packing,
@@ -23,6 +23,7 @@ from ._packing import (
 
 __all__ = [
     "balanced_packing",
+    "prepare_weight",
     "rebalance_experts",
     "rebalance_experts_hierarchical",
     "replicate_experts",
@@ -56,19 +57,8 @@ def rebalance_experts(
     the argument, before anything is computed; the same types as
     ``eplb.reference``.
     """
-    # Step 1: refuse what the shape, dtype and counts alone rule out, before any copy.
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype == torch.bool:
-        raise TypeError("weight must hold real numbers, got boolean dtype")
-    if weight.is_complex():
-        raise TypeError(f"weight must hold real numbers, got dtype {weight.dtype}")
-    validate_config(tuple(weight.shape), num_replicas, num_groups, num_nodes, num_gpus)
-
-    # Step 2: one device-to-host copy; then the value rules (finite, >= 0) and
-    # float64, by the same code as the reference.
-    host = _load_to_host(weight)
-    weight64, config = validate_weight(host, num_replicas, num_groups, num_nodes, num_gpus)
+    # Steps 1-2: the input rules, and the load on the host as float64.
+    weight64, config = prepare_weight(weight, num_replicas, num_groups, num_nodes, num_gpus)
 
     # Step 3: the placement. The global policy is the hierarchy with one group
     # and one node (SPEC.md "Policy choice").
@@ -82,6 +72,35 @@ def rebalance_experts(
 
     # Step 5: one host-to-device copy of all three.
     return _results_to_device((phy2log, log2phy, logcnt), weight.device)
+
+
+def prepare_weight(
+    weight: torch.Tensor,
+    num_replicas: object,
+    num_groups: object,
+    num_nodes: object,
+    num_gpus: object,
+) -> tuple[np.ndarray, EplbConfig]:
+    """Check the input of a rebalance and bring the load to the host as float64.
+
+    weight: [L, E] real tensor on any device, tokens routed to each logical expert.
+
+    Returns the load [L, E] float64 (numpy) and the validated config. Raises
+    TypeError/ValueError naming the argument, the same types as ``eplb.reference``.
+    """
+    # Step 1: refuse what the shape, dtype and counts alone rule out, before any copy.
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype == torch.bool:
+        raise TypeError("weight must hold real numbers, got boolean dtype")
+    if weight.is_complex():
+        raise TypeError(f"weight must hold real numbers, got dtype {weight.dtype}")
+    validate_config(tuple(weight.shape), num_replicas, num_groups, num_nodes, num_gpus)
+
+    # Step 2: one device-to-host copy; then the value rules (finite, >= 0) and
+    # float64, by the same code as the reference.
+    host = _load_to_host(weight)
+    return validate_weight(host, num_replicas, num_groups, num_nodes, num_gpus)
 
 
 def _load_to_host(weight: torch.Tensor) -> np.ndarray:
