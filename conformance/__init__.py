@@ -14,6 +14,9 @@ copy of the algorithm (``eplb conformance --impl my_module:my_function``).
 - ``runner``: the hypothesis search behind the CLI (``check_candidate``,
   ``check_project``).
 - ``workloads``: the benchmark configurations with real loads.
+- ``migration``: the same for SPEC.md's second policy, migration-aware
+  rebalancing (``migration_problems``, ``check_migration_agreement``,
+  ``check_migration_result``).
 - ``device_check``: a hypothesis-free agreement run on a given torch device
   (``python -m eplb.conformance.device_check --device cuda``).
 
@@ -39,6 +42,12 @@ if TYPE_CHECKING:
     )
     from .cases import LOAD_KINDS, SHAPE_MENU, SPEC_EXAMPLE, InvalidProblem, Problem, make_load
     from .invariants import check_invariants
+    from .migration import (
+        MigrationProblem,
+        check_migration_agreement,
+        check_migration_result,
+        migration_problems,
+    )
     from .runner import Failure, check_candidate, check_project
     from .strategies import (
         INVALID_RULES,
@@ -59,6 +68,7 @@ _EXPORTS = {
     "INVALID_RULES": "strategies",
     "InvalidProblem": "cases",
     "LOAD_KINDS": "cases",
+    "MigrationProblem": "migration",
     "Problem": "cases",
     "SHAPE_MENU": "cases",
     "SPEC_EXAMPLE": "cases",
@@ -68,6 +78,8 @@ _EXPORTS = {
     "check_agreement": "agreement",
     "check_candidate": "runner",
     "check_invariants": "invariants",
+    "check_migration_agreement": "migration",
+    "check_migration_result": "migration",
     "check_project": "runner",
     "check_refusal": "agreement",
     "configs": "strategies",
@@ -75,6 +87,7 @@ _EXPORTS = {
     "invalid_problems": "strategies",
     "jax_reference": "agreement",
     "loads": "strategies",
+    "migration_problems": "migration",
     "numpy_reference": "agreement",
     "problems": "strategies",
     "project_implementations": "agreement",
@@ -92,12 +105,15 @@ __all__ = [
     "Difference",
     "Failure",
     "InvalidProblem",
+    "MigrationProblem",
     "Problem",
     "Workload",
     "benchmark_workloads",
     "check_agreement",
     "check_candidate",
     "check_invariants",
+    "check_migration_agreement",
+    "check_migration_result",
     "check_project",
     "check_refusal",
     "configs",
@@ -106,6 +122,7 @@ __all__ = [
     "jax_reference",
     "loads",
     "make_load",
+    "migration_problems",
     "numpy_reference",
     "problems",
     "project_implementations",

@@ -298,13 +298,13 @@ def rebalance_experts_migration_aware(
     groups, nodes = (config.num_groups, config.num_nodes) if config.hierarchical else (1, 1)
     gpus = config.num_gpus
 
-    # Step 1: SPEC's placement and the limit it sets.
+    # Step 1: SPEC's placement, relabelled: the fallback.
     spec_phy2log, _, spec_logcnt = rebalance_experts_hierarchical(
         weight64, config.num_replicas, groups, nodes, gpus
     )
-    limit = (1.0 + tol) * exact_gpu_loads(weight64, spec_phy2log, spec_logcnt, gpus).max(-1)
-    # Step 2: the fallback, SPEC's placement relabelled, and its experts moved.
     fallback = _relabel(old, spec_phy2log, nodes, gpus)
+    # Step 2: the limit the fallback sets, and its experts moved (the budget).
+    limit = (1.0 + tol) * exact_gpu_loads(weight64, fallback, spec_logcnt, gpus).max(-1)
     budget = experts_moved(old, fallback, gpus).sum(-1)
     # Step 3: the greedy keeps the old hierarchy, or there is none to keep.
     expert_node = hierarchy_nodes(old, groups, nodes, config.num_logical_experts)

@@ -270,19 +270,19 @@ def rebalance_experts_migration_aware(
     groups, nodes = (config.num_groups, config.num_nodes) if config.hierarchical else (1, 1)
     num_experts = config.num_logical_experts
 
-    # Step 1: SPEC's placement and the limit it sets.
+    # Step 1: SPEC's placement, relabelled: the fallback.
     spec_phy2log, _, spec_logcnt = rebalance_experts(
         weight64, config.num_replicas, config.num_groups, config.num_nodes, config.num_gpus
     )
-    # Step 2: the fallback, SPEC's placement relabelled, and its experts moved.
     fallback = relabel_for_migration(old, spec_phy2log, nodes, config.num_gpus)
     per_gpu = config.num_replicas // config.num_gpus
     result = np.empty_like(old)
     for layer in range(config.num_layers):
-        spec_loads = exact_gpu_loads(
-            weight64[layer], list(spec_phy2log[layer]), list(spec_logcnt[layer]), config.num_gpus
+        # Step 2: the limit the fallback sets, and its experts moved (the budget).
+        fallback_loads = exact_gpu_loads(
+            weight64[layer], list(fallback[layer]), list(spec_logcnt[layer]), config.num_gpus
         )
-        limit = (1.0 + tol) * max(spec_loads)
+        limit = (1.0 + tol) * max(fallback_loads)
         budget = sum(
             experts_to_receive(
                 list(old[layer, g * per_gpu : (g + 1) * per_gpu]),
