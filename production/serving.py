@@ -36,9 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb._validation import check_count, validate_config
+from eplb._validation import check_count, validate_config, validate_tolerance
 from eplb.metrics import balancedness, gpu_loads
 
+from .migration import rebalance_experts_migration_aware
 from .rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
     PreparedRearrangement,
@@ -168,6 +169,7 @@ class ExpertBalancer:
         keep_buffers: bool = False,
         keep_slots: bool = False,
         prepare_ahead: bool = True,
+        migration_tolerance: float | None = None,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -202,6 +204,12 @@ class ExpertBalancer:
             starts moving at once. Its Python work then shares the interpreter
             lock with the serving thread while the forward passes run; False
             plans inside the apply instead.
+        migration_tolerance: None computes SPEC's placement for each window; a
+            number uses the migration-aware policy
+            (:func:`eplb.production.rebalance_experts_migration_aware`) from the
+            current placement instead: experts stay where they are unless moving
+            them is needed to bring each layer's largest GPU load within this
+            fraction of SPEC's.
         """
         _, self.num_gpus = _rank_and_size(group)
         self.config = validate_config(
@@ -219,6 +227,9 @@ class ExpertBalancer:
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.keep_slots = keep_slots
+        self.migration_tolerance = (
+            None if migration_tolerance is None else validate_tolerance(migration_tolerance)
+        )
         self.prepare_ahead = prepare_ahead
         if self.apply_delay >= self.step_interval:
             raise ValueError(
@@ -435,9 +446,16 @@ class ExpertBalancer:
         start = time.perf_counter()
         load = self._host_load.numpy()
         cfg = self.config
-        phy2log, log2phy, logcnt = rebalance_experts(
-            self._host_load, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-        )
+        counts = (cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus)
+        if self.migration_tolerance is None:
+            phy2log, log2phy, logcnt = rebalance_experts(self._host_load, *counts)
+        else:
+            phy2log, log2phy, logcnt = rebalance_experts_migration_aware(
+                self._host_load,
+                *counts,
+                old_phy2log=self._host_phy2log,
+                tolerance=self.migration_tolerance,
+            )
         # Main thread changes the host maps only in _apply, after this returns.
         before = balancedness(
             gpu_loads(load, self._host_phy2log.numpy(), self._host_logcnt.numpy(), cfg.num_gpus)

@@ -281,3 +281,59 @@ def test_relabelling_refuses_bad_counts(impl, nodes, gpus, error, match):
     maps = (old.numpy(), old.numpy()) if impl == "reference" else (old, old)
     with pytest.raises(error, match=match):
         module.relabel_for_migration(*maps, nodes, gpus)
+
+
+def test_balancer_with_migration_tolerance_rebalances_from_its_placement(monkeypatch):
+    import eplb.production.serving as serving
+    from eplb.production import ExpertBalancer
+
+    calls = []
+    policy = serving.rebalance_experts_migration_aware
+
+    def recording(weight, *counts, old_phy2log, tolerance):
+        calls.append((weight.clone(), old_phy2log.clone(), tolerance))
+        return policy(weight, *counts, old_phy2log=old_phy2log, tolerance=tolerance)
+
+    monkeypatch.setattr(serving, "rebalance_experts_migration_aware", recording)
+    layers, experts, slots = 2, 8, 12
+    balancer = ExpertBalancer(
+        layers,
+        experts,
+        slots,
+        2,
+        1,
+        device="cpu",
+        window_size=4,
+        step_interval=3,
+        migration_tolerance=0.05,
+    )
+    initial = balancer.phy2log.clone()
+    weights = [
+        [torch.arange(slots, dtype=torch.float32)[:, None].repeat(1, 2)] for _ in range(layers)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for layer in range(layers):
+            balancer.route(layer, torch.randint(0, 3, (50, 2), generator=generator))
+        balancer.step(weights)
+    assert balancer.stats.rebalances == 1 and len(calls) == 1
+    load, old, tolerance = calls[0]
+    assert torch.equal(old, initial) and tolerance == 0.05
+    expected = reference.rebalance_experts_migration_aware(
+        load.numpy(), slots, 2, 1, 1, old_phy2log=old.numpy(), tolerance=0.05
+    )
+    # One GPU holds every slot: any placement is within the tolerance, so nothing moves,
+    # where SPEC's placement for this skewed load would replicate experts 0..2.
+    assert torch.equal(balancer.phy2log, torch.from_numpy(expected[0]))
+    assert torch.equal(balancer.phy2log, initial)
+    assert not np.array_equal(rebalance_experts(load.numpy(), slots, 2, 1, 1)[0], initial.numpy())
+    assert torch.equal(balancer.logcnt, torch.from_numpy(expected[2]))
+    balancer.close()
+
+
+@pytest.mark.parametrize(("value", "error"), [(-1.0, ValueError), ("0.1", TypeError)])
+def test_balancer_refuses_a_bad_migration_tolerance(value, error):
+    from eplb.production import ExpertBalancer
+
+    with pytest.raises(error, match="tolerance"):
+        ExpertBalancer(2, 8, 12, 2, 1, device="cpu", migration_tolerance=value)
