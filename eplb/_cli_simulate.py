@@ -115,7 +115,7 @@ def _mean_balancedness(load: np.ndarray, phy2log: np.ndarray, gpus: int, busy: n
 def _run(args: argparse.Namespace) -> int:
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise ValueError(f"--plot must end in .png, got {args.plot!r}")
-    validate_tolerance(args.tolerance)
+    validate_tolerance(args.tolerance, "--tolerance")
     if args.expert_bytes < 1:
         raise ValueError(f"--expert-bytes must be >= 1, got {args.expert_bytes}")
     if len(args.loads) == 1:

@@ -173,13 +173,13 @@ def validate_placement(name: str, phy2log: object, config: EplbConfig) -> np.nda
     return as_int64
 
 
-def validate_tolerance(tolerance: object) -> float:
-    """``tolerance`` as a float if it is a finite real number >= 0, else raise."""
+def validate_tolerance(tolerance: object, name: str = "tolerance") -> float:
+    """``tolerance`` as a float if it is a finite real number >= 0, else raise naming ``name``."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
         raise TypeError(
-            f"tolerance must be a real number, got {type(tolerance).__name__} {tolerance!r}"
+            f"{name} must be a real number, got {type(tolerance).__name__} {tolerance!r}"
         )
     as_float = float(tolerance)
     if not math.isfinite(as_float) or as_float < 0:
-        raise ValueError(f"tolerance must be finite and >= 0, got {as_float}")
+        raise ValueError(f"{name} must be finite and >= 0, got {as_float}")
     return as_float

@@ -228,7 +228,9 @@ class ExpertBalancer:
                 raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.keep_slots = keep_slots
         self.migration_tolerance = (
-            None if migration_tolerance is None else validate_tolerance(migration_tolerance)
+            None
+            if migration_tolerance is None
+            else validate_tolerance(migration_tolerance, "migration_tolerance")
         )
         self.prepare_ahead = prepare_ahead
         if self.apply_delay >= self.step_interval:

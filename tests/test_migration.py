@@ -335,5 +335,5 @@ def test_balancer_with_migration_tolerance_rebalances_from_its_placement(monkeyp
 def test_balancer_refuses_a_bad_migration_tolerance(value, error):
     from eplb.production import ExpertBalancer
 
-    with pytest.raises(error, match="tolerance"):
+    with pytest.raises(error, match="migration_tolerance must be"):
         ExpertBalancer(2, 8, 12, 2, 1, device="cpu", migration_tolerance=value)
