@@ -95,6 +95,13 @@ def _nodes_then_gpus_moved(old: np.ndarray, new: np.ndarray, nodes: int, gpus: i
     return _moved_under(old, new, target, gpus)
 
 
+def _nodes_of(row: np.ndarray, nodes: int, gpus: int) -> list:
+    """Each node as the sorted list of its GPUs' sorted experts, nodes sorted."""
+    per_gpu, per_node = row.size // gpus, gpus // nodes
+    gpu_sets = [tuple(sorted(row[g * per_gpu : (g + 1) * per_gpu])) for g in range(gpus)]
+    return sorted(sorted(gpu_sets[n * per_node : (n + 1) * per_node]) for n in range(nodes))
+
+
 SMALL_SHAPES = [(2, 4, 8, 12), (2, 6, 6, 12), (3, 6, 9, 12), (2, 4, 5, 8)]  # (N, P, E, R)
 
 
@@ -112,6 +119,8 @@ def test_relabelling_moves_the_brute_force_optimum(nodes, gpus, experts, slots):
         moved = experts_moved(old, out, gpus).sum(-1)
         for layer in range(2):
             assert moved[layer] == _brute_force_moved(old[layer], new[layer], nodes, gpus)
+            # The same GPUs (sorted experts, hence loads), the same GPUs together on a node.
+            assert _nodes_of(out[layer], nodes, gpus) == _nodes_of(new[layer], nodes, gpus)
 
 
 def test_nodes_then_gpus_is_not_optimal_but_the_joint_matching_is():
