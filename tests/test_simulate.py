@@ -64,3 +64,8 @@ def test_simulate_refuses_bad_options(tmp_path, capsys, extra, message):
     args = ["simulate", str(load), "--replicas", "8", "--groups", "2", "--nodes", "1"]
     assert main([*args, "--gpus", "2", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_migration_benchmark_quick_run(run_benchmark, real_loads):
+    stdout = run_benchmark("bench_migration.py", "--quick")
+    assert "migration ms" in stdout and stdout.strip().endswith("True")
