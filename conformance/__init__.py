@@ -18,6 +18,9 @@ copy of the algorithm (``eplb conformance --impl my_module:my_function``).
   that the ``eplb conformance`` command (``eplb._cli_conformance``) runs; the
   library never imports the command.
 - ``workloads``: the benchmark configurations with real loads.
+- ``migration``: the same for SPEC.md's second policy, migration-aware
+  rebalancing (``migration_problems``, ``check_migration_agreement``,
+  ``check_migration_result``).
 - ``device_check``: a hypothesis-free agreement run on a given torch device
   (``python -m eplb.conformance.device_check --device cuda``).
 
@@ -53,6 +56,12 @@ if TYPE_CHECKING:
         make_load,
     )
     from .invariants import check_invariants
+    from .migration import (
+        MigrationProblem,
+        check_migration_agreement,
+        check_migration_result,
+        migration_problems,
+    )
     from .runner import Failure, check_candidate, check_project
     from .strategies import (
         INVALID_RULES,
@@ -75,6 +84,7 @@ _EXPORTS = {
     "INVALID_RULES": "strategies",
     "InvalidProblem": "cases",
     "LOAD_KINDS": "cases",
+    "MigrationProblem": "migration",
     "Problem": "cases",
     "SHAPE_MENU": "cases",
     "SPEC_EXAMPLE": "cases",
@@ -84,6 +94,8 @@ _EXPORTS = {
     "check_agreement": "agreement",
     "check_candidate": "runner",
     "check_invariants": "invariants",
+    "check_migration_agreement": "migration",
+    "check_migration_result": "migration",
     "check_project": "runner",
     "check_refusal": "agreement",
     "compiled_production": "agreement",
@@ -94,6 +106,7 @@ _EXPORTS = {
     "invalid_problems": "strategies",
     "jax_reference": "agreement",
     "loads": "strategies",
+    "migration_problems": "migration",
     "numpy_reference": "agreement",
     "problems": "strategies",
     "project_implementations": "agreement",
@@ -113,12 +126,15 @@ __all__ = [
     "Difference",
     "Failure",
     "InvalidProblem",
+    "MigrationProblem",
     "Problem",
     "Workload",
     "benchmark_workloads",
     "check_agreement",
     "check_candidate",
     "check_invariants",
+    "check_migration_agreement",
+    "check_migration_result",
     "check_project",
     "check_refusal",
     "compiled_production",
@@ -130,6 +146,7 @@ __all__ = [
     "jax_reference",
     "loads",
     "make_load",
+    "migration_problems",
     "numpy_reference",
     "problems",
     "project_implementations",

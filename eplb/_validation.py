@@ -7,6 +7,7 @@ the same exception type.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -17,6 +18,8 @@ __all__ = [
     "check_count",
     "check_real_dtype",
     "validate_config",
+    "validate_placement",
+    "validate_tolerance",
     "validate_weight",
 ]
 
@@ -138,3 +141,51 @@ def validate_weight(
             f"weight must be >= 0, got {weight[tuple(bad)]} at [layer, expert]={bad.tolist()}"
         )
     return as_f64, config
+
+
+def validate_placement(name: str, phy2log: object, config: EplbConfig) -> np.ndarray:
+    """Check a placement the weights hold for ``config`` and return it as int64.
+
+    phy2log: [layers, num_replicas] integer numpy array, the logical expert of
+        each slot; every expert ``0 .. E-1`` must hold a slot in every layer.
+    name: the argument's name, for the messages.
+    """
+    if not isinstance(phy2log, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(phy2log).__name__}")
+    if phy2log.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {phy2log.dtype}")
+    shape = (config.num_layers, config.num_replicas)
+    if phy2log.shape != shape:
+        raise ValueError(
+            f"{name} must have shape [layers, num_replicas] = {list(shape)}, "
+            f"got {list(phy2log.shape)}"
+        )
+    experts = config.num_logical_experts
+    if phy2log.min() < 0 or phy2log.max() >= experts:
+        bad = np.argwhere((phy2log < 0) | (phy2log >= experts))[0]
+        raise ValueError(
+            f"{name} must hold expert ids in 0..{experts - 1}, got {phy2log[tuple(bad)]} "
+            f"at [layer, slot]={bad.tolist()}"
+        )
+    as_int64 = np.ascontiguousarray(phy2log, dtype=np.int64)
+    held = np.zeros((config.num_layers, experts), dtype=bool)
+    held[np.arange(config.num_layers)[:, None], as_int64] = True
+    if not held.all():
+        layer, expert = np.argwhere(~held)[0]
+        raise ValueError(
+            f"{name} must hold every expert in every layer: layer {layer} has no slot of "
+            f"expert {expert}"
+        )
+    return as_int64
+
+
+def validate_tolerance(tolerance: object, name: str = "tolerance") -> float:
+    """``tolerance`` as a float if it is a finite real number >= 0, else raise naming ``name``."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+        raise TypeError(
+            f"{name} must be a real number, got {type(tolerance).__name__} {tolerance!r}"
+        )
+    as_float = float(tolerance)
+    if not math.isfinite(as_float) or as_float < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {as_float}")
+    return as_float

@@ -22,6 +22,7 @@ _SUBCOMMANDS = {
     "rebalance": "eplb._cli_rebalance",
     "demo": "eplb._cli_rebalance",
     "conformance": "eplb._cli_conformance",
+    "simulate": "eplb._cli_simulate",
 }
 
 

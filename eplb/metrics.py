@@ -8,6 +8,7 @@ __all__ = [
     "balancedness",
     "colocated_replicas",
     "contiguous_placement",
+    "experts_moved",
     "gpu_loads",
     "max_load_lower_bound",
 ]
@@ -95,3 +96,26 @@ def colocated_replicas(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     per_gpu = phy2log.reshape(num_layers, num_gpus, num_slots // num_gpus)
     ordered = np.sort(per_gpu, axis=-1)
     return (ordered[..., 1:] == ordered[..., :-1]).sum(axis=(1, 2)).astype(np.int64)
+
+
+def experts_moved(old_phy2log: np.ndarray, new_phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Experts each GPU must receive to go from one placement to another: ``[L, P]`` int64.
+
+    old_phy2log, new_phy2log: [L, R] int, the expert of each slot before and after.
+
+    SPEC.md "Experts moved": the distinct experts among a GPU's new slots that
+    none of its old slots holds (a second slot of one expert, or an expert
+    already on the GPU, is a local copy). Times the bytes of one expert: the
+    bytes that cross the wire.
+    """
+    old, new = np.asarray(old_phy2log), np.asarray(new_phy2log)
+    num_layers, num_slots = old.shape
+    experts = int(max(old.max(), new.max())) + 1
+    gpu = np.arange(num_layers)[:, None] * num_gpus + np.arange(num_slots)[None, :] // (
+        num_slots // num_gpus
+    )
+    held = np.zeros((num_layers * num_gpus, experts), dtype=bool)
+    wanted = np.zeros_like(held)
+    held[gpu, old] = True
+    wanted[gpu, new] = True
+    return (wanted & ~held).sum(-1).reshape(num_layers, num_gpus).astype(np.int64)

@@ -10,6 +10,7 @@ Never imports JAX.
 """
 
 from .cores import compiled_core_error, resolve_core, warm_up_placement
+from .migration import rebalance_experts_migration_aware, relabel_for_migration
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -43,6 +44,8 @@ __all__ = [
     "prepare_rearrangement",
     "rearrange_expert_weights",
     "rebalance_experts",
+    "rebalance_experts_migration_aware",
+    "relabel_for_migration",
     "resolve_core",
     "warm_up_placement",
     "warmup_rearrangement",

@@ -26,6 +26,7 @@ from ._packing import (
 
 __all__ = [
     "balanced_packing",
+    "prepare_weight",
     "rebalance_experts",
     "rebalance_experts_hierarchical",
     "replicate_experts",
@@ -64,18 +65,9 @@ def rebalance_experts(
     the argument, before anything is computed; the same types as
     ``eplb.reference``.
     """
-    # Step 1: refuse what the shape, dtype and counts alone rule out, before any copy.
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype == torch.bool:
-        raise TypeError("weight must hold real numbers, got boolean dtype")
-    if weight.is_complex():
-        raise TypeError(f"weight must hold real numbers, got dtype {weight.dtype}")
-    config = validate_config(tuple(weight.shape), num_replicas, num_groups, num_nodes, num_gpus)
+    # Steps 1-2: the shape, dtype and count rules; one device-to-host copy.
+    host, config = _checked_host(weight, num_replicas, num_groups, num_nodes, num_gpus)
     chosen = cores.resolve_core(core)
-
-    # Step 2: one device-to-host copy.
-    host = _load_to_host(weight)
 
     if chosen == "compiled":
         # Steps 3-5 in one compiled call that never holds the interpreter lock.
@@ -123,6 +115,45 @@ def _compiled_placement(
         validate_weight(host, *config[2:])  # the load as given: the same message
         raise AssertionError("the compiled core refused a load that validate_weight accepts")
     return phy2log, log2phy, logcnt
+
+
+def prepare_weight(
+    weight: torch.Tensor,
+    num_replicas: object,
+    num_groups: object,
+    num_nodes: object,
+    num_gpus: object,
+) -> tuple[np.ndarray, EplbConfig]:
+    """Check the input of a rebalance and bring the load to the host as float64.
+
+    weight: [L, E] real tensor on any device, tokens routed to each logical expert.
+
+    Returns the load [L, E] float64 (numpy) and the validated config. Raises
+    TypeError/ValueError naming the argument, the same types as ``eplb.reference``.
+    """
+    host, _ = _checked_host(weight, num_replicas, num_groups, num_nodes, num_gpus)
+    return validate_weight(host, num_replicas, num_groups, num_nodes, num_gpus)
+
+
+def _checked_host(
+    weight: object,
+    num_replicas: object,
+    num_groups: object,
+    num_nodes: object,
+    num_gpus: object,
+) -> tuple[np.ndarray, EplbConfig]:
+    """The load on the host after the rules its shape, dtype and counts alone decide.
+
+    weight: [L, E] real tensor on any device. Refused before any copy.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dtype == torch.bool:
+        raise TypeError("weight must hold real numbers, got boolean dtype")
+    if weight.is_complex():
+        raise TypeError(f"weight must hold real numbers, got dtype {weight.dtype}")
+    config = validate_config(tuple(weight.shape), num_replicas, num_groups, num_nodes, num_gpus)
+    return _load_to_host(weight), config
 
 
 def _load_to_host(weight: torch.Tensor) -> np.ndarray:

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eplb._validation import check_count, validate_config
+from eplb._validation import check_count, validate_config, validate_tolerance
 from eplb.metrics import balancedness, gpu_loads
 
+from .migration import rebalance_experts_migration_aware
 from .rearrange import (
     DEFAULT_MAX_BATCH_BYTES,
     PreparedRearrangement,
@@ -258,6 +259,7 @@ class ExpertBalancer:
         max_replicas: int | None = None,
         rearrange: RearrangeOptions | None = None,
         layers_per_step: int | None = None,
+        migration_tolerance: float | None = None,
     ) -> None:
         """Allocate the buffers and install the initial placement.
 
@@ -284,6 +286,12 @@ class ExpertBalancer:
             (:class:`eplb.production.StagedApply`): ``ceil(num_layers /
             layers_per_step)`` steps after the apply step, which must end
             before the next interval. None: all layers in the apply step.
+        migration_tolerance: None computes SPEC's placement for each window; a
+            number uses the migration-aware policy
+            (:func:`eplb.production.rebalance_experts_migration_aware`) from the
+            current placement instead: experts stay where they are unless moving
+            them is needed to bring each layer's largest GPU load within this
+            fraction of SPEC's.
         """
         _, self.num_gpus = rank_and_size(group)
         self.config = validate_config(
@@ -299,6 +307,11 @@ class ExpertBalancer:
         self.window_size = check_count("window_size", window_size)
         self.step_interval = check_count("step_interval", step_interval)
         self.apply_delay = check_count("apply_delay", apply_delay)
+        self.migration_tolerance = (
+            None
+            if migration_tolerance is None
+            else validate_tolerance(migration_tolerance, "migration_tolerance")
+        )
         if self.apply_delay >= self.step_interval:
             raise ValueError(
                 f"apply_delay must be < step_interval, got apply_delay={self.apply_delay} "
@@ -560,9 +573,16 @@ class ExpertBalancer:
         start = time.perf_counter()
         load = self._host_load.numpy()
         cfg = self.config
-        phy2log, log2phy, logcnt = rebalance_experts(
-            self._host_load, cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus
-        )
+        counts = (cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus)
+        if self.migration_tolerance is None:
+            phy2log, log2phy, logcnt = rebalance_experts(self._host_load, *counts)
+        else:
+            phy2log, log2phy, logcnt = rebalance_experts_migration_aware(
+                self._host_load,
+                *counts,
+                old_phy2log=self._host_phy2log,
+                tolerance=self.migration_tolerance,
+            )
         # Main thread changes the host maps only in _apply, after this returns.
         before = balancedness(
             gpu_loads(load, self._host_phy2log.numpy(), self._host_logcnt.numpy(), cfg.num_gpus)

@@ -14,10 +14,15 @@ Glossary (used unchanged across eplb):
 - **rank**: an item's position in its pack, in order of arrival (for a slot,
   also its offset on its GPU); a replica rank is the ``k`` of ``log2phy``.
 
+``eplb.reference.migration`` is SPEC.md's second policy, migration-aware
+rebalancing (``relabel_for_migration``, ``rebalance_experts_migration_aware``;
+numpy, and scipy for its optimal assignments).
+
 Only numpy is imported here: the JAX version lives in ``eplb.reference.jax``
 and is imported on demand.
 """
 
+from .migration import rebalance_experts_migration_aware, relabel_for_migration
 from .numpy_ref import (
     balanced_packing,
     rebalance_experts,
@@ -29,5 +34,7 @@ __all__ = [
     "balanced_packing",
     "rebalance_experts",
     "rebalance_experts_hierarchical",
+    "rebalance_experts_migration_aware",
+    "relabel_for_migration",
     "replicate_experts",
 ]
