@@ -57,8 +57,8 @@ def add_parser(subparsers: Any, name: str) -> None:
     parser.add_argument(
         "--tolerance",
         type=float,
-        default=0.02,
-        help="migration policy: max GPU load <= (1 + tolerance) x SPEC's (default 0.02)",
+        default=0.01,
+        help="migration policy: max GPU load <= (1 + tolerance) x SPEC's (default 0.01)",
     )
     parser.add_argument(
         "--expert-bytes",

@@ -272,7 +272,7 @@ def rebalance_experts_migration_aware(
     num_gpus: int,
     *,
     old_phy2log: torch.Tensor,
-    tolerance: float = 0.02,
+    tolerance: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SPEC.md "The policy": balance within ``tolerance`` of SPEC's, moving few experts.
 

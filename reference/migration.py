@@ -242,7 +242,7 @@ def rebalance_experts_migration_aware(
     num_gpus: int,
     *,
     old_phy2log: np.ndarray,
-    tolerance: float = 0.02,
+    tolerance: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SPEC.md "The policy": balance within ``tolerance`` of SPEC's, moving few experts.
 

@@ -20,7 +20,7 @@ from eplb.conformance import (
     check_migration_result,
     migration_problems,
 )
-from eplb.metrics import experts_moved
+from eplb.metrics import balancedness, experts_moved, gpu_loads
 from eplb.production import migration as production
 from eplb.production import plan_rearrangement
 from eplb.reference import migration as reference
@@ -202,6 +202,22 @@ def test_policy_on_real_drift_moves_little_within_tolerance(real_loads):
     spec, _, _ = rebalance_experts(drifted, 288, 8, 4, 32)
     # Loose: the greedy's whole point is far fewer moves than SPEC's placement.
     assert experts_moved(old, result[0], 32).sum() * 5 < experts_moved(old, spec, 32).sum()
+
+
+def test_default_tolerance_meets_the_balance_and_bytes_target_on_real_drift(real_loads):
+    # Issue 17's target: balancedness within 1% of SPEC's new placement for at
+    # least 5x fewer experts moved, with the default tolerance.
+    load = real_loads["prefill_in1024"][3:15]
+    drifted = load * np.random.default_rng(3).uniform(0.9, 1.1, load.shape)
+    old, _, _ = rebalance_experts(load, 288, 8, 4, 32)
+    phy2log, _, logcnt = reference.rebalance_experts_migration_aware(
+        drifted, 288, 8, 4, 32, old_phy2log=old
+    )
+    spec, _, spec_cnt = rebalance_experts(drifted, 288, 8, 4, 32)
+    ours = balancedness(gpu_loads(drifted, phy2log, logcnt, 32)).mean()
+    theirs = balancedness(gpu_loads(drifted, spec, spec_cnt, 32)).mean()
+    assert ours >= 0.99 * theirs
+    assert experts_moved(old, phy2log, 32).sum() * 5 <= experts_moved(old, spec, 32).sum()
 
 
 def _problem(weight, r, g, n, p):
