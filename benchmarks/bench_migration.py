@@ -7,7 +7,7 @@ load the same drifted by up to 10% per expert (seed 0). Per trace:
 
 - ``spec``: ``eplb.production.rebalance_experts`` (what the policy computes first);
 - ``relabel``: ``eplb.production.relabel_for_migration`` of SPEC's new placement;
-- ``migration``: ``eplb.production.rebalance_experts_migration_aware`` (the default tolerance, 0.01);
+- ``migration``: ``eplb.production.rebalance_experts_migration_aware`` (default tolerance 0.01);
 - ``reference``: ``eplb.reference.rebalance_experts_migration_aware``, the
   plain-loop version of the same policy: the baseline, run once (it is slow).
 
