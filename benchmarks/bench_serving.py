@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--shape",
         choices=sorted(SHAPES),
         default="v2-lite",
-        help="v2-lite (GPU), cpu (CPU in seconds), tiny (smoke); cpu and tiny default to --device cpu",
+        help="v2-lite (GPU); cpu (CPU, seconds); tiny (smoke). cpu, tiny: --device cpu by default",
     )
     p.add_argument("--tiny", action="store_true", help="the same as --shape tiny")
     p.add_argument("--slots", type=int, default=None, help="slots in all (default: the shape's)")
