@@ -428,9 +428,11 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
     )
     for mode in args.modes:
         run = run_mode(args, mode, rank, group, phases)
-        times = torch.tensor([run.step_ms, run.step_call_ms], dtype=torch.float64)
+        # On the device: the default group is NCCL's on CUDA, which reduces no host tensor.
+        times = torch.tensor([run.step_ms, run.step_call_ms], dtype=torch.float64, device=device)
         if args.world_size > 1:  # per step, the slowest rank
             dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        times = times.cpu()
         results[mode] = times[0].numpy()
         say(summarize(args, mode, run, results[mode], times[1].numpy()), flush=True)
     say(
