@@ -29,9 +29,18 @@ worst step of the rebalance windows, and the steps from each interval to the
 end of its apply. After each mode every slot's weights are checked against
 the maps (a fingerprint per expert); a mismatch exits non-zero.
 
+Beside each step's time, the host time spent inside ``balancer.step()`` (for
+the blocking baseline: inside its rebalance) is reported separately: the
+serving thread's own rebalancing work, apart from the forward pass.
+
+Python's cyclic garbage collector is frozen and disabled inside the timed
+loops, and one discarded warm-up run precedes the timed modes (see
+``run_mode`` and ``_report``).
+
     python benchmarks/bench_serving.py --world-size 2 --plot serving.png   # 2 GPUs
     python benchmarks/bench_serving.py --world-size 1 --plot serving.png   # 1 GPU
-    python benchmarks/bench_serving.py --tiny --device cpu --world-size 2  # smoke, seconds
+    python benchmarks/bench_serving.py --shape cpu --world-size 2          # CPU, gloo, seconds
+    python benchmarks/bench_serving.py --tiny --world-size 2               # smoke, faster still
 """
 
 from __future__ import annotations
@@ -57,20 +66,32 @@ from eplb.production import (
     rebalance_experts,
 )
 
-#: (layers, experts, slots, hidden, ffn, tokens per rank, top-k): DeepSeek-V2-Lite, and tiny.
+#: (layers, experts, slots, hidden, ffn, tokens per rank, top-k): DeepSeek-V2-Lite; a CPU
+#: shape with enough layers for staged chunks to matter that runs in seconds on gloo; tiny.
 SHAPES = {
     "v2-lite": (26, 64, 72, 2048, 1408, 256, 6),
+    "cpu": (12, 16, 24, 64, 32, 32, 4),
     "tiny": (4, 8, 12, 32, 16, 16, 2),
 }
+#: Per shape: steps per mode, steps between rebalances, leading steps left out.
+RUNS = {"v2-lite": (560, 100, 20), "cpu": (190, 40, 5), "tiny": (36, 10, 2)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--world-size", type=int, default=2, help="ranks (processes), default 2")
-    p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if any")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
-    p.add_argument("--slots", type=int, default=None, help="slots in all (default 72; tiny 12)")
-    p.add_argument("--steps", type=int, default=None, help="steps per mode (default 560; tiny 36)")
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default=None, help="default: cuda if any (v2-lite)"
+    )
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="v2-lite",
+        help="v2-lite (GPU); cpu (CPU, seconds); tiny (smoke). cpu, tiny: --device cpu by default",
+    )
+    p.add_argument("--tiny", action="store_true", help="the same as --shape tiny")
+    p.add_argument("--slots", type=int, default=None, help="slots in all (default: the shape's)")
+    p.add_argument("--steps", type=int, default=None, help="steps per mode (default: the shape's)")
     p.add_argument("--interval", type=int, default=None, help="steps between rebalances")
     p.add_argument("--warmup", type=int, default=None, help="leading steps left out of stats")
     p.add_argument("--modes", default="none,blocking,all,staged1,staged2,staged4")
@@ -82,15 +103,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="write step time over the run to this PNG")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.tiny:
+        args.shape = "tiny"
     if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = SHAPES["tiny" if args.tiny else "v2-lite"]
+        gpu = args.shape == "v2-lite" and torch.cuda.is_available()
+        args.device = "cuda" if gpu else "cpu"
+    shape = SHAPES[args.shape]
     args.layers, args.experts, slots, args.hidden, args.ffn, args.tokens, args.topk = shape
     args.slots = args.slots or slots
     # The last interval's apply (a staged one of K = 1 included) ends within the run.
-    args.steps = args.steps or (36 if args.tiny else 560)
-    args.interval = args.interval or (10 if args.tiny else 100)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.tiny else 20)
+    steps, interval, warmup = RUNS[args.shape]
+    args.steps = args.steps or steps
+    args.interval = args.interval or interval
+    args.warmup = args.warmup if args.warmup is not None else warmup
     args.modes = args.modes.split(",")
     for mode in args.modes:
         if mode not in ("none", "blocking", "all") and not (
@@ -224,6 +249,7 @@ def _gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
 @dataclass
 class ModeRun:
     step_ms: list[float]
+    step_call_ms: list[float]  # host time inside balancer.step() (blocking: its rebalance)
     finished: list[int]  # steps at which a rebalance finished
     moved_fraction: float  # slots whose expert changed, mean over rebalances
 
@@ -242,8 +268,14 @@ def blocking_rebalance(model: Model, group: dist.ProcessGroup | None) -> float:
 
 
 def run_mode(
-    args: argparse.Namespace, mode: str, rank: int, group: dist.ProcessGroup | None, phases
+    args: argparse.Namespace,
+    mode: str,
+    rank: int,
+    group: dist.ProcessGroup | None,
+    phases,
+    steps: int | None = None,
 ) -> ModeRun:
+    """Serve ``steps`` (default ``args.steps``) decode steps in ``mode``; check the weights."""
     device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
     automatic = mode not in ("none", "blocking")
     balancer = ExpertBalancer(
@@ -260,25 +292,41 @@ def run_mode(
     model = Model(args, balancer, rank)
     x0 = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
     x0 = x0.to(device, model.dtype)
-    step_ms, finished, moved = [], [], []
+    step_ms, call_ms, finished, moved = [], [], [], []
     before = balancer.phy2log.cpu().clone()
     _sync(device)
-    for step in range(1, args.steps + 1):
-        bank = phases[step // args.interval % len(phases)]
-        ids = bank[step % bank.shape[0]]
-        start = time.perf_counter()
-        model.forward(x0, ids)
-        if balancer.step(model.expert_weights):
-            finished.append(step)
-        if mode == "blocking" and step % args.interval == 0:
-            moved.append(blocking_rebalance(model, group))
-            finished.append(step)
-        _wait_compute(device)
-        step_ms.append((time.perf_counter() - start) * 1e3)
-        if automatic and finished and finished[-1] == step:
-            after = balancer.phy2log.cpu().clone()
-            moved.append(float((before != after).float().mean()))
-            before = after
+    # A cyclic collection starts whenever enough objects were allocated, on
+    # whichever step that happens, and stalls the host for milliseconds (the
+    # heap of torch, numpy and numba is large): that is the collector's noise,
+    # not the balancer's. Engines freeze the heap after start-up for the same
+    # reason (vLLM calls gc.freeze()); here everything alive now is frozen out
+    # of the collector's reach and collections are off until the loop ends.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        for step in range(1, (steps or args.steps) + 1):
+            bank = phases[step // args.interval % len(phases)]
+            ids = bank[step % bank.shape[0]]
+            start = time.perf_counter()
+            model.forward(x0, ids)
+            queued = time.perf_counter()
+            if balancer.step(model.expert_weights):
+                finished.append(step)
+            if mode == "blocking" and step % args.interval == 0:
+                moved.append(blocking_rebalance(model, group))
+                finished.append(step)
+            returned = time.perf_counter()
+            _wait_compute(device)
+            step_ms.append((time.perf_counter() - start) * 1e3)
+            call_ms.append((returned - queued) * 1e3)
+            if automatic and finished and finished[-1] == step:
+                after = balancer.phy2log.cpu().clone()
+                moved.append(float((before != after).float().mean()))
+                before = after
+    finally:
+        gc.enable()
+        gc.unfreeze()
     _sync(device)
     model.check_weights()
     balancer.close()
@@ -286,7 +334,7 @@ def run_mode(
     gc.collect()  # the next mode's weights need this one's memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return ModeRun(step_ms, finished, float(np.mean(moved)) if moved else 0.0)
+    return ModeRun(step_ms, call_ms, finished, float(np.mean(moved)) if moved else 0.0)
 
 
 def _wait_compute(device: torch.device) -> None:
@@ -305,18 +353,27 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------- report
 
 
-def summarize(args: argparse.Namespace, mode: str, run: ModeRun, step_ms: np.ndarray) -> str:
+def summarize(
+    args: argparse.Namespace, mode: str, run: ModeRun, step_ms: np.ndarray, call_ms: np.ndarray
+) -> str:
     """One row of the table (see the column legend printed under it)."""
     timed = step_ms[args.warmup :]
     intervals = [] if mode == "none" else list(range(args.interval, args.steps + 1, args.interval))
+    spans = list(zip(intervals, run.finished, strict=False))
     # Each interval step through the step after its apply finished (1-based steps).
-    windows = [step_ms[s - 1 : f + 1] for s, f in zip(intervals, run.finished, strict=False)]
+    windows = [step_ms[s - 1 : f + 1] for s, f in spans]
     worst = max((float(w.max()) for w in windows), default=float("nan"))
-    took = max((f - s for s, f in zip(intervals, run.finished, strict=False)), default=0)
+    took = max((f - s for s, f in spans), default=0)
     p50, p99 = np.percentile(timed, [50, 99])
+    # The serving thread's rebalancing work: every step from an interval to the
+    # end of its apply, and the interval steps alone.
+    working = [call_ms[s - 1 : f] for s, f in spans]
+    reb = float(np.concatenate(working).mean()) if working else float("nan")
+    start = float(np.mean([call_ms[s - 1] for s, _ in spans])) if spans else float("nan")
     return (
         f"{mode:10s} {p50:8.2f} {p99:8.2f} {timed.max():8.2f} {worst:12.2f} "
-        f"{len(run.finished):6d} {took:6d} {run.moved_fraction:7.2f}"
+        f"{len(run.finished):6d} {took:6d} {run.moved_fraction:7.2f} "
+        f"{call_ms[args.warmup :].max():10.3f} {reb:10.3f} {start:10.3f}"
     )
 
 
@@ -356,23 +413,36 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
         f"first {args.warmup} steps not in the statistics"
         + ("; kept slots (all, staged)" if args.keep_slots else "")
     )
+    # One-off costs (lazily loaded kernels, allocator growth, the placement
+    # core's first call, first collectives on the balancer's group) land in
+    # whichever mode runs first: a discarded run of a rebalancing mode pays them.
+    balancing = [m for m in args.modes if m.startswith("staged")] + ["all"]
+    warm = balancing[0] if any(m != "none" for m in args.modes) else "none"
+    run_mode(args, warm, rank, group, phases, steps=min(args.steps, 2 * args.interval))
+    say(f"warm-up: one {warm} run of {min(args.steps, 2 * args.interval)} steps, discarded")
     results: dict[str, np.ndarray] = {}
     say(
         f"{'mode':10s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} {'rebal. max':>12s} "
-        f"{'done':>6s} {'steps':>6s} {'moved':>7s}"
+        f"{'done':>6s} {'steps':>6s} {'moved':>7s} {'step() max':>10s} {'step() reb':>10s} "
+        f"{'step() int':>10s}"
     )
     for mode in args.modes:
         run = run_mode(args, mode, rank, group, phases)
-        times = torch.tensor(run.step_ms, dtype=torch.float64)
+        # On the device: the default group is NCCL's on CUDA, which reduces no host tensor.
+        times = torch.tensor([run.step_ms, run.step_call_ms], dtype=torch.float64, device=device)
         if args.world_size > 1:  # per step, the slowest rank
             dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        results[mode] = times.numpy()
-        say(summarize(args, mode, run, results[mode]), flush=True)
+        times = times.cpu()
+        results[mode] = times[0].numpy()
+        say(summarize(args, mode, run, results[mode], times[1].numpy()), flush=True)
     say(
         "columns: step time percentiles over the timed steps; rebal. max: the worst step from "
         "each interval step to the end of its apply; done: rebalances finished; steps: the most "
         "steps from an interval to the end of its apply; moved: fraction of slots whose expert "
-        "changed per rebalance. All weights checked against the maps after each mode."
+        "changed per rebalance; step() (ms, host time inside balancer.step(), for blocking "
+        "inside its rebalance, slowest rank per step): max over the timed steps, reb the mean "
+        "over the steps from each interval to the end of its apply, int the mean over the "
+        "interval steps. All weights checked against the maps after each mode."
     )
     if "none" in results:
         steady = results["none"][args.warmup :]

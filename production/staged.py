@@ -12,7 +12,10 @@ step, so that no forward pass waits for the whole weight move:
    issue the vote: an all-reduce of "this rank holds the chunk" over the EP
    group, also on the side stream, so it completes only once every rank's move
    has. The live slots and maps are not touched: forward pass ``n + 1`` runs on
-   the compute stream with the old weights and maps of those layers.
+   the compute stream with the old weights and maps of those layers. The
+   first chunk's move is planned ahead with the placement (:meth:`StagedApply.prepare`,
+   on the balancer's worker thread); each later chunk's is planned by its
+   launch, so a step's host work is one chunk's, whatever the number of layers.
 2. Commit (step ``n + 1``): the host waits for the vote (at most ``timeout``
    seconds; on CUDA it has normally long completed). If every rank holds the
    chunk, the compute stream waits for the vote's event (only this: it
@@ -29,8 +32,10 @@ at step ``a + c + 1``, one forward pass in flight each. In every forward pass
 each layer's maps and weights agree: a layer is wholly old or wholly new.
 
 Memory: one staging buffer of K layers of this rank's slots, allocated once
-(:attr:`StagedApply.staging_bytes`), plus the move's message ring, bounded by
-``max_batch_bytes`` per pipeline step as for any rearrangement.
+(:attr:`StagedApply.staging_bytes`), never zeroed (each launch overwrites the
+chunk's slots), plus the move's message ring, bounded by ``max_batch_bytes``
+per pipeline step as for any rearrangement. The vote's flags (and, on CUDA,
+their pinned host copy and the events) are allocated once too.
 
 Failure: nothing is written before every rank has voted that it holds the
 chunk, so if any rank fails (its move raises, or it stops answering and the
@@ -115,20 +120,22 @@ class StagedMove:
     """A placement ready to apply in chunks (host tensors, from :meth:`StagedApply.prepare`).
 
     old_phy2log: [layers, R] int64, the placement the weights hold when it begins.
+    old_logcnt: [layers, E] int64, its replicas per expert.
     phy2log: [layers, R] int64, the new placement.
     log2phy: [layers, E, max_replicas] int64, its slots per expert, -1 padded.
     logcnt: [layers, E] int64, its replicas per expert.
-    prepared: per chunk, this rank's share of its move worked out ahead (None:
-        planned in the call).
+    first: this rank's share of the first chunk's move, worked out ahead (None:
+        planned in the call, as every later chunk's is, by its launch).
     changed: per layer, the runs ``(first, end)`` of this rank's slots (local
         indices) whose expert changes: the only slots a commit writes.
     """
 
     old_phy2log: torch.Tensor
+    old_logcnt: torch.Tensor
     phy2log: torch.Tensor
     log2phy: torch.Tensor
     logcnt: torch.Tensor
-    prepared: tuple[PreparedRearrangement | None, ...]
+    first: PreparedRearrangement | None
     changed: tuple[tuple[tuple[int, int], ...], ...]
 
 
@@ -174,8 +181,8 @@ class StagedApply:
         distributed = dist.is_available() and dist.is_initialized()
         self._rank = dist.get_rank(group) if distributed else 0
         self._world_size = dist.get_world_size(group) if distributed else 1
-        cuda = self.device.type == "cuda"
-        self._side = torch.cuda.Stream(self.device) if cuda else None
+        self._cuda = self.device.type == "cuda"
+        self._side = torch.cuda.Stream(self.device) if self._cuda else None
         #: K layers of this rank's slots, allocated by the first prepare and kept.
         self._staging: list[list[torch.Tensor]] = []
         # The state of the apply in progress.
@@ -183,12 +190,13 @@ class StagedApply:
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None  # host phy2log, logcnt
         self._chunk = 0  # the chunk in flight
         self._failure: BaseException | None = None  # this rank's, to report at the commit
-        # Made afresh per vote: a vote dropped unfinished (cancel) must not write the next one's.
-        self._flags = torch.zeros(0, dtype=torch.int32)
-        self._host_flags = torch.zeros(0, dtype=torch.int32)
+        # The vote's buffers, made once (see _make_vote_buffers); the events are
+        # recorded anew at each launch and commit, never waited on twice.
+        self._make_vote_buffers()
         self._vote: dist.Work | None = None
-        self._voted: torch.cuda.Event | None = None
-        self._committed: torch.cuda.Event | None = None
+        self._voting = False  # a vote was issued and not yet read
+        self._voted = torch.cuda.Event() if self._cuda else None
+        self._committed = torch.cuda.Event() if self._cuda else None
         self._moved: list[RearrangeStats] = []
         #: Host seconds spent in ``begin`` and ``advance`` for the current or last apply.
         self.host_seconds = 0.0
@@ -232,46 +240,46 @@ class StagedApply:
             allocates the staging buffer after them (one chunk of layers). If
             they do not fit (not one list of tensors per layer), nothing is
             allocated or prepared and the launch refuses the move on every rank.
-        ahead: also prepare each chunk's move on the staging buffer
-            (:func:`eplb.production.prepare_rearrangement`); a chunk whose
-            preparation refuses its input is left to the call, which refuses it
-            on every rank at once.
+        ahead: also prepare the first chunk's move on the staging buffer
+            (:func:`eplb.production.prepare_rearrangement`), so that the apply
+            step starts moving at once; a preparation that refuses its input is
+            left to the call, which refuses it on every rank at once. Later
+            chunks are planned by their launches, one chunk per step: planning
+            every chunk here would hold the interpreter lock against the serving
+            thread for all the layers' planning at once.
         """
         if not self._staging:
             self._allocate_staging(expert_weights)
-        prepared: list[PreparedRearrangement | None] = []
-        for index in range(self.num_chunks):
-            rows = self.chunk(index)
-            made = None
-            if ahead and self._staging:
-                try:
-                    made = prepare_rearrangement(
-                        old_phy2log[rows.start : rows.stop],
-                        new_maps[0][rows.start : rows.stop],
-                        self._staging[: len(rows)],
-                        self.group,
-                        max_batch_bytes=self.max_batch_bytes,
-                    )
-                except (TypeError, ValueError):
-                    pass
-            prepared.append(made)
+        first = None
+        rows = self.chunk(0)
+        if ahead and self._staging:
+            try:
+                first = prepare_rearrangement(
+                    old_phy2log[rows.start : rows.stop],
+                    new_maps[0][rows.start : rows.stop],
+                    self._staging[: len(rows)],
+                    self.group,
+                    max_batch_bytes=self.max_batch_bytes,
+                )
+            except (TypeError, ValueError):
+                pass
         changed = _changed_runs(
             old_phy2log.numpy(), new_maps[0].numpy(), self._rank, self._world_size
         )
-        return StagedMove(old_phy2log, *new_maps, prepared=tuple(prepared), changed=changed)
+        old_logcnt = _logcnt_of(old_phy2log, new_maps[2])
+        return StagedMove(old_phy2log, old_logcnt, *new_maps, first=first, changed=changed)
 
     def begin(self, move: StagedMove, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         """Launch the first chunk of ``move`` (collective: every rank, the same step)."""
         start = time.perf_counter()
         self._move = move
-        self._current = (move.old_phy2log.clone(), _logcnt_of(move.old_phy2log, move.logcnt))
+        self._current = (move.old_phy2log.clone(), move.old_logcnt.clone())
         self._chunk = 0
         self._moved = []
         self.host_seconds = 0.0
-        if self._side is not None:
+        if self._committed is not None:
             # The first chunk's slots as the compute stream leaves them (the
             # engine may have written them); later chunks wait for commits only.
-            self._committed = torch.cuda.Event()
             self._committed.record(torch.cuda.current_stream(self.device))
         self._launch(expert_weights)
         self.host_seconds += time.perf_counter() - start
@@ -300,7 +308,11 @@ class StagedApply:
     def cancel(self) -> None:
         """Drop the apply in progress: the layers not yet committed keep the old placement."""
         self._move = None
-        self._vote = self._voted = None
+        if self._voting:
+            # The dropped vote may still write its buffers (gloo on its own
+            # thread, NCCL once its stream gets there): the next vote gets new ones.
+            self._make_vote_buffers()
+        self._vote, self._voting = None, False
         self._failure = None
 
     def placement(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,6 +344,19 @@ class StagedApply:
             for _ in range(min(self.layers_per_step, self.num_layers))
         ]
 
+    def _make_vote_buffers(self) -> None:
+        """The vote's [world] int32 flags on the device, their host copy (pinned on
+        CUDA; the flags themselves on the CPU) and the [2, world] rows a rank copies
+        in (0: it holds the chunk; 1: it does not, its own flag set)."""
+        world = self._world_size
+        votes = torch.zeros(2, world, dtype=torch.int32)
+        votes[1, self._rank] = 1
+        self._votes = votes.to(self.device)
+        self._flags = torch.zeros(world, dtype=torch.int32, device=self.device)
+        self._host_flags = (
+            torch.zeros(world, dtype=torch.int32, pin_memory=True) if self._cuda else self._flags
+        )
+
     def _launch(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         """Side stream: slots -> staging, the move on staging, the vote."""
         assert self._move is not None
@@ -342,9 +367,12 @@ class StagedApply:
             try:
                 if len(staging) != len(rows):
                     raise ValueError("expert_weights must have one entry per layer")
+                buffers, slots = [], []
                 for stage, layer in zip(staging, rows, strict=True):
-                    for buffer, slots in zip(stage, expert_weights[layer], strict=True):
-                        buffer.copy_(slots)
+                    for buffer, tensor in zip(stage, expert_weights[layer], strict=True):
+                        buffers.append(buffer)
+                        slots.append(tensor)
+                _copy_all(buffers, slots)
             except Exception as exc:
                 # The move below then refuses no weights on every rank (its
                 # agreement), instead of the others waiting for this rank.
@@ -358,26 +386,24 @@ class StagedApply:
                         self.group,
                         max_batch_bytes=self.max_batch_bytes,
                         buffers=self.buffers,
-                        prepared=move.prepared[self._chunk] if staging else None,
+                        # Chunk 0 was planned ahead; the others are planned here.
+                        prepared=move.first if self._chunk == 0 and staging else None,
                     )
                 )
             except Exception as exc:  # reported by every rank at the commit, after the vote
                 self._failure = self._failure or exc
-            self._flags = torch.zeros(self._world_size, dtype=torch.int32, device=self.device)
-            self._flags[self._rank] = self._failure is not None
+            self._flags.copy_(self._votes[int(self._failure is not None)])
             if self._world_size > 1:
                 # NCCL: queued on the side stream (the host returns at once); its
                 # event tells the host. gloo: polled through its work handle.
-                cuda = self._side is not None
                 work = dist.all_reduce(
-                    self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=not cuda
+                    self._flags, op=dist.ReduceOp.MAX, group=self.group, async_op=not self._cuda
                 )
-                self._vote = None if cuda else work
-            if self._side is not None:
-                self._host_flags = torch.empty(self._world_size, dtype=torch.int32, pin_memory=True)
+                self._vote = None if self._cuda else work
+            if self._voted is not None:
                 self._host_flags.copy_(self._flags, non_blocking=True)
-                self._voted = torch.cuda.Event()
                 self._voted.record(self._side)
+            self._voting = True
 
     def _await_vote(self) -> list[int]:
         """Ranks that do not hold the chunk, once every rank voted (bounded wait)."""
@@ -391,8 +417,8 @@ class StagedApply:
             time.sleep(_POLL_SECONDS)
         if self._vote is not None:
             self._vote.wait()
-        flags = (self._host_flags if self._voted is not None else self._flags).tolist()
-        return [rank for rank, flag in enumerate(flags) if flag]
+        self._voting = False
+        return [rank for rank, flag in enumerate(self._host_flags.tolist()) if flag]
 
     def _vote_done(self) -> bool:
         if self._voted is not None:
@@ -405,22 +431,26 @@ class StagedApply:
         if failed:
             self._fail(f"rank(s) {failed} did not get layers {_span(self.chunk(self._chunk))}")
         move, rows = self._move, self.chunk(self._chunk)
-        if self._voted is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._voted)
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        if stream is not None and self._voted is not None:
+            stream.wait_event(self._voted)
         with torch.no_grad():
             # Slots keeping their expert already hold it (with keep_slots, about
             # those of every expert staying on this GPU): only the others are copied.
+            slots, buffers = [], []
             for stage, layer in zip(self._staging, rows, strict=False):
                 for first, end in move.changed[layer]:
-                    for slots, buffer in zip(expert_weights[layer], stage, strict=True):
-                        slots[first:end].copy_(buffer[first:end])
+                    for tensor, buffer in zip(expert_weights[layer], stage, strict=True):
+                        slots.append(tensor[first:end])
+                        buffers.append(buffer[first:end])
+            if slots:
+                _copy_all(slots, buffers)
             part = slice(rows.start, rows.stop)
             news = (move.phy2log, move.log2phy, move.logcnt)
             for live, new in zip(self._maps, news, strict=True):
                 live[part].copy_(new[part], non_blocking=True)
-        if self._side is not None:
-            self._committed = torch.cuda.Event()
-            self._committed.record(torch.cuda.current_stream(self.device))
+        if stream is not None and self._committed is not None:
+            self._committed.record(stream)
         phy2log, logcnt = self._current
         phy2log[part] = move.phy2log[part]
         logcnt[part] = move.logcnt[part]
@@ -462,6 +492,17 @@ def _changed_runs(
         edges = np.flatnonzero(row[1:] != row[:-1])  # starts and ends alternate
         runs.append(tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)))
     return tuple(runs)
+
+
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``destinations[i] <- sources[i]``, issued by one call: a handful of fused kernels on
+    CUDA instead of a launch (and its Python overhead) per slot run and tensor."""
+    copy_all = getattr(torch, "_foreach_copy_", None)  # torch >= 2.2
+    if copy_all is None:  # pragma: no cover
+        for destination, source in zip(destinations, sources, strict=True):
+            destination.copy_(source)
+        return
+    copy_all(destinations, sources)
 
 
 def _span(layers: Sequence[int]) -> str:

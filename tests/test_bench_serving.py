@@ -32,7 +32,9 @@ def test_tiny_run_on_gloo(real_loads, run_benchmark, tmp_path, world):
     rows, ratios = _rows(stdout)
     assert list(rows) == list(ratios) == modes.split(","), stdout
     assert ratios["none"][1:] == ["1.000", "1.000"]
-    # columns: mode, p50, p99, max, worst rebalance step, done, steps, moved fraction
+    assert "discarded" in stdout.split("mode")[0]  # the warm-up run, before the table
+    # columns: mode, p50, p99, max, worst rebalance step, done, steps, moved fraction,
+    # step() max, step() reb, step() int
     for mode, row in rows.items():
         p50, p99, top = (float(v) for v in row[1:4])
         assert 0 < p50 <= p99 <= top, row
@@ -42,4 +44,29 @@ def test_tiny_run_on_gloo(real_loads, run_benchmark, tmp_path, world):
         expected = fixed[mode] if mode in fixed else (3, 1 + -(-4 // int(mode[6:])))
         assert (done, steps) == expected, row
         assert (moved > 0.5) == (mode != "none"), row
+        _check_step_columns(mode, row, top)
     assert plot.stat().st_size > 10_000
+
+
+def _check_step_columns(mode: str, row: list[str], step_max: float) -> None:
+    """step() is part of a step: its max is at most the step's; reb and int are means over
+    some of the timed steps (none for no rebalancing), so at most its max."""
+    inside, reb, start = (float(v) for v in row[8:11])
+    assert 0 < inside <= step_max, row
+    if mode == "none":
+        assert row[9:11] == ["nan", "nan"], row
+    else:
+        assert 0 < reb <= inside and 0 < start <= inside, row
+
+
+def test_cpu_shape_runs_on_one_rank(real_loads, run_benchmark):
+    stdout = run_benchmark(
+        "bench_serving.py",
+        *("--shape", "cpu", "--world-size", "1", "--modes", "none,staged4", "--steps", "60"),
+    )
+    rows, _ = _rows(stdout)
+    assert "12 layers, 16 experts, 24 slots" in stdout
+    # An interval at step 40, applied at 41 over ceil(12 / 4) = 3 more steps.
+    assert rows["staged4"][5:7] == ["1", "4"], rows
+    for mode, row in rows.items():
+        _check_step_columns(mode, row, float(row[3]))

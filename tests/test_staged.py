@@ -13,7 +13,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import eplb.production.staged as staged_module
-from eplb.production import ExpertBalancer, RearrangeOptions, StagedApply, StagedApplyError
+from eplb import production
+from eplb.production import (
+    ExpertBalancer,
+    PreparedRearrangement,
+    RearrangeOptions,
+    StagedApply,
+    StagedApplyError,
+)
 from eplb.reference import rebalance_experts
 
 # 5 layers so that K = 2 leaves a short last chunk; 8 experts in 2 groups, 12 slots.
@@ -146,8 +153,9 @@ def test_staging_holds_one_chunk_of_this_ranks_slots(layers_per_step):
     move = staged.prepare(host[0], host, weights)
     # Per slot: 3 + 4 float64 values; K layers, at most all of them.
     assert staged.staging_bytes == min(layers_per_step, LAYERS) * SLOTS * (3 + 4) * 8
-    assert len(move.prepared) == staged.num_chunks
-    assert all(p is not None for p in move.prepared)
+    # Only the first chunk's move is planned ahead; the others by their launches.
+    assert move.first is not None
+    assert torch.equal(move.old_logcnt, host[2])
 
 
 def _free_port() -> int:
@@ -197,6 +205,78 @@ def test_two_ranks_every_step_each_layer_wholly_old_or_new(layers_per_step, keep
     # keep: kept slots, so many slots keep their expert and a commit copies only the others.
     args = (2, _free_port(), layers_per_step, keep)
     mp.spawn(_two_rank_schedule, args=args, nprocs=2, join=True)
+
+
+def _lazy_chunks(rank: int, world: int, port: int, layers_per_step: int) -> None:
+    """Two staged rebalances; the move of every chunk after the first is planned by its launch."""
+    if world > 1:
+        _init(rank, world, port)
+    real = staged_module.rearrange_expert_weights
+    calls: list[tuple[torch.Tensor, object]] = []  # (new rows, prepared) per launch
+
+    def spy(old, new, weights, group, **kwargs):
+        calls.append((new.clone(), kwargs["prepared"]))
+        return real(old, new, weights, group, **kwargs)
+
+    staged_module.rearrange_expert_weights = spy
+    try:
+        balancer = _balancer(world, layers_per_step)
+        weights = _weights(balancer.phy2log, rank, world)
+        generator = torch.Generator().manual_seed(11 + rank)
+        chunks = -(-LAYERS // layers_per_step)
+        load = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
+        history = [balancer.phy2log.clone()]  # phy2log after each step (index = step)
+        for step in range(1, 2 * INTERVAL + DELAY + chunks + 1):
+            ids_by_layer = [_ids(generator, 24, layer, step // INTERVAL) for layer in range(LAYERS)]
+            for layer, ids in enumerate(ids_by_layer):
+                balancer.route(layer, ids)
+                if INTERVAL < step <= 2 * INTERVAL:  # the window the second interval sees
+                    load[layer] += torch.bincount(ids.reshape(-1), minlength=EXPERTS)
+            balancer.step(weights)
+            # Every layer's slots hold exactly the experts its maps name, at every step.
+            _check_step(balancer, weights, rank, world, ids_by_layer)
+            history.append(balancer.phy2log.clone())
+        for interval in (INTERVAL, 2 * INTERVAL):
+            start = interval + DELAY  # the apply step: launches chunk 0, commits nothing
+            old, new = history[start], history[start + chunks]
+            for layer in range(LAYERS):
+                commit = start + layer // layers_per_step + 1
+                rows = [history[t][layer] for t in range(start, start + chunks + 1)]
+                # Wholly old up to its chunk's commit, wholly new from that step on.
+                assert all(torch.equal(r, old[layer]) for r in rows[: commit - start]), layer
+                assert all(torch.equal(r, new[layer]) for r in rows[commit - start :]), layer
+            assert not torch.equal(old, new)
+        # One launch per chunk: the first planned ahead, each later one in its call,
+        # with the new placement's rows of its own chunk.
+        assert len(calls) == 2 * chunks
+        news = [history[interval + DELAY + chunks] for interval in (INTERVAL, 2 * INTERVAL)]
+        for index, (rows, prepared) in enumerate(calls):
+            chunk = index % chunks
+            assert isinstance(prepared, PreparedRearrangement) == (chunk == 0), index
+            layers = slice(chunk * layers_per_step, (chunk + 1) * layers_per_step)
+            assert torch.equal(rows, news[index // chunks][layers]), index
+        if world > 1:
+            dist.all_reduce(load)
+        spec = production.rebalance_experts(load, SLOTS, GROUPS, 1, world)
+        assert torch.equal(balancer.phy2log, spec[0])
+        assert torch.equal(balancer.logcnt, spec[2])
+        assert balancer.stats.rebalances == 2 and not balancer.failed
+        balancer.close()
+    finally:
+        staged_module.rearrange_expert_weights = real
+        if world > 1:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layers_per_step", [1, 2])
+def test_lazily_planned_chunks_one_rank(layers_per_step):
+    _lazy_chunks(0, 1, 0, layers_per_step)
+
+
+@pytest.mark.parametrize("layers_per_step", [1, 2])
+def test_lazily_planned_chunks_two_ranks(layers_per_step):
+    args = (2, _free_port(), layers_per_step)
+    mp.spawn(_lazy_chunks, args=args, nprocs=2, join=True)
 
 
 def _fault_before_commit(rank: int, world: int, port: int) -> None:
