@@ -34,7 +34,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -44,9 +43,9 @@ import torch.distributed as dist
 from eplb._validation import check_count, validate_config, validate_tolerance
 from eplb.metrics import balancedness, gpu_loads
 
+from .balancer_state import BalancerStats, LoadWindow, RearrangeOptions
 from .migration import rebalance_experts_migration_aware
 from .rearrange import (
-    DEFAULT_MAX_BATCH_BYTES,
     PreparedRearrangement,
     RearrangeBuffers,
     RearrangeStats,
@@ -60,116 +59,6 @@ from .staged import StagedApply, StagedMove, staged_steps
 from .transport import rank_and_size
 
 __all__ = ["BalancerStats", "ExpertBalancer", "LoadWindow", "RearrangeOptions"]
-
-
-@dataclass(frozen=True)
-class RearrangeOptions:
-    """How an :class:`ExpertBalancer` moves the weights when it applies a placement.
-
-    The defaults are the README's recommended setting where it costs nothing:
-    the move is prepared ahead on the worker thread. Kept, registered buffers
-    hold their memory between rebalances, so they stay opt-in; high-priority
-    NCCL streams belong to the process group the engine creates (see
-    ``rearrange_expert_weights``).
-
-    max_batch_bytes: the step budget of each weight rearrangement (see
-        :func:`rearrange_expert_weights`): its buffers grow with it.
-    keep_buffers: keep the rearrangement's message buffers from one rebalance
-        to the next in a :class:`RearrangeBuffers` (with NCCL, registered with
-        the communicator: faster, but the memory stays reserved);
-        ``ExpertBalancer.close`` releases them, before the group is destroyed.
-        False: allocated for the apply step only.
-    keep_slots: reorder each new placement's slots within every GPU so that
-        experts staying on a GPU keep their slots (:func:`keep_experts_in_place`):
-        the same loads, far fewer local copies, but ``phy2log`` is then no longer
-        the SPEC placement itself.
-    prepare_ahead: the worker thread also prepares this rank's share of the move
-        (:func:`eplb.production.prepare_rearrangement`), so the apply starts
-        moving at once. Its Python work then shares the interpreter lock with the
-        serving thread while the forward passes run; False plans inside the apply.
-    """
-
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
-    keep_buffers: bool = False
-    keep_slots: bool = False
-    prepare_ahead: bool = True
-
-    def __post_init__(self) -> None:
-        check_count("max_batch_bytes", self.max_batch_bytes)
-        for name in ("keep_buffers", "keep_slots", "prepare_ahead"):
-            flag = getattr(self, name)
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-
-
-class LoadWindow:
-    """Tokens each logical expert received in each of the last ``size`` steps, on one rank.
-
-    ``add`` counts a layer's routed tokens into the current step (tensor ops
-    only, graph-capturable); ``roll`` closes the step: it enters the window and
-    the oldest step leaves it. ``total`` is the running sum, kept so that a
-    rebalance need not sum the whole window.
-
-    size: steps kept. layers, experts: the load's shape. device: where it lives.
-    """
-
-    def __init__(self, size: int, layers: int, experts: int, device: torch.device) -> None:
-        self.size = check_count("window_size", size)
-        # int32 halves the window's memory and holds any realistic per-step
-        # count; the running total is int64.
-        self._step = torch.zeros(layers, experts, dtype=torch.int32, device=device)
-        self._steps = torch.zeros(self.size, layers, experts, dtype=torch.int32, device=device)
-        #: [layers, experts] int64, tokens per logical expert over the window (live).
-        self.total = torch.zeros(layers, experts, dtype=torch.int64, device=device)
-        self._position = 0
-        self._one = torch.ones((), dtype=torch.int32, device=device)
-
-    def add(
-        self, layer: int, expert_ids: torch.Tensor, counted: torch.Tensor | None = None
-    ) -> None:
-        """Count ``expert_ids`` ([n] int, logical experts) into this step's load of ``layer``.
-
-        counted: [n] bool or None; where False, that id is not counted (masked ids).
-        """
-        ones = self._one.expand(expert_ids.numel())
-        self._step[layer].index_add_(0, expert_ids, ones if counted is None else counted.int())
-
-    def roll(self) -> None:
-        """Close the step: it enters the window, the oldest step leaves."""
-        oldest = self._steps[self._position]
-        self.total.sub_(oldest).add_(self._step)
-        oldest.copy_(self._step)
-        self._step.zero_()
-        self._position = (self._position + 1) % self.size
-
-
-@dataclass
-class BalancerStats:
-    """What an :class:`ExpertBalancer` has done so far (host values, no device sync to read)."""
-
-    #: Calls of ``step()``.
-    steps: int = 0
-    #: Placements applied (weights moved and maps updated).
-    rebalances: int = 0
-    #: Intervals at which no rebalance was started because the balancer had failed.
-    skipped: int = 0
-    #: Applies that had to wait for the worker thread.
-    waits: int = 0
-    #: The step at which the last placement was applied (0: none yet).
-    last_rebalance_step: int = 0
-    #: Worker-thread seconds spent computing the last placement and preparing its
-    #: weight rearrangement (off the critical path).
-    last_plan_seconds: float = 0.0
-    #: Host seconds the last apply spent inside ``step()``: waiting for the worker,
-    #: issuing the weight rearrangement and the map updates.
-    last_apply_seconds: float = 0.0
-    #: Mean over layers of SPEC.md's balancedness of the last rebalance's window load
-    #: under the placement it replaced (1.0 is perfect).
-    balancedness_before: float = float("nan")
-    #: The same under the new placement.
-    balancedness_after: float = float("nan")
-    #: What the last weight rearrangement moved (bytes, experts, messages, seconds).
-    last_rearrange: RearrangeStats | None = None
 
 
 class _Plan(NamedTuple):
