@@ -1,22 +1,32 @@
 """The serving balancer's plain state: its options, its load window and its counters.
 
 :class:`RearrangeOptions` (how an ``ExpertBalancer`` moves weights),
-:class:`LoadWindow` (the sliding window of per-expert token counts) and
-:class:`BalancerStats` (what the balancer has done); ``eplb.production.serving``
-re-exports them.
+:class:`LoadWindow` (the sliding window of per-expert token counts),
+:class:`BalancerStats` (what the balancer has done), and the host helpers that
+turn a ``phy2log`` into the balancer's maps. ``eplb.production.serving``
+re-exports the three classes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from eplb._validation import check_count
 
+from .group_guard import DEFAULT_TIMEOUT, check_timeout
 from .rearrange import DEFAULT_MAX_BATCH_BYTES, RearrangeStats
 
-__all__ = ["BalancerStats", "LoadWindow", "RearrangeOptions"]
+__all__ = [
+    "BalancerStats",
+    "LoadWindow",
+    "RearrangeOptions",
+    "as_host_placement",
+    "maps_from_phy2log",
+    "pad_replicas",
+]
 
 
 @dataclass(frozen=True)
@@ -44,15 +54,23 @@ class RearrangeOptions:
         (:func:`eplb.production.prepare_rearrangement`), so the apply starts
         moving at once. Its Python work then shares the interpreter lock with the
         serving thread while the forward passes run; False plans inside the apply.
+    timeout: seconds any one wait of the balancer's collectives may take (the
+        load's all-reduce, every weight move and a staged commit's vote): a
+        rank that fails, freezes or dies makes every other rank raise within
+        it. The default (``group_guard.DEFAULT_TIMEOUT``, 90 s) is an order of
+        magnitude above a whole legitimate move yet twenty times below the
+        process group's own timeout (30 minutes), which would stall serving.
     """
 
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
     keep_buffers: bool = False
     keep_slots: bool = False
     prepare_ahead: bool = True
+    timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self) -> None:
         check_count("max_batch_bytes", self.max_batch_bytes)
+        object.__setattr__(self, "timeout", check_timeout(self.timeout))
         for name in ("keep_buffers", "keep_slots", "prepare_ahead"):
             flag = getattr(self, name)
             if not isinstance(flag, bool):
@@ -127,3 +145,55 @@ class BalancerStats:
     balancedness_after: float = float("nan")
     #: What the last weight rearrangement moved (bytes, experts, messages, seconds).
     last_rearrange: RearrangeStats | None = None
+
+
+def as_host_placement(phy2log: torch.Tensor | np.ndarray, layers: int, slots: int) -> np.ndarray:
+    """phy2log as a host int64 array, checked to be [layers, slots]."""
+    if isinstance(phy2log, torch.Tensor):
+        phy2log = phy2log.detach().cpu().numpy()
+    host = np.asarray(phy2log)
+    if host.shape != (layers, slots):
+        raise ValueError(f"phy2log must have shape [{layers}, {slots}], got {host.shape}")
+    if host.dtype.kind not in "iu":
+        raise TypeError(f"phy2log must hold integers, got dtype {host.dtype}")
+    return host.astype(np.int64)
+
+
+def maps_from_phy2log(
+    phy2log: np.ndarray, num_experts: int, max_replicas: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """phy2log [L, R] (host) to host phy2log, log2phy [L, E, max_replicas] and logcnt [L, E].
+
+    Replica ranks follow slot order. Raises ValueError if an expert id is out
+    of range or an expert has no slot.
+    """
+    layers, slots = phy2log.shape
+    bad = (phy2log < 0) | (phy2log >= num_experts)
+    if bad.any():
+        layer, slot = np.argwhere(bad)[0]
+        raise ValueError(
+            f"phy2log values must lie in 0..{num_experts - 1}, got {phy2log[layer, slot]} at "
+            f"[layer, slot]=[{layer}, {slot}]"
+        )
+    rows = np.repeat(np.arange(layers), slots)
+    logcnt = np.zeros((layers, num_experts), dtype=np.int64)
+    np.add.at(logcnt, (rows, phy2log.ravel()), 1)
+    if (logcnt == 0).any():
+        layer, expert = np.argwhere(logcnt == 0)[0]
+        raise ValueError(f"phy2log must hold every expert: layer {layer} has no slot of {expert}")
+    order = np.argsort(phy2log, axis=1, kind="stable")
+    experts = np.take_along_axis(phy2log, order, axis=1)
+    first = np.cumsum(logcnt, axis=1) - logcnt
+    replica = np.arange(slots) - np.take_along_axis(first, experts, axis=1)
+    log2phy = np.full((layers, num_experts, int(logcnt.max())), -1, dtype=np.int64)
+    log2phy[rows, experts.ravel(), replica.ravel()] = order.ravel()
+    padded = pad_replicas(log2phy, max_replicas)
+    return torch.from_numpy(phy2log), torch.from_numpy(padded), torch.from_numpy(logcnt)
+
+
+def pad_replicas(log2phy: np.ndarray, max_replicas: int) -> np.ndarray:
+    """log2phy [L, E, K] to [L, E, max_replicas]: -1 padded, or cut to the first ranks."""
+    out = np.full((*log2phy.shape[:2], max_replicas), -1, dtype=np.int64)
+    kept = min(max_replicas, log2phy.shape[2])
+    out[..., :kept] = log2phy[..., :kept]
+    return out

@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import NamedTuple
 
 import numpy as np
@@ -43,7 +44,16 @@ import torch.distributed as dist
 from eplb._validation import check_count, validate_config, validate_tolerance
 from eplb.metrics import balancedness, gpu_loads
 
-from .balancer_state import BalancerStats, LoadWindow, RearrangeOptions
+from .balancer_state import (
+    BalancerStats,
+    LoadWindow,
+    RearrangeOptions,
+    as_host_placement,
+    maps_from_phy2log,
+    pad_replicas,
+)
+from .errors import GroupFault, RearrangeError
+from .group_guard import GroupGuard
 from .migration import rebalance_experts_migration_aware
 from .rearrange import (
     PreparedRearrangement,
@@ -110,21 +120,30 @@ class ExpertBalancer:
     point. ``apply_delay < step_interval``, so a rebalance is never still
     running at the next interval.
 
-    Failure: if the weight rearrangement raises (a rank died, a collective
-    timed out), ``step()`` re-raises it and the maps keep the old placement.
-    The rearrangement leaves the weights as they were or its error names the
-    layers it changed; the balancer cannot know which ranks got how far, so it
-    marks itself failed (``error``): routing goes on with the old maps, and
-    later intervals start no rebalance (counted in ``stats.skipped``) until
-    :meth:`reset` installs the placement the weights really have (e.g. after the
-    engine reloaded them). A placement computation that raises, or a
-    rearrangement that refuses its input (TypeError/ValueError, raised on every
-    rank before any weight is touched), fails it the same way with the weights
-    untouched: ``reset()`` without a placement resumes.
-    A staged apply (``layers_per_step``) that fails raises
-    :class:`eplb.production.StagedApplyError` on every rank at the same step;
-    the maps then describe the weights exactly (its ``layers_new`` hold the new
-    placement, ``layers_old`` the old one), so ``reset()`` alone resumes.
+    Failure (every collective waits at most ``RearrangeOptions.timeout``): the
+    exception that failed a rebalance is kept in ``error``. ``step()`` re-raises
+    it and the maps keep the old placement.
+
+    - A move that failed once it began (a rank raised, froze or died) raises
+      :class:`eplb.production.errors.RearrangeError` on every rank; its
+      ``layers_changed`` are this rank's layers that no longer hold the old
+      placement (new or mixed). The weights no longer match the maps, so
+      every later ``step()`` raises RuntimeError until the engine recovers:
+      reload ``error.layers_changed`` from the checkpoint in the old placement
+      (``phy2log`` still holds it), recreate the process group (the failed
+      move aborted it and later moves on it are refused), then call
+      ``reset(phy2log, group=new_group)`` on every rank at the same step.
+      A GroupFault (a rank did not reach the agreement, or the load's
+      all-reduce did not complete) is handled the same way.
+    - A placement computation that raises, or a move refused before any
+      weight was touched (TypeError/ValueError on the refusing rank,
+      AgreementError on the others): routing goes on with the old maps and
+      later intervals start no rebalance (``stats.skipped``) until ``reset()``.
+    - A staged apply (``layers_per_step``) that fails raises
+      :class:`eplb.production.StagedApplyError` on every rank at the same
+      step; the maps then describe the weights exactly (its ``layers_new``
+      hold the new placement, ``layers_old`` the old one), so ``reset()``
+      resumes (with ``group=`` a new group if its move faulted the old one).
 
     Every rank of ``group`` must create its balancer with the same arguments
     (construction is collective: it opens the point-to-point channels the
@@ -270,12 +289,12 @@ class ExpertBalancer:
             else None
         )
         if self._buffers is None:
-            warmup_rearrangement(group, self.device if cuda else None)
+            warmup_rearrangement(group, self.device if cuda else None, timeout=rearrange.timeout)
 
         initial = np.tile(np.arange(num_replicas) % experts, (layers, 1))
         self._host_phy2log = torch.from_numpy(initial)
         self._host_logcnt = torch.empty(0, dtype=torch.int64)
-        self._install(*_maps_from_phy2log(initial, experts, self.max_replicas))
+        self._install(*maps_from_phy2log(initial, experts, self.max_replicas))
         self._staged = (
             None
             if layers_per_step is None
@@ -287,6 +306,7 @@ class ExpertBalancer:
                 group=group,
                 max_batch_bytes=rearrange.max_batch_bytes,
                 buffers=self._buffers,
+                timeout=rearrange.timeout,
             )
         )
         self._staging: _Plan | None = None  # the plan a staged apply is applying
@@ -356,6 +376,13 @@ class ExpertBalancer:
         docstring); the balancer is then failed until :meth:`reset`.
         """
         self._check_open()
+        if _weights_unknown(self.error):
+            raise RuntimeError(
+                "a rebalance of this ExpertBalancer failed while moving weights "
+                f"({type(self.error).__name__}: {self.error}); the weights no longer match the "
+                "maps: reload the layers it names (error.layers_changed) and call "
+                "reset(phy2log, group=...) on every rank first"
+            ) from self.error
         self.window.roll()
         self.stats.steps += 1
         applied = False
@@ -370,20 +397,40 @@ class ExpertBalancer:
                 self.stats.skipped += 1
         return applied
 
-    def reset(self, phy2log: torch.Tensor | np.ndarray | None = None) -> None:
+    def reset(
+        self,
+        phy2log: torch.Tensor | np.ndarray | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         """Forget a failure and any placement not yet applied; optionally install one.
 
         phy2log: [layers, num_replicas] int, the placement the expert weights
             hold now (the maps are updated in place to it); None keeps the maps.
             Every expert must appear at least once. The load window is kept.
+            Required after a move failed once it began (``error`` a
+            RearrangeError or GroupFault): only the engine knows what it reloaded.
+        group: a new EP process group of the same size, replacing one a failed
+            move aborted (required then); the balancer's later collectives use
+            it. Given, the call is collective (it opens the new group's
+            point-to-point channels).
 
-        Not a collective, but every rank must call it at the same step.
+        Every rank must call it at the same step.
         """
         self._check_open()
+        if phy2log is None and _weights_unknown(self.error):
+            raise ValueError(
+                "phy2log is required: the last rebalance failed while moving weights; pass "
+                "the placement the weights hold after reloading error.layers_changed"
+            )
+        if group is None and _group_faulted(self.group):
+            raise ValueError(
+                "group is required: a failed move aborted the process group; pass a new one"
+            )
         maps = None
         if phy2log is not None:
-            host = _as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
-            maps = _maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
+            host = as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
+            maps = maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
         if self._pending is not None:
             # Dropped: it was planned against the old maps, which the worker
             # reads until it returns.
@@ -395,14 +442,31 @@ class ExpertBalancer:
             self._staged.cancel()
             self._staging = None
             if maps is None:
-                maps = _maps_from_phy2log(
+                maps = maps_from_phy2log(
                     self._staged.placement()[0].numpy(),
                     self.config.num_logical_experts,
                     self.max_replicas,
                 )
         if maps is not None:
             self._install(*maps)
+        if group is not None:
+            self._replace_group(group)
         self.error = None
+
+    def _replace_group(self, group: dist.ProcessGroup) -> None:
+        """Use ``group`` from now on (collective: opens its channels, remakes kept buffers)."""
+        if rank_and_size(group)[1] != self.num_gpus:
+            raise ValueError(f"group must have {self.num_gpus} ranks like the one it replaces")
+        self.group = group
+        device = self.device if self.device.type == "cuda" else None
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = RearrangeBuffers(group, device)
+        else:
+            warmup_rearrangement(group, device, timeout=self.rearrange.timeout)
+        if self._staged is not None:
+            self._staged.group = group
+            self._staged.buffers = self._buffers
 
     def close(self) -> None:
         """Drop a placement not yet applied, stop the worker thread, free kept buffers.
@@ -435,7 +499,14 @@ class ExpertBalancer:
         multi_rank = self.num_gpus > 1
         if self._side_stream is None:
             if multi_rank:
-                dist.all_reduce(self._snapshot, group=self.group)
+                try:
+                    # A rank that froze or died is noticed within the timeout
+                    # (the group's own would stall serving for 30 minutes).
+                    work = dist.all_reduce(self._snapshot, group=self.group, async_op=True)
+                    work.wait(timeout=timedelta(seconds=self.rearrange.timeout))
+                except Exception as exc:
+                    self.error = exc
+                    raise
         else:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
@@ -458,7 +529,16 @@ class ExpertBalancer:
         slots, no data read): the apply then moves weights at once.
         """
         if self._copied is not None:
-            self._copied.synchronize()
+            # Polled, not synchronize(): a peer that died leaves the all-reduce
+            # pending forever; the apply then raises this, within the timeout.
+            deadline = time.monotonic() + self.rearrange.timeout
+            while not self._copied.query():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the load's all-reduce over the EP group did not complete within "
+                        f"{self.rearrange.timeout:g} s: a rank froze or died"
+                    )
+                time.sleep(1e-3)
         start = time.perf_counter()
         load = self._host_load.numpy()
         cfg = self.config
@@ -481,11 +561,11 @@ class ExpertBalancer:
             # The same experts on each GPU (the same loads), reordered so that
             # those staying on a GPU keep their slots: they need no copy.
             kept = keep_experts_in_place(self._host_phy2log.numpy(), phy2log.numpy(), cfg.num_gpus)
-            phy2log, log2phy, logcnt = _maps_from_phy2log(
+            phy2log, log2phy, logcnt = maps_from_phy2log(
                 kept, cfg.num_logical_experts, self.max_replicas
             )
         else:
-            log2phy = torch.from_numpy(_pad_replicas(log2phy.numpy(), self.max_replicas))
+            log2phy = torch.from_numpy(pad_replicas(log2phy.numpy(), self.max_replicas))
         if self._side_stream is not None:
             # Pinned, so that _install's host-to-device copies do not block.
             phy2log, log2phy, logcnt = (
@@ -547,6 +627,7 @@ class ExpertBalancer:
                 max_batch_bytes=self.rearrange.max_batch_bytes,
                 buffers=self._buffers,
                 prepared=plan.prepared,
+                timeout=self.rearrange.timeout,
             )
         except BaseException as exc:
             self.error = exc
@@ -595,53 +676,13 @@ class ExpertBalancer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _as_host_placement(phy2log: torch.Tensor | np.ndarray, layers: int, slots: int) -> np.ndarray:
-    """phy2log as a host int64 array, checked to be [layers, slots]."""
-    if isinstance(phy2log, torch.Tensor):
-        phy2log = phy2log.detach().cpu().numpy()
-    host = np.asarray(phy2log)
-    if host.shape != (layers, slots):
-        raise ValueError(f"phy2log must have shape [{layers}, {slots}], got {host.shape}")
-    if host.dtype.kind not in "iu":
-        raise TypeError(f"phy2log must hold integers, got dtype {host.dtype}")
-    return host.astype(np.int64)
+def _weights_unknown(error: BaseException | None) -> bool:
+    """Whether ``error`` leaves weights that may not match the maps (a move failed once begun)."""
+    return isinstance(error, (RearrangeError, GroupFault))
 
 
-def _maps_from_phy2log(
-    phy2log: np.ndarray, num_experts: int, max_replicas: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """phy2log [L, R] (host) to host phy2log, log2phy [L, E, max_replicas] and logcnt [L, E].
-
-    Replica ranks follow slot order. Raises ValueError if an expert id is out
-    of range or an expert has no slot.
-    """
-    layers, slots = phy2log.shape
-    bad = (phy2log < 0) | (phy2log >= num_experts)
-    if bad.any():
-        layer, slot = np.argwhere(bad)[0]
-        raise ValueError(
-            f"phy2log values must lie in 0..{num_experts - 1}, got {phy2log[layer, slot]} at "
-            f"[layer, slot]=[{layer}, {slot}]"
-        )
-    rows = np.repeat(np.arange(layers), slots)
-    logcnt = np.zeros((layers, num_experts), dtype=np.int64)
-    np.add.at(logcnt, (rows, phy2log.ravel()), 1)
-    if (logcnt == 0).any():
-        layer, expert = np.argwhere(logcnt == 0)[0]
-        raise ValueError(f"phy2log must hold every expert: layer {layer} has no slot of {expert}")
-    order = np.argsort(phy2log, axis=1, kind="stable")
-    experts = np.take_along_axis(phy2log, order, axis=1)
-    first = np.cumsum(logcnt, axis=1) - logcnt
-    replica = np.arange(slots) - np.take_along_axis(first, experts, axis=1)
-    log2phy = np.full((layers, num_experts, int(logcnt.max())), -1, dtype=np.int64)
-    log2phy[rows, experts.ravel(), replica.ravel()] = order.ravel()
-    padded = _pad_replicas(log2phy, max_replicas)
-    return torch.from_numpy(phy2log), torch.from_numpy(padded), torch.from_numpy(logcnt)
-
-
-def _pad_replicas(log2phy: np.ndarray, max_replicas: int) -> np.ndarray:
-    """log2phy [L, E, K] to [L, E, max_replicas]: -1 padded, or cut to the first ranks."""
-    out = np.full((*log2phy.shape[:2], max_replicas), -1, dtype=np.int64)
-    kept = min(max_replicas, log2phy.shape[2])
-    out[..., :kept] = log2phy[..., :kept]
-    return out
+def _group_faulted(group: dist.ProcessGroup | None) -> bool:
+    """Whether a failed guarded call faulted ``group`` (later moves on it are refused)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return GroupGuard(group).faulted is not None
