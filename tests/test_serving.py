@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 
 import eplb.production.rearrange as rearrange_module
 import eplb.production.serving as serving
+from eplb.production.errors import RearrangeError
+from eplb.production.group_guard import DEFAULT_TIMEOUT
 from eplb.production.rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -477,3 +479,63 @@ def test_default_options_prepare_ahead_and_keep_no_buffers():
     assert balancer.rearrange == RearrangeOptions()
     assert balancer.rearrange.prepare_ahead and not balancer.rearrange.keep_buffers
     balancer.close()
+
+
+def test_a_move_failed_once_begun_refuses_steps_until_reset_with_the_placement():
+    balancer = _balancer()
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    old = balancer.phy2log.clone()
+    cause = RuntimeError("rank 1 lost its link")
+    balancer.error = RearrangeError.from_layers(
+        "move", rank=0, cause=cause, layers_new=(0,), layers_old=(1,), layers_mixed=()
+    )
+    assert balancer.error.layers_changed == (0,)
+    with pytest.raises(RuntimeError, match="reload the layers it names"):
+        balancer.step(weights)
+    assert balancer.stats.steps == 0  # refused before anything was counted
+    with pytest.raises(ValueError, match="phy2log is required"):
+        balancer.reset()
+    balancer.reset(old)
+    assert balancer.error is None
+    balancer.step(weights)
+    assert balancer.stats.steps == 1
+    balancer.close()
+
+
+def test_timeout_option_is_checked():
+    assert RearrangeOptions().timeout == DEFAULT_TIMEOUT
+    with pytest.raises(ValueError, match="timeout"):
+        RearrangeOptions(timeout=0)
+    with pytest.raises(TypeError, match="timeout"):
+        RearrangeOptions(timeout="90")  # type: ignore[arg-type]
+
+
+def test_example_recovers_from_an_injected_fault():
+    timeout = 10.0
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "moe_ep_example.py"),
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--tokens",
+            "48",
+            "--inject-fault",
+            "--fault-timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    pattern = r"rank (\d): step \d+ raised RearrangeError after ([\d.]+) s"
+    raised = re.findall(pattern, result.stdout)
+    assert sorted(rank for rank, _ in raised) == ["0", "1"], result.stdout
+    # Rank 1 posts its failure at once: rank 0 learns it long before the timeout.
+    assert all(float(seconds) < timeout / 2 for _, seconds in raised), result.stdout
+    assert "step() refuses" in result.stdout
+    assert "rebalanced again and the outputs match" in result.stdout
