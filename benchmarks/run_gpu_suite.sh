@@ -3,7 +3,8 @@
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
 #   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 placement guard
 # (serving: bench_serving.py on 2 ranks; serving1: on 1 GPU, for a single-GPU machine;
-#  placement: the placement cores on the host CPU, one thread; guard: group_guard's CUDA checks)
+#  placement: the placement cores on the host CPU, one thread; guard: group_guard's CUDA checks,
+#  and with 2 GPUs a NCCL weight move in which one rank raises, then freezes)
 # The real loads travel in .data/ (an ignored copy made by the caller).
 # BENCH_FLAGS: extra flags for every bench_rearrange.py run (e.g. "--repeats 5").
 set -uo pipefail
