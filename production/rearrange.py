@@ -447,22 +447,28 @@ def _rearrange(
             steps = prepared._steps
             progress = MoveProgress(steps, checked.old.shape[0])
             device = checked.device
-            with torch.no_grad(), on_device(device):
-                work = prepared._work
-                if given and not work.made_from(expert_weights):  # other tensors, same shapes
-                    work = SlotWork(expert_weights, steps, ahead=False)
-                phases = run_steps(
-                    steps,
-                    work,
-                    device,
-                    TorchDistributedTransport(group, call),
-                    rank,
-                    profile,
-                    prepared._finish_schedule,
-                    buffers.allocating() if buffers is not None else contextlib.nullcontext,
-                    progress=progress,
-                )
-            call.finish()
+            try:
+                with torch.no_grad(), on_device(device):
+                    work = prepared._work
+                    if given and not work.made_from(expert_weights):  # other tensors, same shapes
+                        work = SlotWork(expert_weights, steps, ahead=False)
+                    phases = run_steps(
+                        steps,
+                        work,
+                        device,
+                        TorchDistributedTransport(group, call),
+                        rank,
+                        profile,
+                        prepared._finish_schedule,
+                        buffers.allocating() if buffers is not None else contextlib.nullcontext,
+                        progress=progress,
+                    )
+                call.finish()
+            except BaseException:
+                # Read the write events now: the guard is about to abort the
+                # communicator, after which a device in error may not answer.
+                progress.settle()
+                raise
     except Exception as exc:
         if call is None or not call.agreed or progress is None:
             raise  # refused (AgreementError on the others) or failed before any write
