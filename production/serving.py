@@ -284,7 +284,7 @@ class ExpertBalancer:
         # The first rebalance should not pay for opening the P2P channels
         # (RearrangeBuffers opens them too).
         self._buffers = (
-            RearrangeBuffers(group, self.device if cuda else None)
+            RearrangeBuffers(group, self.device if cuda else None, rearrange.timeout)
             if rearrange.keep_buffers
             else None
         )
@@ -373,7 +373,9 @@ class ExpertBalancer:
         Returns True when this step finished applying a new placement (with
         ``layers_per_step``: committed its last layers). Raises what the
         rearrangement or the placement computation raised (see the class
-        docstring); the balancer is then failed until :meth:`reset`.
+        docstring); the balancer is then failed until :meth:`reset`. After a
+        move that failed once begun (RearrangeError, GroupFault), raises
+        RuntimeError, before counting the step, until ``reset(phy2log, ...)``.
         """
         self._check_open()
         if _weights_unknown(self.error):
@@ -461,7 +463,7 @@ class ExpertBalancer:
         device = self.device if self.device.type == "cuda" else None
         if self._buffers is not None:
             self._buffers.close()
-            self._buffers = RearrangeBuffers(group, device)
+            self._buffers = RearrangeBuffers(group, device, self.rearrange.timeout)
         else:
             warmup_rearrangement(group, device, timeout=self.rearrange.timeout)
         if self._staged is not None:

@@ -4,11 +4,13 @@ right, on one rank, on two gloo ranks, in the end-to-end example, and in a CUDA 
 from __future__ import annotations
 
 import collections
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,7 @@ def _assert_routes_to_holders(balancer: ExpertBalancer, ids: torch.Tensor, layer
     assert replicated > 0
 
 
-_OPTIONS = ("max_batch_bytes", "keep_buffers", "keep_slots", "prepare_ahead")
+_OPTIONS = ("max_batch_bytes", "keep_buffers", "keep_slots", "prepare_ahead", "timeout")
 
 
 def _balancer(world: int = 1, **kwargs) -> ExpertBalancer:
@@ -345,6 +347,37 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _late_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 never reaches the interval: rank 0's load all-reduce must end at the timeout."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    timeout = 2.0
+    balancer = _balancer(world, timeout=timeout)  # step_interval 3
+    weights = _encoded_weights(balancer.phy2log, rank, world)
+    for _ in range(2):
+        balancer.step(weights)
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):  # gloo's own timeout error
+            balancer.step(weights)
+        assert balancer.failed
+        Path(out).write_text(str(time.monotonic() - start))
+    else:  # late: until rank 0 has given up on it
+        limit = time.monotonic() + 60
+        while not Path(out).exists() and time.monotonic() < limit:
+            time.sleep(0.05)
+    # rank 0's timed-out all-reduce closed its pairs: leave without tearing down.
+    os._exit(0)
+
+
+def test_a_late_rank_fails_the_load_all_reduce_at_the_timeout(tmp_path):
+    out = tmp_path / "seconds"
+    mp.spawn(_late_rank, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    seconds = float(out.read_text())
+    assert 1.5 < seconds < 2.0 + 3.0, seconds  # the 2 s timeout, loose: a loaded CI box
 
 
 def _two_rank_checks(rank: int, world: int, port: int, keep_slots: bool) -> None:
