@@ -846,6 +846,8 @@ def _worker(rank: int, store_path: str, out_dir: str, backend: str, names: list[
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
+    # The end's barrier: a failed move aborts its NCCL group, the world included.
+    sync = dist.new_group(backend="gloo")
     # Every rank creates every group, in the same order, as new_group requires.
     groups = {n: dist.new_group(r) if n < world else None for n, r in GROUPS.items() if n <= world}
     for n, group in groups.items():  # every pair opens its channels before moving
@@ -863,7 +865,9 @@ def _worker(rank: int, store_path: str, out_dir: str, backend: str, names: list[
             # be stale): every rank makes a new one, as new_group requires.
             groups[scenario.ranks] = dist.new_group(members)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
+    dist.barrier(group=sync)
+    if backend == "nccl":
+        os._exit(0)  # an aborted NCCL group cannot be torn down cleanly
     dist.destroy_process_group()
 
 
