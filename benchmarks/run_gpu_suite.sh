@@ -33,7 +33,8 @@ for part in $parts; do
     rearrange-ahead-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --plan-ahead --keep-slots 2>&1 | tee "$OUT/bench_rearrange_ahead_slots.log" ;;
     serving) python3 benchmarks/bench_serving.py --world-size 2 --plot "$OUT/serving.png" 2>&1 | tee "$OUT/bench_serving.log" ;;
     serving1) python3 benchmarks/bench_serving.py --world-size 1 --plot "$OUT/serving_1gpu.png" 2>&1 | tee "$OUT/bench_serving_1gpu.log" ;;
-    example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log" ;;
+    example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log"
+             python3 examples/moe_ep_example.py --device cuda --inject-fault 2>&1 | tee "$OUT/example_cuda_fault.log" ;;
     placement) { python3 benchmarks/bench_warm_up.py && python3 benchmarks/bench_rebalance.py --slow-repeats 1 && python3 benchmarks/bench_gil.py --busy python,torch --shapes "DeepSeek-V3 R=288,Kimi-K2 R=448"; } 2>&1 | tee "$OUT/placement.log" ;;
     guard) python3 benchmarks/check_group_guard.py 2>&1 | tee "$OUT/guard.log" ;;
     *) echo "unknown part $part"; status=2 ;;
