@@ -14,7 +14,13 @@ and on any CPU machine (gloo; the CUDA rows print "no CUDA"). It prints:
    the same kernel awaited with a deadline shorter than the kernel: it must
    raise GroupFault at the deadline, not at the kernel's end;
 3. ``abort_group`` on an NCCL group of one rank after a fault (True if aborted)
-   and whether a collective after it fails instead of hanging.
+   and whether a collective after it fails instead of hanging;
+4. with 2 GPUs or more, a weight move over NCCL between 2 processes in which
+   rank 1 raises, then one in which it freezes (SIGSTOP), in the middle of the
+   move: rank 0 must raise RearrangeError (cause GroupFault) within
+   ``--move-timeout`` seconds (raise: well under it), its communicator
+   aborted, never a host or a stream stuck in the collective. Prints the
+   seconds rank 0 took and the layers it reports. One GPU: "needs 2 GPUs".
 
 Exits non-zero if a check fails.
 """
@@ -22,15 +28,26 @@ Exits non-zero if a check fails.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from eplb.production import rearrange_expert_weights, warmup_rearrangement
+from eplb.production.errors import RearrangeError
 from eplb.production.group_guard import GroupFault, GroupGuard, abort_group
+from eplb.production.transport import TorchDistributedTransport
+
+_LAYERS, _PER_RANK, _SLOT_FLOATS = 8, 4, 1 << 20  # 4 MiB per slot
 
 
 def _row(name: str, value: object) -> None:
@@ -113,10 +130,95 @@ def _abort(group: dist.ProcessGroup) -> bool:
     return aborted
 
 
+def _move_rank(scenario: str, rank: int, port: int, timeout: float, out: str) -> None:
+    """One rank of a 2-process NCCL move in which rank 1 raises or freezes at its 4th step."""
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    warmup_rearrangement(timeout=timeout)
+    slots = 2 * _PER_RANK
+    old = torch.arange(slots).remainder(slots - 2).expand(_LAYERS, -1)
+    new = old.roll(_PER_RANK, dims=1)
+    weights = [[torch.zeros(_PER_RANK, _SLOT_FLOATS, device="cuda")] for _ in range(_LAYERS)]
+    if rank == 1:
+        original, waits = TorchDistributedTransport.wait, []
+
+        def misbehaving(self: Any, pending: object, t: Any = None) -> None:
+            waits.append(1)
+            if len(waits) == 4:
+                if scenario == "raise":
+                    raise RuntimeError("injected failure in the middle of the move")
+                os.kill(os.getpid(), signal.SIGSTOP)
+            original(self, pending, t)
+
+        TorchDistributedTransport.wait = misbehaving  # type: ignore[method-assign]
+    report: dict[str, Any] = {"error": None}
+    start = time.monotonic()
+    try:  # one expert per step: many steps
+        rearrange_expert_weights(old, new, weights, max_batch_bytes=1, timeout=timeout)
+    except RearrangeError as exc:
+        report.update(
+            error="RearrangeError",
+            cause=type(exc.cause).__name__,
+            layers=[list(exc.layers_new), list(exc.layers_old), list(exc.layers_mixed)],
+        )
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+    report["seconds"] = time.monotonic() - start
+    Path(out, f"{rank}.json").write_text(json.dumps(report))
+    time.sleep(600)  # killed by the parent; an aborted NCCL group cannot be torn down
+    os._exit(0)
+
+
+def _moves(timeout: float) -> bool:
+    if torch.cuda.device_count() < 2:
+        _row("NCCL move with a failing rank", "needs 2 GPUs")
+        return True
+    ok = True
+    for scenario in ("raise", "freeze"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with tempfile.TemporaryDirectory() as out:
+            common = ["--scenario", scenario, "--port", str(port), "--out", out]
+            common += ["--move-timeout", str(timeout)]
+            procs = [
+                subprocess.Popen([sys.executable, __file__, "--rank", str(rank), *common])
+                for rank in range(2)
+            ]
+            report_path = Path(out, "0.json")
+            limit = time.monotonic() + timeout + 120
+            while not report_path.exists() and time.monotonic() < limit:
+                time.sleep(0.1)
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+            report = json.loads(report_path.read_text()) if report_path.exists() else None
+        if report is None:
+            _row(f"NCCL move, rank 1 {scenario}s: rank 0", "NO REPORT (hung?)")
+            ok = False
+            continue
+        bound = timeout / 2 if scenario == "raise" else timeout + 3
+        passed = report.get("cause") == "GroupFault" and report["seconds"] < bound
+        _row(
+            f"NCCL move, rank 1 {scenario}s: rank 0 raised after (s)",
+            f"{report['seconds']:.2f} (bound {bound:g}): {report.get('error')} "
+            f"cause {report.get('cause')}, layers new/old/mixed {report.get('layers')}",
+        )
+        ok &= passed
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--kernel-ms", type=float, default=200.0)
+    parser.add_argument("--move-timeout", type=float, default=10.0)
+    parser.add_argument("--rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", default="raise", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rank is not None:
+        _move_rank(args.scenario, args.rank, args.port, args.move_timeout, args.out)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(0)
@@ -129,6 +231,7 @@ def main() -> int:
         ok = _apis(group)
         ok &= _events(args.kernel_ms)
         ok &= _abort(group)
+        ok &= _moves(args.move_timeout)
         _row("all checks", "pass" if ok else "FAIL")
         if backend != "nccl":
             dist.destroy_process_group()

@@ -12,10 +12,16 @@ stalling, and this script checks and prints:
   before: the weights moved to the right slots;
 - with ``--timing`` (default on CUDA): the step time a rebalance adds, against a
   blocking baseline (``.cpu()`` of the load, placement on the main thread,
-  rearrangement right away), from the same run.
+  rearrangement right away), from the same run;
+- with ``--inject-fault``: rank 1 fails in the middle of a weight move; every
+  rank's ``step()`` raises a RearrangeError within the timeout naming the
+  layers it changed, and the engine recovers as the README's "Failure model"
+  says: reload those layers, make a new EP group, ``reset(phy2log, group=)``;
+  the next rebalance then succeeds and the outputs still match.
 
     python examples/moe_ep_example.py --device cpu --steps 8          # gloo, CI
     python examples/moe_ep_example.py --device cuda --tokens 4096     # 2 GPUs, NCCL
+    python examples/moe_ep_example.py --device cpu --inject-fault     # failure, recovery
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import itertools
 import math
 import os
 import socket
+import sys
 import time
 from typing import NamedTuple
 
@@ -41,6 +48,8 @@ from eplb.production import (
     rearrange_expert_weights,
     rebalance_experts,
 )
+from eplb.production.errors import RearrangeError
+from eplb.production.transport import TorchDistributedTransport
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="time the rebalance against a blocking baseline (default: on CUDA)",
+    )
+    parser.add_argument(
+        "--inject-fault",
+        action="store_true",
+        help="rank 1 fails in the middle of a weight move; show the recovery",
+    )
+    parser.add_argument(
+        "--fault-timeout", type=float, default=10.0, help="RearrangeOptions.timeout (seconds)"
     )
     args = parser.parse_args(argv)
     if args.steps < 4:
@@ -122,14 +139,25 @@ class ToyMoE:
             self.device
         )
         self.bias = torch.from_numpy(routing_bias(args)).float().to(self.device)
-        w_in = torch.randn(layers, experts, hidden, ffn, generator=gen) / math.sqrt(hidden)
-        w_out = torch.randn(layers, experts, ffn, hidden, generator=gen) / math.sqrt(ffn)
+        #: The checkpoint: [layers, experts, H, F] and [layers, experts, F, H] (host).
+        self.checkpoint = (
+            torch.randn(layers, experts, hidden, ffn, generator=gen) / math.sqrt(hidden),
+            torch.randn(layers, experts, ffn, hidden, generator=gen) / math.sqrt(ffn),
+        )
         mine = balancer.phy2log[:, rank * self.local : (rank + 1) * self.local].cpu()
         #: Per layer, this rank's slots' [w_in [S, H, F], w_out [S, F, H]], moved by rebalances.
         self.expert_weights = [
-            [w_in[layer, mine[layer]].to(self.device), w_out[layer, mine[layer]].to(self.device)]
+            [full[layer, mine[layer]].to(self.device) for full in self.checkpoint]
             for layer in range(layers)
         ]
+
+    def reload(self, layers: tuple[int, ...], phy2log: torch.Tensor) -> None:
+        """Load ``layers`` of this rank's slots from the checkpoint, in placement ``phy2log``
+        ([layers, R]), in place (the tensors the balancer moves stay the same)."""
+        mine = phy2log[:, self.rank * self.local : (self.rank + 1) * self.local].cpu()
+        for layer in layers:
+            for tensor, full in zip(self.expert_weights[layer], self.checkpoint, strict=True):
+                tensor.copy_(full[layer, mine[layer]])
 
     def forward(self, x: torch.Tensor, record: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [tokens, hidden] this rank's tokens. Returns the output [tokens, hidden] and
@@ -233,8 +261,7 @@ def run(args: argparse.Namespace, rank: int, blocking: bool) -> Run:
     before = model.forward(x_check, record=False)
     clock = _Clock(device)
     for step in range(1, args.steps + 4):
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + rank)
-        model.forward(torch.randn(args.tokens, args.hidden, generator=gen).to(device))
+        model.forward(_batch(args, rank, step, device))
         balancer.step(model.expert_weights)
         if blocking and step == args.steps:
             blocking_rebalance(model)
@@ -280,10 +307,103 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.init_process_group(
         backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.world_size
     )
+    if args.inject_fault:
+        fault_and_recovery(args, rank)
+        # The failed move's group still has receives posted (gloo ends them only
+        # at their deadline): destroying it before then aborts the process
+        # (SIGABRT). Leave without tearing it down, as a process that failed would.
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
     try:
         _check_and_report(args, rank)
     finally:
         dist.destroy_process_group()
+
+
+def fault_and_recovery(args: argparse.Namespace, rank: int) -> None:
+    """Rank 1 fails mid-move; every rank raises in time, recovers, rebalances again."""
+    say = print if rank == 0 else _quiet
+    device = torch.device(args.device, rank) if args.device == "cuda" else torch.device("cpu")
+    world = list(range(args.world_size))
+    balancer = ExpertBalancer(
+        args.layers,
+        args.experts,
+        args.slots,
+        args.groups,
+        args.nodes,
+        device=device,
+        group=dist.new_group(world),  # the EP group: the model's collectives use the world
+        window_size=args.steps,
+        step_interval=args.steps,
+        # One expert per pipeline step: the move takes many steps to fail in the middle of.
+        rearrange=RearrangeOptions(max_batch_bytes=1, timeout=args.fault_timeout),
+    )
+    model = ToyMoE(args, balancer, rank)
+    x_check = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(7))
+    x_check = x_check.to(device)
+    before = model.forward(x_check, record=False)[0]
+    original_wait = TorchDistributedTransport.wait
+    if rank == 1:  # a link that breaks on rank 1 at its 6th step of the move
+        waits = []
+
+        def breaking(self: TorchDistributedTransport, pending: object, timeout: object = None):
+            waits.append(1)
+            if len(waits) == 6:
+                raise ConnectionError("injected: rank 1 lost its link mid-move")
+            return original_wait(self, pending, timeout)  # type: ignore[arg-type]
+
+        TorchDistributedTransport.wait = breaking  # type: ignore[method-assign]
+    error, step, seconds = None, 0, 0.0
+    while error is None and step < 3 * args.steps:
+        step += 1
+        model.forward(_batch(args, rank, step, device))
+        start = time.perf_counter()
+        try:
+            balancer.step(model.expert_weights)
+        except RearrangeError as exc:
+            error, seconds = exc, time.perf_counter() - start
+    TorchDistributedTransport.wait = original_wait  # type: ignore[method-assign]
+    if error is None:
+        raise AssertionError("the injected fault did not fail the rebalance")
+    for r in world:  # in rank order
+        if r == rank:
+            print(
+                f"rank {rank}: step {step} raised RearrangeError after {seconds:.2f} s "
+                f"(cause {type(error.cause).__name__}): layers new {list(error.layers_new)}, "
+                f"mixed {list(error.layers_mixed)}, old {list(error.layers_old)}",
+                flush=True,
+            )
+        dist.barrier()
+    try:
+        balancer.step(model.expert_weights)
+        raise AssertionError("a failed balancer must refuse steps until it is reset")
+    except RuntimeError as refused:
+        say(f"step() refuses until the engine recovers: {str(refused)[:60]}...")
+    # Recovery: the maps still hold the old placement; reload the changed layers in
+    # it, replace the aborted EP group, and tell the balancer what the weights hold.
+    model.reload(error.layers_changed, balancer.phy2log)
+    balancer.reset(balancer.phy2log.cpu(), group=dist.new_group(world))
+    if not torch.allclose(model.forward(x_check, record=False)[0], before, atol=1e-5):
+        raise AssertionError("outputs differ after the reload")
+    while balancer.stats.rebalances == 0 and step < 6 * args.steps:
+        step += 1
+        model.forward(_batch(args, rank, step, device))
+        balancer.step(model.expert_weights)
+    if balancer.stats.rebalances != 1:
+        raise AssertionError("no rebalance after the recovery")
+    if not torch.allclose(model.forward(x_check, record=False)[0], before, atol=1e-5):
+        raise AssertionError("outputs differ after the rebalance that followed the recovery")
+    say(
+        f"recovered: layers reloaded, new EP group, reset(); step {step} rebalanced again "
+        "and the outputs match"
+    )
+    balancer.close()
+
+
+def _batch(args: argparse.Namespace, rank: int, step: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + rank)
+    return torch.randn(args.tokens, args.hidden, generator=gen).to(device)
 
 
 def _check_and_report(args: argparse.Namespace, rank: int) -> None:

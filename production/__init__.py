@@ -10,6 +10,7 @@ Never imports JAX.
 """
 
 from .cores import compiled_core_error, resolve_core, warm_up_placement
+from .errors import AgreementError, GroupFault, RearrangeError
 from .migration import rebalance_experts_migration_aware, relabel_for_migration
 from .rearrange import (
     PreparedRearrangement,
@@ -27,11 +28,14 @@ from .serving import BalancerStats, ExpertBalancer, LoadWindow, RearrangeOptions
 from .staged import StagedApply, StagedApplyError, StagedMove
 
 __all__ = [
+    "AgreementError",
     "BalancerStats",
     "ExpertBalancer",
+    "GroupFault",
     "LoadWindow",
     "PreparedRearrangement",
     "RearrangeBuffers",
+    "RearrangeError",
     "RearrangeOptions",
     "RearrangePlan",
     "RearrangeStats",

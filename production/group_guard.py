@@ -578,7 +578,8 @@ class GuardedCall:
     def _poll(self, ready: Callable[[dist.Store], bool], what: str) -> bool:
         """Poll the store until ``ready`` holds: True, or False at the deadline.
 
-        Raises GroupFault as soon as another rank posts a failure. Backs off to
+        Raises GroupFault as soon as another rank posts a failure while
+        ``ready`` does not hold. Backs off to
         one pair of round trips every 20 ms: a store serves every rank at once.
         """
         deadline = time.monotonic() + self.guard.timeout
@@ -589,10 +590,14 @@ class GuardedCall:
         pause = 0.2e-3
         while True:
             done, failures = self._result(self._submit(probe), deadline, what)
+            if done:
+                # Complete before a failure counts: once every verdict is in,
+                # the others may have begun; their failure reaches this rank
+                # in its next wait, after it agreed (so the group is faulted
+                # here too, not left with their messages in flight).
+                return True
             if failures:
                 self.check()
-            if done:
-                return True
             if time.monotonic() >= deadline:
                 return False
             time.sleep(pause)

@@ -7,8 +7,12 @@ How it keeps the link busy and the result exact:
 
 - Both maps come to the host in one copy, before any layer is processed; every
   rank derives the same plan from them (:func:`plan_rearrangement`, pure numpy).
-  One small all-reduce checks that every rank accepted its input and holds the
-  same maps, so a bad call raises everywhere instead of hanging or corrupting.
+  Every call runs under a :class:`~eplb.production.group_guard.GuardedCall`:
+  the ranks agree, through the group's store, on every argument that shapes
+  the plan or the wire (or share a rank's refusal), so a bad call raises
+  everywhere instead of hanging or corrupting; every wait of the move has a
+  deadline (``timeout``), a rank that fails tells the others at once, and
+  every rank ends with one outcome (see "Failure model" in the README).
 - An expert already on a rank is copied locally, never received; an expert a
   rank needs in several slots is received once; senders are spread over the
   ranks holding a replica.
@@ -23,8 +27,8 @@ How it keeps the link busy and the result exact:
   receive buffer, never for unrelated copies; buffers come from two rings
   allocated per call. Layers never share memory, so this is safe.
 - The host stays ahead and out of the way: only the messages are worked out
-  before the first launch (while the input check's all-reduce crosses the
-  wire); the writes are scheduled while the first steps move, and each step's
+  before the first launch (while the other ranks' verdicts on their input
+  arrive); the writes are scheduled while the first steps move, and each step's
   copies are laid out just before they are launched. The cyclic garbage
   collector is paused for the call. :func:`prepare_rearrangement` does all of
   that planning ahead, on a worker thread, with the slot side of every copy:
@@ -53,13 +57,16 @@ import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import RearrangeError
+from .group_guard import DEFAULT_TIMEOUT, GroupGuard, GuardedCall, check_timeout
 from .rearrange_buffers import RearrangeBuffers, check_buffers
-from .rearrange_executor import SlotWork, Streams, bit_view, run_steps
+from .rearrange_executor import SlotWork, bit_view, run_steps
 from .rearrange_plan import (
     RearrangePlan,
     check_keeps_experts,
@@ -68,10 +75,10 @@ from .rearrange_plan import (
     plan_checked,
     plan_rearrangement,
 )
+from .rearrange_progress import MoveProgress
 from .rearrange_schedule import Layout, Step, program_messages, program_writes
 from .transport import (
     TorchDistributedTransport,
-    collective_device,
     on_device,
     rank_and_size,
     warm_up_group,
@@ -141,6 +148,7 @@ def rearrange_expert_weights(
     profile: bool = False,
     buffers: RearrangeBuffers | None = None,
     prepared: PreparedRearrangement | None = None,
+    timeout: float | None = None,
 ) -> RearrangeStats:
     """Rewrite this rank's expert slots in place for a new placement (collective).
 
@@ -171,13 +179,24 @@ def rearrange_expert_weights(
     prepared: this rank's share of the move, worked out ahead by
         :func:`prepare_rearrangement` from the same arguments (checked), so the
         call plans nothing; ranks may mix prepared and unprepared calls.
+    timeout: seconds any one wait of the call may take (None:
+        ``group_guard.DEFAULT_TIMEOUT``, 90 s: it says why); each rank's own.
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
 
-    Raises TypeError/ValueError on bad input, on every rank and before any weight
-    is touched. A failure while moving raises RuntimeError naming the layers this
-    rank had already (possibly partly) rewritten.
+    Raises, on every rank and before any weight is touched: this rank's own
+    TypeError/ValueError (or any exception its checks raised) on its bad
+    input, :class:`~eplb.production.errors.AgreementError` (a ValueError) on
+    the others, naming the refusing rank or the argument that differs between
+    ranks; GroupFault if a rank does not reach the agreement in time. Once the
+    move began, any failure on any rank (its own exception, a rank that froze
+    or died, a wait past ``timeout``) raises
+    :class:`~eplb.production.errors.RearrangeError` on every rank within
+    ``timeout`` seconds, naming which layers this rank left new, old or mixed;
+    the group is then aborted (NCCL) and refused by later calls: recreate it.
+    On CUDA the host waits, within ``timeout``, until this rank's last
+    messages have completed (not for the copies queued after them).
 
     Python's cyclic garbage collector is paused during the call (and resumed if
     it was on): a collection in the middle, triggered by the call's many small
@@ -193,6 +212,7 @@ def rearrange_expert_weights(
             profile,
             buffers,
             prepared,
+            timeout,
         )
 
 
@@ -268,7 +288,9 @@ def prepare_rearrangement(
         data is read); the prepared move keeps references to them.
     group: the EP process group, for this rank and the group size (default: the world).
 
-    Raises TypeError/ValueError on bad input, as the call would.
+    Raises TypeError/ValueError on bad input, as the call would. It never
+    communicates (a worker thread may run it beside the serving thread's
+    collectives), so it takes no ``timeout``: the call that uses it does.
     """
     start = time.perf_counter()
     rank, world_size = rank_and_size(group)
@@ -365,66 +387,104 @@ def _rearrange(
     profile: bool,
     buffers: RearrangeBuffers | None,
     prepared: PreparedRearrangement | None,
+    timeout: object,
 ) -> RearrangeStats:
     start = time.perf_counter()
-    rank, world_size = rank_and_size(group)
-    error: Exception | None = None
-    digest = 0
-    layout: Layout | None = None
-    device = torch.device("cpu")
-    key = 0
     try:
+        seconds, bad_timeout = check_timeout(DEFAULT_TIMEOUT if timeout is None else timeout), None
+    except (TypeError, ValueError) as exc:  # refused below, on every rank (the agreement)
+        seconds, bad_timeout = DEFAULT_TIMEOUT, exc
+    rank, world_size = rank_and_size(group)
+    guard = GroupGuard(group, timeout=seconds)
+
+    def check() -> tuple[_Checked, dict[str, object]]:
+        if bad_timeout is not None:
+            raise bad_timeout
         old, new, layout, on = _check_input(
             old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
         )
-        device = on or device
+        device = on or torch.device("cpu")
         check_buffers(buffers, group, device)
         key = _digest(old, new, layout.signature, world_size)
         if prepared is not None:
             _check_prepared(prepared, key, rank, world_size, max_batch_bytes)
-        # Registered and unregistered buffers must not meet in one NCCL call.
-        digest = key ^ (buffers is not None)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    checked = time.perf_counter()
-    agreement = None
-    if world_size > 1:
-        agreement = _Agreement(
-            group, rank, world_size, error is not None, digest, collective_device(group, device)
-        )
-    given = prepared is not None
-    if error is None and prepared is None:
-        assert layout is not None
-        # Planned before the verdicts arrive; nothing is touched until they do.
-        prepared = _prepare(
-            old, new, layout, key, (rank, world_size), max_batch_bytes, expert_weights, False
-        )
-    planned = time.perf_counter()
-    if agreement is not None:
-        agreement.finish(error)
-    if error is not None:
-        raise error
-    assert prepared is not None
-    agreed = time.perf_counter()
-    steps = prepared._steps
-    with torch.no_grad(), on_device(device):
-        work = prepared._work
-        if given and not work.made_from(expert_weights):  # other tensors, same shapes
-            work = SlotWork(expert_weights, steps, ahead=False)
-        phases = run_steps(
-            steps,
-            work,
-            device,
-            TorchDistributedTransport(group),
-            rank,
-            profile,
-            prepared._finish_schedule,
-            buffers.allocating() if buffers is not None else contextlib.nullcontext,
-        )
+        # Every argument that shapes the plan or the wire. Not the timeout: each
+        # rank's deadlines are its own, a difference changes no message.
+        fields = {
+            "old_phy2log": old,
+            "new_phy2log": new,
+            "expert_weights": f"{layout.signature} on {device.type}",
+            "max_batch_bytes": int(max_batch_bytes),
+            # Registered and unregistered buffers must not meet in one NCCL call.
+            "buffers": buffers is not None,
+            # A prepared move is checked above to be this very plan: it changes no message.
+        }
+        return _Checked(old, new, layout, device, key), fields
+
+    progress: MoveProgress | None = None
+    call: GuardedCall | None = None
+    try:
+        with guard.call("rearrange_expert_weights") as call:
+            checked = call.propose(check)
+            done_checks = time.perf_counter()
+            given = prepared is not None
+            if prepared is None:
+                # Planned while the other ranks' verdicts arrive; nothing is
+                # touched until confirm() says every rank agrees.
+                prepared = _prepare(
+                    checked.old,
+                    checked.new,
+                    checked.layout,
+                    checked.key,
+                    (rank, world_size),
+                    max_batch_bytes,
+                    expert_weights,
+                    False,
+                )
+            planned = time.perf_counter()
+            call.confirm()
+            agreed = time.perf_counter()
+            steps = prepared._steps
+            progress = MoveProgress(steps, checked.old.shape[0])
+            device = checked.device
+            try:
+                with torch.no_grad(), on_device(device):
+                    work = prepared._work
+                    if given and not work.made_from(expert_weights):  # other tensors, same shapes
+                        work = SlotWork(expert_weights, steps, ahead=False)
+                    phases = run_steps(
+                        steps,
+                        work,
+                        device,
+                        TorchDistributedTransport(group, call),
+                        rank,
+                        profile,
+                        prepared._finish_schedule,
+                        buffers.allocating() if buffers is not None else contextlib.nullcontext,
+                        progress=progress,
+                    )
+                call.finish()
+            except BaseException:
+                # Read the write events now: the guard is about to abort the
+                # communicator, after which a device in error may not answer.
+                progress.settle()
+                raise
+    except Exception as exc:
+        if call is None or not call.agreed or progress is None:
+            raise  # refused (AgreementError on the others) or failed before any write
+        new_layers, old_layers, mixed = progress.layers()
+        raise RearrangeError.from_layers(
+            "rearrange_expert_weights",
+            rank=rank,
+            cause=exc,
+            layers_new=new_layers,
+            layers_old=old_layers,
+            layers_mixed=mixed,
+        ) from exc
     if phases:
         phases["plan (host)"] = (agreed - start) * 1e3
-        phases["of which checks"] = (checked - start) * 1e3
-        phases["plan and messages"] = (planned - checked) * 1e3
+        phases["of which checks"] = (done_checks - start) * 1e3
+        phases["plan and messages"] = (planned - done_checks) * 1e3
         phases["agreement wait"] = (agreed - planned) * 1e3
     return RearrangeStats(
         bytes_sent=sum(m.nbytes for b in steps for m in b.sends),
@@ -442,8 +502,20 @@ def _rearrange(
     )
 
 
+class _Checked(NamedTuple):
+    """One rank's checked input: both maps on the host, the weights' layout and device."""
+
+    old: np.ndarray
+    new: np.ndarray
+    layout: Layout
+    device: torch.device
+    key: int
+
+
 def warmup_rearrangement(
-    group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | str | None = None,
+    timeout: float | None = None,
 ) -> float:
     """Open the point-to-point channels to every peer now, not in the first rearrangement.
 
@@ -455,10 +527,13 @@ def warmup_rearrangement(
     group: the EP process group (default: the world).
     device: where the bytes live (default: the current CUDA device for NCCL,
         else the CPU).
+    timeout: seconds any one wait may take (None: ``group_guard.DEFAULT_TIMEOUT``);
+        a rank that fails or stops answering makes every rank raise within it.
 
     Returns the seconds it took on this rank (0.0 for a single rank).
     """
-    return warm_up_group(group, device)
+    seconds = check_timeout(DEFAULT_TIMEOUT if timeout is None else timeout)
+    return warm_up_group(group, device, seconds)
 
 
 def _check_input(
@@ -590,62 +665,3 @@ def _digest(old: np.ndarray, new: np.ndarray, signature: str, world_size: int) -
     h.update(old.tobytes())
     h.update(new.tobytes())
     return int.from_bytes(h.digest(), "little") >> 2
-
-
-class _Agreement:
-    """Every rank's verdict on its input, exchanged while the host plans (one all-reduce).
-
-    One all-reduce (max) of [refused flag per rank, fingerprint, -fingerprint]:
-    equal fingerprints have max == -max(-x). Refusing only locally would leave
-    the other ranks waiting for messages that never come. It is started as soon
-    as the input is checked and awaited (:meth:`finish`) once the plan is made:
-    the host plans while the few bytes cross the wire and while a slower rank
-    catches up, instead of waiting for them first.
-    """
-
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        rank: int,
-        world_size: int,
-        refused: bool,
-        digest: int,
-        device: torch.device,
-    ) -> None:
-        self._world_size = world_size
-        flags = torch.zeros(world_size + 2, dtype=torch.int64)
-        flags[rank] = refused
-        flags[world_size] = digest
-        flags[world_size + 1] = -digest
-        # On the pack stream, this exchange and the host's wait for it queue behind
-        # nothing the serving stream holds (the forward pass in flight): the host
-        # waits for a few bytes on the wire, not for the GPU to drain.
-        self._streams = Streams(device)
-        with self._streams.use("pack"):
-            self._flags = flags.to(device)
-            self._work = dist.all_reduce(
-                self._flags, op=dist.ReduceOp.MAX, group=group, async_op=True
-            )
-
-    def finish(self, error: Exception | None) -> None:
-        """Wait for the verdicts; raise if another rank refused or the inputs differ.
-
-        A rank that refused its own input (``error``) returns: its caller raises that.
-        """
-        with self._streams.use("pack"):
-            self._work.wait()
-            reduced = self._flags.cpu().tolist()
-        if error is not None:
-            return
-        world_size = self._world_size
-        refused = [r for r in range(world_size) if reduced[r]]
-        if refused:
-            raise ValueError(
-                f"rank(s) {refused} of the group refused their input (see their error); "
-                "no weights were changed"
-            )
-        if reduced[world_size] != -reduced[world_size + 1]:
-            raise ValueError(
-                "old_phy2log, new_phy2log and the shapes and dtypes of expert_weights must be "
-                "the same on every rank of the group; they differ. No weights were changed"
-            )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .group_guard import DEFAULT_TIMEOUT, check_timeout
 from .transport import collective_device, rank_and_size, same_group, warm_up_group
 
 __all__ = ["RearrangeBuffers", "check_buffers"]
@@ -37,11 +38,17 @@ class RearrangeBuffers:
     device: the CUDA device of this rank's expert weights (default: the current
         one for NCCL). Making one opens the group's point-to-point channels
         (``warmup_rearrangement``): registration needs the communicator.
+    timeout: seconds that warm-up's waits may take (None:
+        ``group_guard.DEFAULT_TIMEOUT``).
     """
 
     def __init__(
-        self, group: dist.ProcessGroup | None = None, device: torch.device | str | None = None
+        self,
+        group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        timeout: float | None = None,
     ) -> None:
+        seconds = check_timeout(DEFAULT_TIMEOUT if timeout is None else timeout)
         self.group = group
         world_size = rank_and_size(group)[1]
         if device is None:
@@ -51,7 +58,7 @@ class RearrangeBuffers:
         self._backend: Any = None  # ProcessGroupNCCL where registered
         self.closed = False
         if self.device.type == "cuda" and world_size > 1:
-            warm_up_group(group, self.device)
+            warm_up_group(group, self.device, seconds)
             owner: Any = group if group is not None else dist.group.WORLD
             backend: Any = owner._get_backend(self.device)
             if not hasattr(backend, "mem_allocator") or not hasattr(backend, "register_mem_pool"):

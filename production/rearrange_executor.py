@@ -42,6 +42,7 @@ from typing import ClassVar
 
 import torch
 
+from .rearrange_progress import MoveProgress
 from .rearrange_schedule import (
     FIRST_RECV_SLOTS,
     HOST_LEAD,
@@ -49,7 +50,6 @@ from .rearrange_schedule import (
     Message,
     Step,
     last_use,
-    layers_written,
     ring_depth,
     slot_bytes,
 )
@@ -345,6 +345,7 @@ def run_steps(
     schedule_writes: Callable[[], None],
     allocating: Callable[[], AbstractContextManager[object]],
     streams: Streams | None = None,
+    progress: MoveProgress | None = None,
 ) -> dict[str, float]:
     """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
 
@@ -364,9 +365,14 @@ def run_steps(
     transport: the wire (rearrange's calls pass a TorchDistributedTransport).
     streams: the stream and event layer (default: :class:`Streams` of
         ``device``); tests pass a recording fake with the same methods.
+    progress: told as each step's writes are issued and (their event) done;
+        when this raises, it says which layers the move left new, old or mixed.
 
-    Raises RuntimeError naming the layers this rank had begun to write (the
-    ones a write was issued for) if anything fails while moving.
+    On CUDA the host returns once this rank's last messages have completed
+    (:meth:`Transport.wait_device`, within the transport's deadline): a peer
+    that froze or died is noticed here, not by a stream that never finishes.
+    The writes queued after them may still be running. Whatever fails is
+    raised as is; the caller reports the layers from ``progress``.
     """
     begun = time.perf_counter()
     slots = slot_work.slots
@@ -387,75 +393,74 @@ def run_steps(
     packed: list[torch.cuda.Event | None] = [None] * len(steps)
     sent: list[torch.cuda.Event | None] = [None] * len(steps)
     written: list[torch.cuda.Event | None] = [None] * len(steps)
-    touched: set[int] = set()
-    try:
-        with streams.use("pack"):
-            _issue(
-                [_pack_batch(steps[0], sending[0], slots, slot_work.pack_sources(0))],
-                streams,
-                phases,
-            )
-            packed[0] = streams.record("pack")
-        for k in range(len(steps) + HOST_LEAD):
-            if k < len(steps):
-                received.append(rings.recv(k, steps[k]))
-                with streams.use("issue"):
-                    phases.mark("wire wait")
-                    streams.wait_event("issue", packed[k])
-                    free = rings.recv_free_after(k)
-                    if free is not None:
-                        streams.wait_event("issue", written[free])
-                    phases.mark("wire wait", end=True)
-                    phases.mark("wire")
-                    transport.wait(
-                        transport.post(
-                            [(m.peer, b) for m, b in zip(steps[k].sends, sending[k], strict=True)],
-                            [(m.peer, b) for m, b in zip(steps[k].recvs, received[k], strict=True)],
-                        )
+    with streams.use("pack"):
+        _issue(
+            [_pack_batch(steps[0], sending[0], slots, slot_work.pack_sources(0))],
+            streams,
+            phases,
+        )
+        packed[0] = streams.record("pack")
+    for k in range(len(steps) + HOST_LEAD):
+        if k < len(steps):
+            received.append(rings.recv(k, steps[k]))
+            with streams.use("issue"):
+                phases.mark("wire wait")
+                streams.wait_event("issue", packed[k])
+                free = rings.recv_free_after(k)
+                if free is not None:
+                    streams.wait_event("issue", written[free])
+                phases.mark("wire wait", end=True)
+                phases.mark("wire")
+                transport.wait(
+                    transport.post(
+                        [(m.peer, b) for m, b in zip(steps[k].sends, sending[k], strict=True)],
+                        [(m.peer, b) for m, b in zip(steps[k].recvs, received[k], strict=True)],
                     )
-                    phases.mark("wire", end=True)
-                    sent[k] = streams.record("issue")
-            if k + 1 < len(steps):
-                with streams.use("pack"):
-                    if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
-                        streams.wait_event("pack", sent[k - 1])
-                    pack = _pack_batch(
-                        steps[k + 1], sending[k + 1], slots, slot_work.pack_sources(k + 1)
-                    )
-                    _issue([pack], streams, phases)
-                    packed[k + 1] = streams.record("pack")
-            j = k - HOST_LEAD  # the step whose writes are issued now
-            if j == 0:
-                scheduled = time.perf_counter()
-                schedule_writes()
-                rings.extend(HOST_LEAD + RING_SLACK)
-                staging = _allocate_staging(steps, slots)
-                if phases.enabled:
-                    phases.host["schedule writes"] = time.perf_counter() - scheduled
-            if j >= 0:
-                with streams.use("write"):
-                    streams.wait_event("write", sent[j])
-                    if j + 1 < len(steps):
-                        streams.wait_event("write", packed[j + 1])
-                    touched.update(layers_written(steps[j]))
-                    _issue(
-                        _write_batches(steps[j], slots, received, *slot_work.writes(j, staging)),
-                        streams,
-                        phases,
-                    )
-                    written[j] = streams.record("write")
-        for which in ("pack", "issue", "write"):
-            streams.wait("current", which)
-        phases.mark("total", end=True)
-    except Exception as exc:
-        changed = sorted(touched)
-        unchanged = sorted(set(range(slots.num_layers)) - touched)
-        raise RuntimeError(
-            f"rearrange_expert_weights failed on rank {rank}: {type(exc).__name__}: {exc}. "
-            f"Layers {changed} of this rank may already hold new weights (some only partly); "
-            f"layers {unchanged} are unchanged. The weights no longer match either "
-            "placement: reload them or rerun the rearrangement from the old placement"
-        ) from exc
+                )
+                phases.mark("wire", end=True)
+                sent[k] = streams.record("issue")
+        if k + 1 < len(steps):
+            with streams.use("pack"):
+                if k >= 1:  # send slot (k + 1) % 2 last held step k - 1
+                    streams.wait_event("pack", sent[k - 1])
+                pack = _pack_batch(
+                    steps[k + 1], sending[k + 1], slots, slot_work.pack_sources(k + 1)
+                )
+                _issue([pack], streams, phases)
+                packed[k + 1] = streams.record("pack")
+        j = k - HOST_LEAD  # the step whose writes are issued now
+        if j == 0:
+            scheduled = time.perf_counter()
+            schedule_writes()
+            rings.extend(HOST_LEAD + RING_SLACK)
+            staging = _allocate_staging(steps, slots)
+            if phases.enabled:
+                phases.host["schedule writes"] = time.perf_counter() - scheduled
+        if j >= 0:
+            with streams.use("write"):
+                streams.wait_event("write", sent[j])
+                if j + 1 < len(steps):
+                    streams.wait_event("write", packed[j + 1])
+                if progress is not None:
+                    progress.issuing(j)
+                _issue(
+                    _write_batches(steps[j], slots, received, *slot_work.writes(j, staging)),
+                    streams,
+                    phases,
+                )
+                written[j] = streams.record("write")
+                if progress is not None:
+                    progress.issued_all(j, written[j] if streams.cuda else None)
+    for which in ("pack", "issue", "write"):
+        streams.wait("current", which)
+    phases.mark("total", end=True)
+    last = sent[-1] if sent else None
+    if streams.cuda and last is not None:
+        # The only host wait of the move: no success is reported before this
+        # rank's messages have arrived (a dead peer would leave them pending).
+        transport.wait_device(last, "this rank's last messages")
+        if progress is not None:
+            progress.settle()
     return phases.totals()
 
 

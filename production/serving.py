@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from datetime import timedelta
 from typing import NamedTuple
 
 import numpy as np
@@ -44,9 +44,18 @@ import torch.distributed as dist
 from eplb._validation import check_count, validate_config, validate_tolerance
 from eplb.metrics import balancedness, gpu_loads
 
+from .balancer_state import (
+    BalancerStats,
+    LoadWindow,
+    RearrangeOptions,
+    as_host_placement,
+    maps_from_phy2log,
+    pad_replicas,
+)
+from .errors import GroupFault, RearrangeError
+from .group_guard import GroupGuard
 from .migration import rebalance_experts_migration_aware
 from .rearrange import (
-    DEFAULT_MAX_BATCH_BYTES,
     PreparedRearrangement,
     RearrangeBuffers,
     RearrangeStats,
@@ -60,116 +69,6 @@ from .staged import StagedApply, StagedMove, staged_steps
 from .transport import rank_and_size
 
 __all__ = ["BalancerStats", "ExpertBalancer", "LoadWindow", "RearrangeOptions"]
-
-
-@dataclass(frozen=True)
-class RearrangeOptions:
-    """How an :class:`ExpertBalancer` moves the weights when it applies a placement.
-
-    The defaults are the README's recommended setting where it costs nothing:
-    the move is prepared ahead on the worker thread. Kept, registered buffers
-    hold their memory between rebalances, so they stay opt-in; high-priority
-    NCCL streams belong to the process group the engine creates (see
-    ``rearrange_expert_weights``).
-
-    max_batch_bytes: the step budget of each weight rearrangement (see
-        :func:`rearrange_expert_weights`): its buffers grow with it.
-    keep_buffers: keep the rearrangement's message buffers from one rebalance
-        to the next in a :class:`RearrangeBuffers` (with NCCL, registered with
-        the communicator: faster, but the memory stays reserved);
-        ``ExpertBalancer.close`` releases them, before the group is destroyed.
-        False: allocated for the apply step only.
-    keep_slots: reorder each new placement's slots within every GPU so that
-        experts staying on a GPU keep their slots (:func:`keep_experts_in_place`):
-        the same loads, far fewer local copies, but ``phy2log`` is then no longer
-        the SPEC placement itself.
-    prepare_ahead: the worker thread also prepares this rank's share of the move
-        (:func:`eplb.production.prepare_rearrangement`), so the apply starts
-        moving at once. Its Python work then shares the interpreter lock with the
-        serving thread while the forward passes run; False plans inside the apply.
-    """
-
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
-    keep_buffers: bool = False
-    keep_slots: bool = False
-    prepare_ahead: bool = True
-
-    def __post_init__(self) -> None:
-        check_count("max_batch_bytes", self.max_batch_bytes)
-        for name in ("keep_buffers", "keep_slots", "prepare_ahead"):
-            flag = getattr(self, name)
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-
-
-class LoadWindow:
-    """Tokens each logical expert received in each of the last ``size`` steps, on one rank.
-
-    ``add`` counts a layer's routed tokens into the current step (tensor ops
-    only, graph-capturable); ``roll`` closes the step: it enters the window and
-    the oldest step leaves it. ``total`` is the running sum, kept so that a
-    rebalance need not sum the whole window.
-
-    size: steps kept. layers, experts: the load's shape. device: where it lives.
-    """
-
-    def __init__(self, size: int, layers: int, experts: int, device: torch.device) -> None:
-        self.size = check_count("window_size", size)
-        # int32 halves the window's memory and holds any realistic per-step
-        # count; the running total is int64.
-        self._step = torch.zeros(layers, experts, dtype=torch.int32, device=device)
-        self._steps = torch.zeros(self.size, layers, experts, dtype=torch.int32, device=device)
-        #: [layers, experts] int64, tokens per logical expert over the window (live).
-        self.total = torch.zeros(layers, experts, dtype=torch.int64, device=device)
-        self._position = 0
-        self._one = torch.ones((), dtype=torch.int32, device=device)
-
-    def add(
-        self, layer: int, expert_ids: torch.Tensor, counted: torch.Tensor | None = None
-    ) -> None:
-        """Count ``expert_ids`` ([n] int, logical experts) into this step's load of ``layer``.
-
-        counted: [n] bool or None; where False, that id is not counted (masked ids).
-        """
-        ones = self._one.expand(expert_ids.numel())
-        self._step[layer].index_add_(0, expert_ids, ones if counted is None else counted.int())
-
-    def roll(self) -> None:
-        """Close the step: it enters the window, the oldest step leaves."""
-        oldest = self._steps[self._position]
-        self.total.sub_(oldest).add_(self._step)
-        oldest.copy_(self._step)
-        self._step.zero_()
-        self._position = (self._position + 1) % self.size
-
-
-@dataclass
-class BalancerStats:
-    """What an :class:`ExpertBalancer` has done so far (host values, no device sync to read)."""
-
-    #: Calls of ``step()``.
-    steps: int = 0
-    #: Placements applied (weights moved and maps updated).
-    rebalances: int = 0
-    #: Intervals at which no rebalance was started because the balancer had failed.
-    skipped: int = 0
-    #: Applies that had to wait for the worker thread.
-    waits: int = 0
-    #: The step at which the last placement was applied (0: none yet).
-    last_rebalance_step: int = 0
-    #: Worker-thread seconds spent computing the last placement and preparing its
-    #: weight rearrangement (off the critical path).
-    last_plan_seconds: float = 0.0
-    #: Host seconds the last apply spent inside ``step()``: waiting for the worker,
-    #: issuing the weight rearrangement and the map updates.
-    last_apply_seconds: float = 0.0
-    #: Mean over layers of SPEC.md's balancedness of the last rebalance's window load
-    #: under the placement it replaced (1.0 is perfect).
-    balancedness_before: float = float("nan")
-    #: The same under the new placement.
-    balancedness_after: float = float("nan")
-    #: What the last weight rearrangement moved (bytes, experts, messages, seconds).
-    last_rearrange: RearrangeStats | None = None
 
 
 class _Plan(NamedTuple):
@@ -221,21 +120,30 @@ class ExpertBalancer:
     point. ``apply_delay < step_interval``, so a rebalance is never still
     running at the next interval.
 
-    Failure: if the weight rearrangement raises (a rank died, a collective
-    timed out), ``step()`` re-raises it and the maps keep the old placement.
-    The rearrangement leaves the weights as they were or its error names the
-    layers it changed; the balancer cannot know which ranks got how far, so it
-    marks itself failed (``error``): routing goes on with the old maps, and
-    later intervals start no rebalance (counted in ``stats.skipped``) until
-    :meth:`reset` installs the placement the weights really have (e.g. after the
-    engine reloaded them). A placement computation that raises, or a
-    rearrangement that refuses its input (TypeError/ValueError, raised on every
-    rank before any weight is touched), fails it the same way with the weights
-    untouched: ``reset()`` without a placement resumes.
-    A staged apply (``layers_per_step``) that fails raises
-    :class:`eplb.production.StagedApplyError` on every rank at the same step;
-    the maps then describe the weights exactly (its ``layers_new`` hold the new
-    placement, ``layers_old`` the old one), so ``reset()`` alone resumes.
+    Failure (every collective waits at most ``RearrangeOptions.timeout``): the
+    exception that failed a rebalance is kept in ``error``. ``step()`` re-raises
+    it and the maps keep the old placement.
+
+    - A move that failed once it began (a rank raised, froze or died) raises
+      :class:`eplb.production.errors.RearrangeError` on every rank; its
+      ``layers_changed`` are this rank's layers that no longer hold the old
+      placement (new or mixed). The weights no longer match the maps, so
+      every later ``step()`` raises RuntimeError until the engine recovers:
+      reload ``error.layers_changed`` from the checkpoint in the old placement
+      (``phy2log`` still holds it), recreate the process group (the failed
+      move aborted it and later moves on it are refused), then call
+      ``reset(phy2log, group=new_group)`` on every rank at the same step.
+      A GroupFault (a rank did not reach the agreement, or the load's
+      all-reduce did not complete) is handled the same way.
+    - A placement computation that raises, or a move refused before any
+      weight was touched (TypeError/ValueError on the refusing rank,
+      AgreementError on the others): routing goes on with the old maps and
+      later intervals start no rebalance (``stats.skipped``) until ``reset()``.
+    - A staged apply (``layers_per_step``) that fails raises
+      :class:`eplb.production.StagedApplyError` on every rank at the same
+      step; the maps then describe the weights exactly (its ``layers_new``
+      hold the new placement, ``layers_old`` the old one), so ``reset()``
+      resumes (with ``group=`` a new group if its move faulted the old one).
 
     Every rank of ``group`` must create its balancer with the same arguments
     (construction is collective: it opens the point-to-point channels the
@@ -376,17 +284,17 @@ class ExpertBalancer:
         # The first rebalance should not pay for opening the P2P channels
         # (RearrangeBuffers opens them too).
         self._buffers = (
-            RearrangeBuffers(group, self.device if cuda else None)
+            RearrangeBuffers(group, self.device if cuda else None, rearrange.timeout)
             if rearrange.keep_buffers
             else None
         )
         if self._buffers is None:
-            warmup_rearrangement(group, self.device if cuda else None)
+            warmup_rearrangement(group, self.device if cuda else None, timeout=rearrange.timeout)
 
         initial = np.tile(np.arange(num_replicas) % experts, (layers, 1))
         self._host_phy2log = torch.from_numpy(initial)
         self._host_logcnt = torch.empty(0, dtype=torch.int64)
-        self._install(*_maps_from_phy2log(initial, experts, self.max_replicas))
+        self._install(*maps_from_phy2log(initial, experts, self.max_replicas))
         self._staged = (
             None
             if layers_per_step is None
@@ -398,6 +306,7 @@ class ExpertBalancer:
                 group=group,
                 max_batch_bytes=rearrange.max_batch_bytes,
                 buffers=self._buffers,
+                timeout=rearrange.timeout,
             )
         )
         self._staging: _Plan | None = None  # the plan a staged apply is applying
@@ -464,9 +373,18 @@ class ExpertBalancer:
         Returns True when this step finished applying a new placement (with
         ``layers_per_step``: committed its last layers). Raises what the
         rearrangement or the placement computation raised (see the class
-        docstring); the balancer is then failed until :meth:`reset`.
+        docstring); the balancer is then failed until :meth:`reset`. After a
+        move that failed once begun (RearrangeError, GroupFault), raises
+        RuntimeError, before counting the step, until ``reset(phy2log, ...)``.
         """
         self._check_open()
+        if _weights_unknown(self.error):
+            raise RuntimeError(
+                "a rebalance of this ExpertBalancer failed while moving weights "
+                f"({type(self.error).__name__}: {self.error}); the weights no longer match the "
+                "maps: reload the layers it names (error.layers_changed) and call "
+                "reset(phy2log, group=...) on every rank first"
+            ) from self.error
         self.window.roll()
         self.stats.steps += 1
         applied = False
@@ -481,20 +399,40 @@ class ExpertBalancer:
                 self.stats.skipped += 1
         return applied
 
-    def reset(self, phy2log: torch.Tensor | np.ndarray | None = None) -> None:
+    def reset(
+        self,
+        phy2log: torch.Tensor | np.ndarray | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         """Forget a failure and any placement not yet applied; optionally install one.
 
         phy2log: [layers, num_replicas] int, the placement the expert weights
             hold now (the maps are updated in place to it); None keeps the maps.
             Every expert must appear at least once. The load window is kept.
+            Required after a move failed once it began (``error`` a
+            RearrangeError or GroupFault): only the engine knows what it reloaded.
+        group: a new EP process group of the same size, replacing one a failed
+            move aborted (required then); the balancer's later collectives use
+            it. Given, the call is collective (it opens the new group's
+            point-to-point channels).
 
-        Not a collective, but every rank must call it at the same step.
+        Every rank must call it at the same step.
         """
         self._check_open()
+        if phy2log is None and _weights_unknown(self.error):
+            raise ValueError(
+                "phy2log is required: the last rebalance failed while moving weights; pass "
+                "the placement the weights hold after reloading error.layers_changed"
+            )
+        if group is None and _group_faulted(self.group):
+            raise ValueError(
+                "group is required: a failed move aborted the process group; pass a new one"
+            )
         maps = None
         if phy2log is not None:
-            host = _as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
-            maps = _maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
+            host = as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
+            maps = maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
         if self._pending is not None:
             # Dropped: it was planned against the old maps, which the worker
             # reads until it returns.
@@ -506,14 +444,31 @@ class ExpertBalancer:
             self._staged.cancel()
             self._staging = None
             if maps is None:
-                maps = _maps_from_phy2log(
+                maps = maps_from_phy2log(
                     self._staged.placement()[0].numpy(),
                     self.config.num_logical_experts,
                     self.max_replicas,
                 )
         if maps is not None:
             self._install(*maps)
+        if group is not None:
+            self._replace_group(group)
         self.error = None
+
+    def _replace_group(self, group: dist.ProcessGroup) -> None:
+        """Use ``group`` from now on (collective: opens its channels, remakes kept buffers)."""
+        if rank_and_size(group)[1] != self.num_gpus:
+            raise ValueError(f"group must have {self.num_gpus} ranks like the one it replaces")
+        self.group = group
+        device = self.device if self.device.type == "cuda" else None
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = RearrangeBuffers(group, device, self.rearrange.timeout)
+        else:
+            warmup_rearrangement(group, device, timeout=self.rearrange.timeout)
+        if self._staged is not None:
+            self._staged.group = group
+            self._staged.buffers = self._buffers
 
     def close(self) -> None:
         """Drop a placement not yet applied, stop the worker thread, free kept buffers.
@@ -546,7 +501,14 @@ class ExpertBalancer:
         multi_rank = self.num_gpus > 1
         if self._side_stream is None:
             if multi_rank:
-                dist.all_reduce(self._snapshot, group=self.group)
+                try:
+                    # A rank that froze or died is noticed within the timeout
+                    # (the group's own would stall serving for 30 minutes).
+                    work = dist.all_reduce(self._snapshot, group=self.group, async_op=True)
+                    work.wait(timeout=timedelta(seconds=self.rearrange.timeout))
+                except Exception as exc:
+                    self.error = exc
+                    raise
         else:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
@@ -569,7 +531,16 @@ class ExpertBalancer:
         slots, no data read): the apply then moves weights at once.
         """
         if self._copied is not None:
-            self._copied.synchronize()
+            # Polled, not synchronize(): a peer that died leaves the all-reduce
+            # pending forever; the apply then raises this, within the timeout.
+            deadline = time.monotonic() + self.rearrange.timeout
+            while not self._copied.query():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"the load's all-reduce over the EP group did not complete within "
+                        f"{self.rearrange.timeout:g} s: a rank froze or died"
+                    )
+                time.sleep(1e-3)
         start = time.perf_counter()
         load = self._host_load.numpy()
         cfg = self.config
@@ -592,11 +563,11 @@ class ExpertBalancer:
             # The same experts on each GPU (the same loads), reordered so that
             # those staying on a GPU keep their slots: they need no copy.
             kept = keep_experts_in_place(self._host_phy2log.numpy(), phy2log.numpy(), cfg.num_gpus)
-            phy2log, log2phy, logcnt = _maps_from_phy2log(
+            phy2log, log2phy, logcnt = maps_from_phy2log(
                 kept, cfg.num_logical_experts, self.max_replicas
             )
         else:
-            log2phy = torch.from_numpy(_pad_replicas(log2phy.numpy(), self.max_replicas))
+            log2phy = torch.from_numpy(pad_replicas(log2phy.numpy(), self.max_replicas))
         if self._side_stream is not None:
             # Pinned, so that _install's host-to-device copies do not block.
             phy2log, log2phy, logcnt = (
@@ -658,6 +629,7 @@ class ExpertBalancer:
                 max_batch_bytes=self.rearrange.max_batch_bytes,
                 buffers=self._buffers,
                 prepared=plan.prepared,
+                timeout=self.rearrange.timeout,
             )
         except BaseException as exc:
             self.error = exc
@@ -706,53 +678,13 @@ class ExpertBalancer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _as_host_placement(phy2log: torch.Tensor | np.ndarray, layers: int, slots: int) -> np.ndarray:
-    """phy2log as a host int64 array, checked to be [layers, slots]."""
-    if isinstance(phy2log, torch.Tensor):
-        phy2log = phy2log.detach().cpu().numpy()
-    host = np.asarray(phy2log)
-    if host.shape != (layers, slots):
-        raise ValueError(f"phy2log must have shape [{layers}, {slots}], got {host.shape}")
-    if host.dtype.kind not in "iu":
-        raise TypeError(f"phy2log must hold integers, got dtype {host.dtype}")
-    return host.astype(np.int64)
+def _weights_unknown(error: BaseException | None) -> bool:
+    """Whether ``error`` leaves weights that may not match the maps (a move failed once begun)."""
+    return isinstance(error, (RearrangeError, GroupFault))
 
 
-def _maps_from_phy2log(
-    phy2log: np.ndarray, num_experts: int, max_replicas: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """phy2log [L, R] (host) to host phy2log, log2phy [L, E, max_replicas] and logcnt [L, E].
-
-    Replica ranks follow slot order. Raises ValueError if an expert id is out
-    of range or an expert has no slot.
-    """
-    layers, slots = phy2log.shape
-    bad = (phy2log < 0) | (phy2log >= num_experts)
-    if bad.any():
-        layer, slot = np.argwhere(bad)[0]
-        raise ValueError(
-            f"phy2log values must lie in 0..{num_experts - 1}, got {phy2log[layer, slot]} at "
-            f"[layer, slot]=[{layer}, {slot}]"
-        )
-    rows = np.repeat(np.arange(layers), slots)
-    logcnt = np.zeros((layers, num_experts), dtype=np.int64)
-    np.add.at(logcnt, (rows, phy2log.ravel()), 1)
-    if (logcnt == 0).any():
-        layer, expert = np.argwhere(logcnt == 0)[0]
-        raise ValueError(f"phy2log must hold every expert: layer {layer} has no slot of {expert}")
-    order = np.argsort(phy2log, axis=1, kind="stable")
-    experts = np.take_along_axis(phy2log, order, axis=1)
-    first = np.cumsum(logcnt, axis=1) - logcnt
-    replica = np.arange(slots) - np.take_along_axis(first, experts, axis=1)
-    log2phy = np.full((layers, num_experts, int(logcnt.max())), -1, dtype=np.int64)
-    log2phy[rows, experts.ravel(), replica.ravel()] = order.ravel()
-    padded = _pad_replicas(log2phy, max_replicas)
-    return torch.from_numpy(phy2log), torch.from_numpy(padded), torch.from_numpy(logcnt)
-
-
-def _pad_replicas(log2phy: np.ndarray, max_replicas: int) -> np.ndarray:
-    """log2phy [L, E, K] to [L, E, max_replicas]: -1 padded, or cut to the first ranks."""
-    out = np.full((*log2phy.shape[:2], max_replicas), -1, dtype=np.int64)
-    kept = min(max_replicas, log2phy.shape[2])
-    out[..., :kept] = log2phy[..., :kept]
-    return out
+def _group_faulted(group: dist.ProcessGroup | None) -> bool:
+    """Whether a failed guarded call faulted ``group`` (later moves on it are refused)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    return GroupGuard(group).faulted is not None

@@ -59,6 +59,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import GroupFault, RearrangeError
+from .group_guard import DEFAULT_TIMEOUT, check_timeout
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -68,18 +70,11 @@ from .rearrange import (
 )
 
 __all__ = [
-    "DEFAULT_COMMIT_TIMEOUT",
     "StagedApply",
     "StagedApplyError",
     "StagedMove",
     "staged_steps",
 ]
-
-#: Seconds a commit waits for every rank's vote. A chunk's move normally takes
-#: a few forward passes' time at most; a minute is far beyond that yet well
-#: under a process group's default timeout (30 minutes), so a lost rank fails
-#: the group in bounded time.
-DEFAULT_COMMIT_TIMEOUT = 60.0
 
 # Host sleep between polls of the vote while waiting for it: short against a
 # forward pass, long enough not to spin a core.
@@ -148,7 +143,8 @@ class StagedApply:
     layers_per_step: K, layers per chunk (>= 1).
     group: the EP process group (None: the world, or a single rank).
     max_batch_bytes, buffers: passed to every chunk's move.
-    timeout: seconds a commit waits for the other ranks' votes.
+    timeout: seconds any wait of a chunk's move, and a commit's wait for the
+        other ranks' votes, may take (default ``group_guard.DEFAULT_TIMEOUT``).
 
     Every rank must make the same calls at the same steps.
     """
@@ -163,13 +159,10 @@ class StagedApply:
         group: dist.ProcessGroup | None = None,
         max_batch_bytes: int,
         buffers: RearrangeBuffers | None = None,
-        timeout: float = DEFAULT_COMMIT_TIMEOUT,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         staged_steps(phy2log.shape[0], layers_per_step)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        timeout = check_timeout(timeout)
         self._maps = (phy2log, log2phy, logcnt)
         self.num_layers = phy2log.shape[0]
         self.layers_per_step = layers_per_step
@@ -388,12 +381,18 @@ class StagedApply:
                         buffers=self.buffers,
                         # Chunk 0 was planned ahead; the others are planned here.
                         prepared=move.first if self._chunk == 0 and staging else None,
+                        timeout=self.timeout,
                     )
                 )
             except Exception as exc:  # reported by every rank at the commit, after the vote
                 self._failure = self._failure or exc
             self._flags.copy_(self._votes[int(self._failure is not None)])
-            if self._world_size > 1:
+            # A move that failed once it began fails on every rank (its guard's
+            # one outcome) and faults the group: no vote on it, which a frozen
+            # rank would only hold up for another timeout.
+            faulted = isinstance(self._failure, (RearrangeError, GroupFault))
+            self._vote = None
+            if self._world_size > 1 and not faulted:
                 # NCCL: queued on the side stream (the host returns at once); its
                 # event tells the host. gloo: polled through its work handle.
                 work = dist.all_reduce(

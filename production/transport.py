@@ -3,8 +3,15 @@
 The executor (:mod:`eplb.production.rearrange_executor`) hands a
 :class:`Transport` one pipeline step's messages at a time: :meth:`Transport.post`
 issues the step's sends and receives together, :meth:`Transport.wait` waits
-for them (on CUDA: makes the current stream wait, the host does not block), and
-:meth:`Transport.warm_up` opens the channels ahead of the first move.
+for them (on CUDA: makes the current stream wait, the host does not block),
+:meth:`Transport.wait_device` blocks the host until an event recorded after
+such a wait has completed (on CUDA, the host's one way to learn that the wire
+is done), and :meth:`Transport.warm_up` opens the channels ahead of the first
+move. Given a :class:`~eplb.production.group_guard.GuardedCall`, the
+transport's waits take its deadline and read its failure board: on gloo the
+step's works are waited by the guard (``wait_works``), on CUDA events are
+polled (``wait_event``), so no host thread sits in a collective past the
+deadline; the guard aborts an NCCL communicator when its call fails.
 :class:`TorchDistributedTransport` implements it over ``torch.distributed``
 (NCCL or gloo) and is the only code of the library that calls point-to-point
 operations. A test swaps in a recording fake to check the executor's ordering
@@ -21,9 +28,12 @@ import abc
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .group_guard import DEFAULT_TIMEOUT, GroupGuard, GuardedCall
 
 __all__ = [
     "TorchDistributedTransport",
@@ -66,19 +76,41 @@ class Transport(abc.ABC):
         by then raises.
         """
 
+    def wait_device(self, done: torch.cuda.Event, what: str) -> None:
+        """Block the host until ``done`` (recorded after a step's :meth:`wait`) has completed.
+
+        What a transport with a deadline bounds (raising once it passes); this
+        default waits without one. what: what is awaited, for the message.
+        """
+        done.synchronize()
+
     @abc.abstractmethod
     def warm_up(self, device: torch.device) -> None:
         """Open the channels to every peer now (collective: every rank calls it)."""
+
+
+class _Posted(NamedTuple):
+    """One step's works and the peers they talk to (for the deadline's message)."""
+
+    works: list[dist.Work]
+    peers: tuple[int, ...]
+    cuda: bool
 
 
 class TorchDistributedTransport(Transport):
     """:class:`Transport` over a ``torch.distributed`` group (one ``batch_isend_irecv`` per step).
 
     group: the process group (None: the world).
+    call: the guarded call the messages belong to: every wait takes its
+        deadline and raises GroupFault as soon as another rank posts a
+        failure. None: waits end only by the process group's own timeout.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, call: GuardedCall | None = None
+    ) -> None:
         self.group = group
+        self.call = call
         self.rank, self.world_size = rank_and_size(group)
 
     def post(
@@ -92,15 +124,29 @@ class TorchDistributedTransport(Transport):
             for op, messages in ((dist.isend, sends), (dist.irecv, recvs))
             for peer, buffer in messages
         ]
-        return dist.batch_isend_irecv(ops) if ops else []
+        works = dist.batch_isend_irecv(ops) if ops else []
+        peers = tuple(sorted({peer for messages in (sends, recvs) for peer, _ in messages}))
+        cuda = any(buffer.is_cuda for messages in (sends, recvs) for _, buffer in messages)
+        return _Posted(works, peers, cuda)
 
     def wait(self, pending: object, timeout: float | None = None) -> None:
-        assert isinstance(pending, list)
-        for work in pending:
+        assert isinstance(pending, _Posted)
+        if self.call is not None and not pending.cuda:
+            # gloo: the host waits for the messages themselves, within the deadline.
+            self.call.wait_works(pending.works, "a step's messages", pending.peers)
+            return
+        for work in pending.works:  # NCCL: only orders the current stream
             if timeout is None:
                 work.wait()
             else:
                 work.wait(timeout=timedelta(seconds=timeout))
+
+    def wait_device(self, done: torch.cuda.Event, what: str) -> None:
+        if self.call is None:
+            done.synchronize()
+            return
+        peers = [peer for peer in range(self.world_size) if peer != self.rank]
+        self.call.wait_event(done, what, peers)
 
     def warm_up(self, device: torch.device) -> None:
         # One byte to and from every peer in one batch: NCCL opens a pair's
@@ -116,7 +162,9 @@ class TorchDistributedTransport(Transport):
                 )
             )
             if device.type == "cuda":
-                torch.cuda.synchronize(device)
+                done = torch.cuda.Event()
+                done.record()
+                self.wait_device(done, "the warm-up's messages")
 
     def _global(self, peer: int) -> int:
         """P2POp wants global ranks on every torch version this supports."""
@@ -125,15 +173,26 @@ class TorchDistributedTransport(Transport):
         return dist.get_global_rank(self.group, peer)
 
 
-def warm_up_group(group: dist.ProcessGroup | None, device: torch.device | str | None) -> float:
-    """:meth:`TorchDistributedTransport.warm_up` of ``group``; seconds taken (0.0 for one rank)."""
+def warm_up_group(
+    group: dist.ProcessGroup | None,
+    device: torch.device | str | None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> float:
+    """:meth:`TorchDistributedTransport.warm_up` of ``group``; seconds taken (0.0 for one rank).
+
+    Runs as one guarded call (:class:`~eplb.production.group_guard.GroupGuard`):
+    every wait within ``timeout`` seconds, one outcome on every rank.
+    """
     start = time.perf_counter()
-    transport = TorchDistributedTransport(group)
-    if transport.world_size == 1:
+    if rank_and_size(group)[1] == 1:
         return 0.0
     if device is None:
         device = collective_device(group, torch.device("cpu"))
-    transport.warm_up(torch.device(device))
+    where = torch.device(device)
+    with GroupGuard(group, timeout=timeout).call("warmup_rearrangement") as call:
+        call.agree(lambda: (None, {"device type": where.type}))
+        TorchDistributedTransport(group, call).warm_up(where)
+        call.finish()
     return time.perf_counter() - start
 
 

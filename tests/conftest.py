@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,3 +55,66 @@ def _run_benchmark(script: str, *args: str) -> str:
 def run_benchmark() -> Callable[..., str]:
     """``run_benchmark(script, *args)``: a benchmark's standard output; it must exit 0."""
     return _run_benchmark
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_ranks(
+    script: Path,
+    scenario: str,
+    world: int,
+    timeout: float,
+    out: Path,
+    waiting_for: set[int],
+    env: dict[str, str] | None = None,
+) -> dict[int, Any]:
+    """Start ``world`` ranks of ``script``; their reports once ``waiting_for`` wrote theirs.
+
+    Each rank runs ``script SCENARIO RANK WORLD PORT TIMEOUT OUT`` (gloo over
+    TCP), writes ``OUT/RANK.json`` and then sleeps: every rank is killed here
+    once the awaited reports are in (a rank exiting on its own would close its
+    pairs and tell the others too early).
+    """
+    port = _free_port()
+    args = [str(world), str(port), str(timeout), str(out)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), scenario, str(r), *args],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for r in range(world)
+    ]
+    try:
+        limit = time.monotonic() + 240  # process start-up under load dominates
+        while time.monotonic() < limit:
+            if all((out / f"{r}.json").exists() for r in waiting_for):
+                break
+            if any(p.poll() not in (None, -signal.SIGKILL) for p in procs):
+                break  # a rank crashed: its stderr says why
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()  # also ends a stopped process
+        errors = [p.communicate()[1].decode(errors="replace")[-3000:] for p in procs]
+    reports = {}
+    for r in range(world):
+        path = out / f"{r}.json"
+        if path.exists():
+            reports[r] = json.loads(path.read_text())
+    missing = waiting_for - reports.keys()
+    assert not missing, f"no report from ranks {missing}: " + "\n".join(errors)
+    return reports
+
+
+@pytest.fixture
+def run_ranks() -> Callable[..., dict[int, Any]]:
+    """``run_ranks(script, scenario, world, timeout, out, waiting_for, env=None)``: the
+    ranks' JSON reports (see ``_run_ranks``)."""
+    return _run_ranks

@@ -9,13 +9,8 @@ guarded call (process start-up is not timed).
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,53 +32,21 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def run(run_ranks: Callable[..., dict[int, Any]], tmp_path: Path) -> Callable[..., dict[int, Any]]:
+    """``run(scenario, waiting_for, faulty=1, timeout=LONG)``: the ranks' reports."""
+
+    def start(
+        scenario: str, waiting_for: set[int], faulty: int = 1, timeout: float = LONG
+    ) -> dict[int, Any]:
+        env = {"EPLB_GUARD_FAULTY": str(faulty)}
+        return run_ranks(SCRIPT, scenario, WORLD, timeout, tmp_path, waiting_for, env)
+
+    return start
 
 
-def _run(
-    tmp_path: Path, scenario: str, waiting_for: set[int], faulty: int = 1, timeout: float = LONG
-) -> dict[int, Any]:
-    """Start the ranks, wait for the reports of ``waiting_for``, kill every rank; the reports."""
-    port = _free_port()
-    env = {**os.environ, "EPLB_GUARD_FAULTY": str(faulty)}
-    args = [str(WORLD), str(port), str(timeout), str(tmp_path)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), scenario, str(r), *args],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for r in range(WORLD)
-    ]
-    try:
-        limit = time.monotonic() + 240  # process start-up under load dominates
-        while time.monotonic() < limit:
-            if all((tmp_path / f"{r}.json").exists() for r in waiting_for):
-                break
-            if any(p.poll() not in (None, -signal.SIGKILL) for p in procs):
-                break  # a rank crashed: its stderr says why
-            time.sleep(0.1)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # also ends a stopped process
-        errors = [p.communicate()[1].decode(errors="replace")[-3000:] for p in procs]
-    reports = {}
-    for r in range(WORLD):
-        path = tmp_path / f"{r}.json"
-        if path.exists():
-            reports[r] = json.loads(path.read_text())
-    missing = waiting_for - reports.keys()
-    assert not missing, f"no report from ranks {missing}: " + "\n".join(errors)
-    return reports
-
-
-def test_a_rank_raising_alone_fails_every_rank_through_the_board(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "raise", {0, 1, 2})
+def test_a_rank_raising_alone_fails_every_rank_through_the_board(run: Any) -> None:
+    reports = run("raise", {0, 1, 2})
     assert reports[1]["error"] == "RuntimeError"
     assert "injected failure" in reports[1]["message"]
     for r in (0, 2):
@@ -96,8 +59,8 @@ def test_a_rank_raising_alone_fails_every_rank_through_the_board(tmp_path: Path)
         assert report["faulted"], "the group must be marked faulted after a failed move"
 
 
-def test_a_frozen_rank_fails_the_others_at_the_timeout(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "freeze", {0, 2}, timeout=TIMEOUT)
+def test_a_frozen_rank_fails_the_others_at_the_timeout(run: Any) -> None:
+    reports = run("freeze", {0, 2}, timeout=TIMEOUT)
     for r in (0, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
@@ -107,8 +70,8 @@ def test_a_frozen_rank_fails_the_others_at_the_timeout(tmp_path: Path) -> None:
     assert any(reports[r]["timed_out"] for r in (0, 2))
 
 
-def test_a_frozen_store_host_fails_the_others_at_the_timeout(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "freeze", {1, 2}, faulty=0, timeout=TIMEOUT)
+def test_a_frozen_store_host_fails_the_others_at_the_timeout(run: Any) -> None:
+    reports = run("freeze", {1, 2}, faulty=0, timeout=TIMEOUT)
     for r in (1, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
@@ -116,8 +79,8 @@ def test_a_frozen_store_host_fails_the_others_at_the_timeout(tmp_path: Path) -> 
         assert TIMEOUT * 0.9 < report["elapsed"] < TIMEOUT + SLACK, report
 
 
-def test_a_killed_rank_fails_the_others_fast(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "kill", {0, 2})
+def test_a_killed_rank_fails_the_others_fast(run: Any) -> None:
+    reports = run("kill", {0, 2})
     for r in (0, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
@@ -125,8 +88,8 @@ def test_a_killed_rank_fails_the_others_fast(tmp_path: Path) -> None:
         assert report["elapsed"] < FAST, report
 
 
-def test_a_mismatched_argument_is_refused_on_every_rank_by_name(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "mismatch", {0, 1, 2})
+def test_a_mismatched_argument_is_refused_on_every_rank_by_name(run: Any) -> None:
+    reports = run("mismatch", {0, 1, 2})
     for report in reports.values():
         assert report["error"] == "AgreementError", report
         assert report["argument"] == "max_batch_bytes"
@@ -136,8 +99,8 @@ def test_a_mismatched_argument_is_refused_on_every_rank_by_name(tmp_path: Path) 
         assert report["faulted"] is None, "a refused call leaves the group usable"
 
 
-def test_any_exception_while_checking_is_a_shared_refusal(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "memory_error", {0, 1, 2})
+def test_any_exception_while_checking_is_a_shared_refusal(run: Any) -> None:
+    reports = run("memory_error", {0, 1, 2})
     assert reports[1]["error"] == "MemoryError"
     for r in (0, 2):
         report = reports[r]
@@ -148,8 +111,8 @@ def test_any_exception_while_checking_is_a_shared_refusal(tmp_path: Path) -> Non
         assert report["faulted"] is None
 
 
-def test_a_rank_frozen_before_the_agreement_is_named(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "agree_freeze", {0, 2}, timeout=TIMEOUT)
+def test_a_rank_frozen_before_the_agreement_is_named(run: Any) -> None:
+    reports = run("agree_freeze", {0, 2}, timeout=TIMEOUT)
     for r in (0, 2):
         report = reports[r]
         assert report["error"] == "GroupFault", report
@@ -159,8 +122,8 @@ def test_a_rank_frozen_before_the_agreement_is_named(tmp_path: Path) -> None:
     assert any(reports[r]["failed_ranks"] == [1] and reports[r]["timed_out"] for r in (0, 2))
 
 
-def test_a_healthy_move_passes_and_delivers(tmp_path: Path) -> None:
-    reports = _run(tmp_path, "ok", {0, 1, 2})
+def test_a_healthy_move_passes_and_delivers(run: Any) -> None:
+    reports = run("ok", {0, 1, 2})
     for r, report in reports.items():
         assert report["error"] is None, report
         left = (r - 1) % WORLD

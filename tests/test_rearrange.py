@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb.production import rearrange as rearrange_module
+from eplb.production.errors import RearrangeError
 from eplb.production.rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -824,6 +825,8 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
         result["stats"] = stats.__dict__
     except Exception as exc:
         result["error"] = (type(exc).__name__, str(exc))
+        if isinstance(exc, RearrangeError):
+            result["layers"] = (exc.layers_new, exc.layers_old, exc.layers_mixed)
     finally:
         TorchDistributedTransport.post = original  # type: ignore[method-assign]
         TorchDistributedTransport.wait = original_wait  # type: ignore[method-assign]
@@ -843,6 +846,8 @@ def _worker(rank: int, store_path: str, out_dir: str, backend: str, names: list[
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120)
     )
+    # The end's barrier: a failed move aborts its NCCL group, the world included.
+    sync = dist.new_group(backend="gloo")
     # Every rank creates every group, in the same order, as new_group requires.
     groups = {n: dist.new_group(r) if n < world else None for n, r in GROUPS.items() if n <= world}
     for n, group in groups.items():  # every pair opens its channels before moving
@@ -855,8 +860,14 @@ def _worker(rank: int, store_path: str, out_dir: str, backend: str, names: list[
         if rank in members:
             group = groups[scenario.ranks]
             results[name] = _run_scenario(scenario, group, members.index(rank), device)
+        if scenario.fault in ("midway", "alone"):
+            # A move that failed once it began faults its group (its messages may
+            # be stale): every rank makes a new one, as new_group requires.
+            groups[scenario.ranks] = dist.new_group(members)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
+    dist.barrier(group=sync)
+    if backend == "nccl":
+        os._exit(0)  # an aborted NCCL group cannot be torn down cleanly
     dist.destroy_process_group()
 
 
@@ -979,7 +990,10 @@ def test_bad_input_is_refused_everywhere_and_touches_nothing(
     results = gloo_results[scenario.name]
     for rank in range(ranks):
         kind, message = results[rank]["error"]
-        assert kind == "ValueError"
+        # A rank refusing its own input raises its ValueError; the others an
+        # AgreementError (a ValueError) naming it or the argument that differs.
+        own = rank == faulty_rank or fault == "missing-expert"
+        assert kind == ("ValueError" if own else "AgreementError"), (rank, kind, message)
         assert re.search(own_match if rank == faulty_rank else others_match, message), message
     _assert_untouched(scenario, results)
 
@@ -994,55 +1008,62 @@ def _assert_untouched(scenario: Scenario, results: dict[int, Any]) -> None:
                     np.testing.assert_array_equal(got, want[layer][tensor])
 
 
+def _assert_layers(result: dict[str, Any], seed: int, old, new, mine: range) -> None:
+    """The layers a RearrangeError names new hold the new experts, those named old the old."""
+    named_new, named_old, _ = result["layers"]
+    for layers, phy2log in ((named_new, new), (named_old, old)):
+        want = _expected(seed, phy2log, mine)
+        for layer in layers:
+            for tensor, got in enumerate(result["weights"][layer]):
+                np.testing.assert_array_equal(got, want[layer][tensor], err_msg=f"layer {layer}")
+
+
 @pytest.mark.parametrize("ranks", [2, 4, 8])
 def test_failure_midway_names_the_changed_layers(gloo_results, ranks):
     scenario = SCENARIOS[f"fails-midway-{ranks}"]
     per_rank = scenario.old.shape[1] // ranks
     for rank, result in gloo_results[scenario.name].items():
         kind, message = result["error"]
-        assert kind == "RuntimeError" and "injected transport failure" in message
-        found = re.search(r"Layers \[([\d, ]*)\] .* layers \[([\d, ]*)\] are unchanged", message)
-        assert found, message
-        unchanged = [int(x) for x in found.group(2).split(",") if x.strip()]
+        assert kind == "RearrangeError" and "injected transport failure" in message
+        named_new, named_old, mixed = result["layers"]
         # One transfer per step: the failure came before layers 2 and 3 were started.
-        assert {2, 3} <= set(unchanged)
+        assert {2, 3} <= set(named_old)
+        assert sorted(named_new + named_old + mixed) == list(range(scenario.old.shape[0]))
         mine = range(rank * per_rank, (rank + 1) * per_rank)
-        want = _expected(scenario.seed, scenario.old, mine)
-        for layer in unchanged:
-            for tensor, got in enumerate(result["weights"][layer]):
-                np.testing.assert_array_equal(got, want[layer][tensor])
+        _assert_layers(result, scenario.seed, scenario.old, scenario.new, mine)
 
 
 def test_rank_failing_alone_names_exactly_the_layers_it_changed(gloo_results):
     scenario = SCENARIOS["fails-alone-2"]
     results = gloo_results[scenario.name]
-    assert results[0]["error"] is None  # the other rank finished its move
     per_rank = scenario.old.shape[1] // 2
+    layers = list(range(scenario.old.shape[0]))
+    # Rank 0 finished its share, then learnt of rank 1's failure: one outcome,
+    # every one of its layers new (those it never writes count as old).
+    kind, message = results[0]["error"]
+    assert kind == "RearrangeError" and "injected failure on rank 1 alone" in message
+    new0, old0, mixed0 = results[0]["layers"]
+    assert mixed0 == () and sorted(new0 + old0) == layers
+    _assert_layers(results[0], scenario.seed, scenario.old, scenario.new, range(per_rank))
     for layer, tensors in enumerate(_expected(scenario.seed, scenario.new, range(per_rank))):
         for got0, want0 in zip(results[0]["weights"][layer], tensors, strict=True):
             np.testing.assert_array_equal(got0, want0)
     kind, message = results[1]["error"]
-    assert kind == "RuntimeError" and "injected failure on rank 1 alone" in message
-    found = re.search(r"Layers \[([\d, ]*)\] .* layers \[([\d, ]*)\] are unchanged", message)
-    assert found, message
-    named = {int(x) for x in found.group(1).split(",") if x.strip()}
-    old = _expected(scenario.seed, scenario.old, range(per_rank, 2 * per_rank))
-    new = _expected(scenario.seed, scenario.new, range(per_rank, 2 * per_rank))
+    assert kind == "RearrangeError" and "injected failure on rank 1 alone" in message
+    named_new, named_old, mixed = results[1]["layers"]
+    mine = range(per_rank, 2 * per_rank)
+    _assert_layers(results[1], scenario.seed, scenario.old, scenario.new, mine)
+    old = _expected(scenario.seed, scenario.old, mine)
     got = results[1]["weights"]
     changed = {
         layer
-        for layer in range(len(got))
+        for layer in layers
         if any(not np.array_equal(g, w) for g, w in zip(got[layer], old[layer], strict=True))
     }
-    # The weights, not the message alone: the named layers are exactly those
-    # whose bytes differ from before, and the move stopped part way.
-    assert named == changed and changed
-    assert len(got) - 1 not in changed  # the last layer's writes never ran
-    assert any(
-        not np.array_equal(g, w)
-        for layer in range(len(got))
-        for g, w in zip(got[layer], new[layer], strict=True)
-    )
+    # The weights, not the message alone: the layers named changed are exactly
+    # those whose bytes differ from before, and the move stopped part way.
+    assert set(named_new) | set(mixed) == changed and changed
+    assert layers[-1] in named_old  # the last layer's writes never ran
 
 
 @pytest.mark.gpu
@@ -1053,9 +1074,9 @@ def test_nccl_two_gpus(tmp_path):
     for name in names:
         errors = [results[name][r]["error"] for r in range(2)]
         if SCENARIOS[name].fault == "midway":
-            assert [kind for kind, _ in errors] == ["RuntimeError"] * 2
+            assert [kind for kind, _ in errors] == ["RearrangeError"] * 2
         elif SCENARIOS[name].fault:
-            assert [kind for kind, _ in errors] == ["ValueError"] * 2
+            assert {kind for kind, _ in errors} <= {"ValueError", "AgreementError"}
     for name in (n for n in names if not SCENARIOS[n].fault):
         _assert_holds(SCENARIOS[name], results[name], SCENARIOS[name].new)
     # Kept buffers come from a pool registered with NCCL.

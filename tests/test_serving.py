@@ -4,11 +4,13 @@ right, on one rank, on two gloo ranks, in the end-to-end example, and in a CUDA 
 from __future__ import annotations
 
 import collections
+import os
 import re
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ import torch.multiprocessing as mp
 
 import eplb.production.rearrange as rearrange_module
 import eplb.production.serving as serving
+from eplb.production.errors import RearrangeError
+from eplb.production.group_guard import DEFAULT_TIMEOUT
 from eplb.production.rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -85,7 +89,7 @@ def _assert_routes_to_holders(balancer: ExpertBalancer, ids: torch.Tensor, layer
     assert replicated > 0
 
 
-_OPTIONS = ("max_batch_bytes", "keep_buffers", "keep_slots", "prepare_ahead")
+_OPTIONS = ("max_batch_bytes", "keep_buffers", "keep_slots", "prepare_ahead", "timeout")
 
 
 def _balancer(world: int = 1, **kwargs) -> ExpertBalancer:
@@ -345,6 +349,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _late_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 never reaches the interval: rank 0's load all-reduce must end at the timeout."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    timeout = 2.0
+    balancer = _balancer(world, timeout=timeout)  # step_interval 3
+    weights = _encoded_weights(balancer.phy2log, rank, world)
+    for _ in range(2):
+        balancer.step(weights)
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError):  # gloo's own timeout error
+            balancer.step(weights)
+        assert balancer.failed
+        Path(out).write_text(str(time.monotonic() - start))
+    else:  # late: until rank 0 has given up on it
+        limit = time.monotonic() + 60
+        while not Path(out).exists() and time.monotonic() < limit:
+            time.sleep(0.05)
+    # rank 0's timed-out all-reduce closed its pairs: leave without tearing down.
+    os._exit(0)
+
+
+def test_a_late_rank_fails_the_load_all_reduce_at_the_timeout(tmp_path):
+    out = tmp_path / "seconds"
+    mp.spawn(_late_rank, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    seconds = float(out.read_text())
+    assert 1.5 < seconds < 2.0 + 3.0, seconds  # the 2 s timeout, loose: a loaded CI box
+
+
 def _two_rank_checks(rank: int, world: int, port: int, keep_slots: bool) -> None:
     """Runs in each spawned rank: one rebalance over gloo, checked from every side."""
     torch.set_num_threads(1)  # one core per rank: more threads only contend
@@ -477,3 +512,63 @@ def test_default_options_prepare_ahead_and_keep_no_buffers():
     assert balancer.rearrange == RearrangeOptions()
     assert balancer.rearrange.prepare_ahead and not balancer.rearrange.keep_buffers
     balancer.close()
+
+
+def test_a_move_failed_once_begun_refuses_steps_until_reset_with_the_placement():
+    balancer = _balancer()
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    old = balancer.phy2log.clone()
+    cause = RuntimeError("rank 1 lost its link")
+    balancer.error = RearrangeError.from_layers(
+        "move", rank=0, cause=cause, layers_new=(0,), layers_old=(1,), layers_mixed=()
+    )
+    assert balancer.error.layers_changed == (0,)
+    with pytest.raises(RuntimeError, match="reload the layers it names"):
+        balancer.step(weights)
+    assert balancer.stats.steps == 0  # refused before anything was counted
+    with pytest.raises(ValueError, match="phy2log is required"):
+        balancer.reset()
+    balancer.reset(old)
+    assert balancer.error is None
+    balancer.step(weights)
+    assert balancer.stats.steps == 1
+    balancer.close()
+
+
+def test_timeout_option_is_checked():
+    assert RearrangeOptions().timeout == DEFAULT_TIMEOUT
+    with pytest.raises(ValueError, match="timeout"):
+        RearrangeOptions(timeout=0)
+    with pytest.raises(TypeError, match="timeout"):
+        RearrangeOptions(timeout="90")  # type: ignore[arg-type]
+
+
+def test_example_recovers_from_an_injected_fault():
+    timeout = 10.0
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "moe_ep_example.py"),
+            "--device",
+            "cpu",
+            "--steps",
+            "6",
+            "--tokens",
+            "48",
+            "--inject-fault",
+            "--fault-timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    pattern = r"rank (\d): step \d+ raised RearrangeError after ([\d.]+) s"
+    raised = re.findall(pattern, result.stdout)
+    assert sorted(rank for rank, _ in raised) == ["0", "1"], result.stdout
+    # Rank 1 posts its failure at once: rank 0 learns it long before the timeout.
+    assert all(float(seconds) < timeout / 2 for _, seconds in raised), result.stdout
+    assert "step() refuses" in result.stdout
+    assert "rebalanced again and the outputs match" in result.stdout

@@ -4,6 +4,7 @@ the final placement is SPEC's; a rank failing before a commit leaves every rank 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -21,6 +22,8 @@ from eplb.production import (
     StagedApply,
     StagedApplyError,
 )
+from eplb.production.errors import RearrangeError
+from eplb.production.transport import TorchDistributedTransport
 from eplb.reference import rebalance_experts
 
 # 5 layers so that K = 2 leaves a short last chunk; 8 experts in 2 groups, 12 slots.
@@ -343,6 +346,63 @@ def test_fault_before_commit_one_rank():
 
 def test_fault_before_commit_two_ranks_leaves_every_layer_old_or_new():
     mp.spawn(_fault_before_commit, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _fault_mid_chunk(rank: int, world: int, port: int) -> None:
+    """Rank 1's link breaks in the middle of chunk 1's move (layers 2..3)."""
+    _init(rank, world, port)
+    real = TorchDistributedTransport.wait
+    armed = []
+
+    def breaking(self, pending, timeout=None):
+        if armed and rank == 1:
+            raise ConnectionError("injected: rank 1 lost its link")
+        return real(self, pending, timeout)
+
+    TorchDistributedTransport.wait = breaking  # type: ignore[method-assign]
+    balancer = _balancer(world, 2)
+    weights = _weights(balancer.phy2log, rank, world)
+    initial = balancer.phy2log.clone()
+    generator = torch.Generator().manual_seed(3 + rank)
+    error, step = None, 0
+    while step < INTERVAL + DELAY + 3:
+        step += 1
+        if step == INTERVAL + DELAY + 1:  # the step that commits chunk 0, launches chunk 1
+            armed.append(True)
+        for layer in range(LAYERS):
+            balancer.route(layer, _ids(generator, 30, layer, 1))
+        try:
+            balancer.step(weights)
+        except StagedApplyError as exc:
+            error = exc
+            break
+    TorchDistributedTransport.wait = real  # type: ignore[method-assign]
+    # Every rank's chunk move raised (one outcome), so every rank fails at its
+    # commit, without a vote: nothing of chunk 1 was written to the live slots.
+    assert error is not None and step == INTERVAL + DELAY + 2, step
+    assert isinstance(error.__cause__, RearrangeError), repr(error.__cause__)
+    assert "lost its link" in str(error.__cause__)
+    assert error.layers_new == (0, 1) and error.layers_old == (2, 3, 4), error
+    assert torch.equal(balancer.phy2log[2:], initial[2:])
+    ids = [_ids(generator, 30, layer, 1) for layer in range(LAYERS)]
+    _check_step(balancer, weights, rank, world, ids)
+    # The failed move faulted the group: a new one is required to go on.
+    with pytest.raises(ValueError, match="group is required"):
+        balancer.reset()
+    balancer.reset(group=dist.new_group(list(range(world))))
+    for _ in range(INTERVAL + DELAY + 3):
+        balancer.step(weights)
+        _check_step(balancer, weights, rank, world, ids)
+    assert balancer.stats.rebalances == 1 and not balancer.failed
+    balancer.close()
+    # The failed move's receives are still posted on the old group: gloo aborts
+    # the process if it is destroyed before their deadline. Leave without it.
+    dist.barrier()
+    os._exit(0)
+
+
+def test_fault_mid_chunk_needs_a_new_group_then_resumes():
+    mp.spawn(_fault_mid_chunk, args=(2, _free_port()), nprocs=2, join=True)
 
 
 def _bad_weights_on_one_rank(rank: int, world: int, port: int) -> None:
