@@ -380,9 +380,10 @@ def _replicate_row(
         tree_value[leaves + j] = weight[j] if j < n else -1.0
         tree_index[leaves + j] = j
     for node in range(leaves - 1, 0, -1):
-        child = 2 * node + (tree_value[2 * node + 1] > tree_value[2 * node])
-        tree_value[node] = tree_value[child]
-        tree_index[node] = tree_index[child]
+        left_value, right_value = tree_value[2 * node], tree_value[2 * node + 1]
+        right = right_value > left_value
+        tree_value[node] = right_value if right else left_value
+        tree_index[node] = tree_index[2 * node + 1] if right else tree_index[2 * node]
     for slot in range(n, num_phy):
         best = tree_index[1]
         replicas = count[best]
