@@ -245,8 +245,10 @@ def _replay_min(tree_key: np.ndarray, tree_index: np.ndarray, leaf: int, key: in
     while node > 1:
         other_key = tree_key[node ^ 1]
         other_index = tree_index[node ^ 1]
-        if other_key < key or (other_key == key and other_index < index):
-            key, index = other_key, other_index
+        # "&" and "|", not "and" and "or", and selects: no branch to mispredict.
+        other = (other_key < key) | ((other_key == key) & (other_index < index))
+        key = other_key if other else key
+        index = other_index if other else index
         node >>= 1
         tree_key[node] = key
         tree_index[node] = index
@@ -290,19 +292,32 @@ def _pack_row(
             rank[i] = 0
         return
     _sort_descending(values, order, keys, spare)
-    for p in range(num_packs):
+    # The first round needs no search: while the items weigh more than 0,
+    # item k finds packs 0..k-1 above 0.0 and packs k.. at 0.0, so it goes to
+    # pack k, the lowest index among the smallest totals (0.0 + w == w).
+    first = 0
+    while first < num_packs and values[order[first]] > 0.0:
+        item = order[first]
+        pack[item] = first
+        rank[item] = 0
+        total[first] = values[item]
+        counts[first] = 1
+        first += 1
+    for p in range(first, num_packs):
         total[p] = 0.0
         counts[p] = 0
     if num_packs > _LINEAR_MAX_PACKS:
         leaves = _leaves(num_packs)
         for j in range(leaves):
-            tree_key[leaves + j] = 0 if j < num_packs else _FULL  # 0: the bits of 0.0
+            # Totals' bits; padding leaves (on the right) are full packs.
+            tree_key[leaves + j] = np.float64(total[j]).view(np.int64) if j < num_packs else _FULL
             tree_index[leaves + j] = j
         for node in range(leaves - 1, 0, -1):
-            # Equal keys, or padding (on the right): the left child wins.
-            tree_key[node] = tree_key[2 * node]
-            tree_index[node] = tree_index[2 * node]
-        for k in range(n):
+            # The left child (lower indices) wins unless the right one is strictly smaller.
+            right = tree_key[2 * node + 1] < tree_key[2 * node]
+            tree_key[node] = tree_key[2 * node + right]
+            tree_index[node] = tree_index[2 * node + right]
+        for k in range(first, n):
             item = order[k]
             best = tree_index[1]
             count = counts[best]
@@ -319,7 +334,7 @@ def _pack_row(
         largest = max(largest, values[i])
     if largest * n < _SAFE_ROW_TOTAL:
         # No total can overflow: +inf marks a full pack, and a plain "<" passes over it.
-        for k in range(n):
+        for k in range(first, n):
             item = order[k]
             best, lowest = 0, total[0]
             for p in range(1, num_packs):
@@ -333,7 +348,7 @@ def _pack_row(
         return
     # Totals may reach +inf: NaN marks a full pack ("right beats left when
     # right < left or left is NaN"), so an open +inf pack still wins by index.
-    for k in range(n):
+    for k in range(first, n):
         item = order[k]
         best, lowest = 0, total[0]
         for p in range(1, num_packs):
@@ -397,8 +412,9 @@ def _replicate_row(
         while node > 1:
             other_value = tree_value[node ^ 1]
             other_index = tree_index[node ^ 1]
-            if other_value > value or (other_value == value and other_index < index):
-                value, index = other_value, other_index
+            other = (other_value > value) | ((other_value == value) & (other_index < index))
+            value = other_value if other else value
+            index = other_index if other else index
             node >>= 1
             tree_value[node] = value
             tree_index[node] = index
