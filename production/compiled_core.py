@@ -1,4 +1,4 @@
-"""The compiled placement core: SPEC.md's loops in numba, one call per placement, no GIL.
+"""The compiled placement core: SPEC.md's hierarchy in numba, one call per placement, no GIL.
 
 The same steps as ``eplb.reference`` (``balanced_packing``, ``replicate_experts``,
 ``rebalance_experts_hierarchical``, ``inverse_map``), compiled by numba with
@@ -7,39 +7,36 @@ the policy choice, the whole hierarchy and log2phy in one call that never
 holds the interpreter lock, so a busy Python thread beside it keeps running
 and the call waits for the lock only once, when it returns.
 
-Every step makes exactly the choices of SPEC.md, in its order:
-
-- items are taken in the order of a stable descending sort (``_sort_descending``:
-  equal weights keep ascending index);
-- pack totals start at ``0.0`` and get one float64 ``+`` per arriving item;
-  replication divides ``W / count`` in float64;
-- the smallest pack total (among packs with room) is found by a scan of few
-  packs or a tournament tree over many, the largest per-replica load by a
-  tree: each internal node holds the winner of its two children, the left
-  child (the lower indices) winning unless the right one is strictly better,
-  so the root is the lowest index among equal values, as SPEC.md's tie rule
-  asks. A choice changes one leaf and replays its ``log2(m)`` matches instead
-  of rescanning all ``m`` packs, which is what Kimi-K2's 448-slots-into-64-GPUs
-  packing needs. A full pack's total becomes NaN, which never wins, so totals
-  that overflow to ``+inf`` (loads near the float64 maximum) need no special
-  case: ``inf < inf`` is false, and the lower index keeps the tie.
+The hierarchy runs layer by layer, node by node, on the row primitives of
+``compiled_rows`` (which make exactly SPEC.md's choices, in its order), in
+one work space sized for one layer: three buffers (float64, int64, int32)
+whose views every layer rewrites. ``placement`` keeps them per thread from
+one call to the next, with the int32 replica ranks log2phy is built from, and
+writes its three results into one int64 buffer that it also keeps per thread
+and writes again only once nothing refers to any result taken from it. On an
+allocator that hands large blocks out by ``mmap`` (glibc above
+``M_MMAP_THRESHOLD``), every fresh array is faulted in page by page on every
+call; a placement in steady state allocates nothing.
 
 The module imports numpy and numba only; ``eplb.production.cores`` imports it
 when the compiled core is chosen and falls back to the numpy core when numba is
 missing or cannot compile. Compiled code is cached on disk (``cache=True``) next
 to this file or in numba's user cache directory; where neither is writable,
-the functions are compiled in memory on every start (see ``_jit``).
+the functions are compiled in memory on every start (``compiled_rows.jit``).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Callable
 from typing import Any
 
-import numba
 import numpy as np
 from numba import types
+
+from . import compiled_rows
+from .compiled_rows import jit as _jit
+from .compiled_rows import pack_row, replicate_row, tree_leaves
 
 __all__ = [
     "CACHED",
@@ -50,374 +47,11 @@ __all__ = [
     "replicate_experts",
 ]
 
-#: True when the compiled code is cached on disk; False when no cache directory
-#: was writable and every start compiles anew.
-CACHED = True
-
-
-def _jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``numba.njit(signatures, nogil=True, cache=True)``, in memory where no cache dir is writable.
-
-    The signatures compile when this module is imported (or load from the
-    cache), so no call on the serving path compiles. numba refuses
-    ``cache=True`` with a RuntimeError when neither the package folder nor its
-    user cache folder (``NUMBA_CACHE_DIR``) is writable, as in a read-only
-    install: then the code is compiled without a cache.
-    """
-
-    def wrap(function: Callable[..., Any]) -> Any:
-        global CACHED
-        # Helpers without signatures compile with (and are cached in) their callers.
-        args = (list(signatures),) if signatures else ()
-        try:
-            return numba.njit(*args, nogil=True, cache=True)(function)
-        except RuntimeError:
-            CACHED = False
-            return numba.njit(*args, nogil=True, cache=False)(function)
-
-    return wrap
-
-
-#: Packs up to this many are searched by a scan, more by a tournament tree.
-_LINEAR_MAX_PACKS = 16
-#: Rows whose largest weight times their length is below this cannot make any
-#: float64 pack total overflow (as in the numpy core).
-_SAFE_ROW_TOTAL = 2.0**1000
-#: Bit pattern of +inf. Non-negative doubles (+inf included) are ordered like
-#: their bit patterns read as int64.
-_INF_BITS = 0x7FF0000000000000
-#: The tree key of a full pack (and of a padding leaf): above every total's bits, +inf's included.
-_FULL = 0x7FFFFFFFFFFFFFFF
-#: Insertion-sorted run length before the merges of ``_sort_descending``.
-_RUN = 8
-
 _F64_2D = types.float64[:, ::1]
 _I64_2D = types.int64[:, ::1]
 _F64_1D = types.float64[::1]
 _I64_1D = types.int64[::1]
 _I32_1D = types.int32[::1]
-
-
-@_jit()
-def _leaves(count: int) -> int:
-    """The smallest power of two >= ``count``: the leaves of a tournament tree over ``count``."""
-    leaves = 1
-    while leaves < count:
-        leaves *= 2
-    return leaves
-
-
-# --- a stable descending sort --------------------------------------------------------------
-
-
-@_jit()
-def _sort_eight(keys: np.ndarray, start: int) -> None:
-    """Sort ``keys[start : start + 8]`` ascending by Batcher's network of 19 compare-exchanges.
-
-    Branch-free (each exchange is a min and a max): an insertion sort's
-    comparisons of random keys mispredict about half the time (measured: the
-    network sorts 72 keys in about two thirds of the time).
-    """
-    a0, a1, a2, a3 = keys[start], keys[start + 1], keys[start + 2], keys[start + 3]
-    a4, a5, a6, a7 = keys[start + 4], keys[start + 5], keys[start + 6], keys[start + 7]
-    a0, a1, a2, a3 = min(a0, a1), max(a0, a1), min(a2, a3), max(a2, a3)
-    a4, a5, a6, a7 = min(a4, a5), max(a4, a5), min(a6, a7), max(a6, a7)
-    a0, a2, a1, a3 = min(a0, a2), max(a0, a2), min(a1, a3), max(a1, a3)
-    a4, a6, a5, a7 = min(a4, a6), max(a4, a6), min(a5, a7), max(a5, a7)
-    a1, a2, a5, a6 = min(a1, a2), max(a1, a2), min(a5, a6), max(a5, a6)
-    a0, a4, a1, a5 = min(a0, a4), max(a0, a4), min(a1, a5), max(a1, a5)
-    a2, a6, a3, a7 = min(a2, a6), max(a2, a6), min(a3, a7), max(a3, a7)
-    a2, a4, a3, a5 = min(a2, a4), max(a2, a4), min(a3, a5), max(a3, a5)
-    a1, a2, a3, a4 = min(a1, a2), max(a1, a2), min(a3, a4), max(a3, a4)
-    a5, a6 = min(a5, a6), max(a5, a6)
-    keys[start], keys[start + 1], keys[start + 2], keys[start + 3] = a0, a1, a2, a3
-    keys[start + 4], keys[start + 5], keys[start + 6], keys[start + 7] = a4, a5, a6, a7
-
-
-@_jit()
-def _sort_keys(keys: np.ndarray, spare: np.ndarray) -> np.ndarray:
-    """Sort ``keys`` ascending: runs of eight by a network, then merges; returns the sorted array.
-
-    keys, spare: [n] int64, distinct; both are overwritten, the result is one of them.
-
-    The merges pick with a select rather than a branch (the comparison of two
-    loads mispredicts half the time); a short last run is insertion-sorted.
-    """
-    n = keys.size
-    for start in range(0, n, _RUN):
-        stop = min(start + _RUN, n)
-        if stop - start == _RUN:
-            _sort_eight(keys, start)
-            continue
-        for i in range(start + 1, stop):
-            key = keys[i]
-            j = i
-            while j > start and keys[j - 1] > key:
-                keys[j] = keys[j - 1]
-                j -= 1
-            keys[j] = key
-    source, target = keys, spare
-    width = _RUN
-    while width < n:
-        for start in range(0, n, 2 * width):
-            middle = min(start + width, n)
-            stop = min(start + 2 * width, n)
-            left, right, out = start, middle, start
-            while left < middle and right < stop:
-                left_key, right_key = source[left], source[right]
-                take_right = right_key < left_key
-                target[out] = right_key if take_right else left_key
-                right += take_right
-                left += 1 - take_right
-                out += 1
-            for i in range(left, middle):
-                target[out] = source[i]
-                out += 1
-            for i in range(right, stop):
-                target[out] = source[i]
-                out += 1
-        source, target = target, source
-        width *= 2
-    return source
-
-
-@_jit()
-def _sort_descending(
-    values: np.ndarray, order: np.ndarray, keys: np.ndarray, spare: np.ndarray
-) -> None:
-    """The order of a stable descending sort of ``values``: equal values keep ascending index.
-
-    values: [n] float64, >= 0 or -0.0 (+inf allowed), no NaN.
-    order: [>= n] int32, its first n filled with the item indices.
-    keys, spare: [>= n] int64, work space.
-
-    As in the numpy core: one int64 key per item holds the value's bits
-    (ordered like the values), flipped so that larger values come first, with
-    its lowest ``b`` bits replaced by the item index (``2^b >= n``). The keys
-    are unique, so sorting them alone gives the stable order whenever the
-    dropped bits do not matter; equal values have equal kept bits and always
-    come out by index. Two different values that agree on every kept bit may
-    come out in the wrong order, which shows as a rise in the sorted values:
-    such a row is sorted again with the index as the tie-break, exactly.
-    """
-    n = values.size
-    shift = 1
-    while (1 << shift) < n:
-        shift += 1
-    low = (1 << shift) - 1
-    keys, spare = keys[:n], spare[:n]
-    for i in range(n):
-        # "+ 0.0": -0.0 becomes 0.0, so that equal values have equal bits.
-        keys[i] = ((_INF_BITS - np.float64(values[i] + 0.0).view(np.int64)) & ~low) | i
-    sorted_keys = _sort_keys(keys, spare)
-    rises = False
-    previous = np.inf
-    for i in range(n):
-        item = sorted_keys[i] & low
-        order[i] = item
-        rises |= values[item] > previous
-        previous = values[item]
-    if rises:
-        # Rare (values within 2^-(52-b) of each other): numba's stable sort.
-        exact = np.argsort(-values, kind="mergesort")
-        for i in range(n):
-            order[i] = exact[i]
-
-
-# --- SPEC.md's primitives, one row at a time, in caller-owned work space --------------------
-
-
-@_jit()
-def _replay_min(tree_key: np.ndarray, tree_index: np.ndarray, leaf: int, key: int) -> None:
-    """Set leaf ``leaf``'s key and replay the matches above it, for the smallest (key, index).
-
-    tree_key: [2 * M] int64, tree_index: [2 * M] int32: leaf ``j`` of pack j at
-        ``M + j``; node ``i`` holds the winner of nodes ``2i`` and ``2i + 1``.
-
-    The lexicographic minimum of (key, index) is SPEC.md's rule: the smallest
-    total, the lowest index on equal totals. Keys and indices live in the
-    nodes, so a match reads its sibling only (no indirection through the
-    totals), and the winner travels up in registers.
-    """
-    node = leaf
-    index = tree_index[node]
-    tree_key[node] = key
-    while node > 1:
-        other_key = tree_key[node ^ 1]
-        other_index = tree_index[node ^ 1]
-        # "&" and "|", not "and" and "or", and selects: no branch to mispredict.
-        other = (other_key < key) | ((other_key == key) & (other_index < index))
-        key = other_key if other else key
-        index = other_index if other else index
-        node >>= 1
-        tree_key[node] = key
-        tree_index[node] = index
-
-
-@_jit()
-def _pack_row(
-    values: np.ndarray,
-    num_packs: int,
-    pack: np.ndarray,
-    rank: np.ndarray,
-    order: np.ndarray,
-    keys: np.ndarray,
-    spare: np.ndarray,
-    total: np.ndarray,
-    counts: np.ndarray,
-    tree_key: np.ndarray,
-    tree_index: np.ndarray,
-) -> None:
-    """SPEC.md primitive 1 on one row: ``n`` items into ``num_packs`` packs of ``n / num_packs``.
-
-    values: [n] float64, the weight of each item.
-    pack, rank: [n] int (out), each item's pack and its position in that pack.
-    order: [>= n] int32, keys, spare: [>= n] int64: the sort's work space.
-    total: [>= num_packs] float64, counts: [>= num_packs] int32: pack totals and sizes.
-    tree_key: [>= 2 * leaves] int64, tree_index: [>= 2 * leaves] int32, ``leaves``
-        the power of two >= num_packs: the tree, for more than
-        ``_LINEAR_MAX_PACKS`` packs.
-
-    Up to ``_LINEAR_MAX_PACKS`` packs are scanned, the float totals compared
-    with ``<``: a full pack's total becomes +inf (NaN where a total could
-    itself overflow to +inf), which never wins. More packs go through a
-    tournament tree whose keys are the totals' bits (ordered as the totals)
-    and ``_FULL`` for a full pack.
-    """
-    n = values.size
-    per_pack = n // num_packs
-    if per_pack == 1:
-        for i in range(n):
-            pack[i] = i
-            rank[i] = 0
-        return
-    _sort_descending(values, order, keys, spare)
-    # The first round needs no search: while the items weigh more than 0,
-    # item k finds packs 0..k-1 above 0.0 and packs k.. at 0.0, so it goes to
-    # pack k, the lowest index among the smallest totals (0.0 + w == w).
-    first = 0
-    while first < num_packs and values[order[first]] > 0.0:
-        item = order[first]
-        pack[item] = first
-        rank[item] = 0
-        total[first] = values[item]
-        counts[first] = 1
-        first += 1
-    for p in range(first, num_packs):
-        total[p] = 0.0
-        counts[p] = 0
-    if num_packs > _LINEAR_MAX_PACKS:
-        leaves = _leaves(num_packs)
-        for j in range(leaves):
-            # Totals' bits; padding leaves (on the right) are full packs.
-            tree_key[leaves + j] = np.float64(total[j]).view(np.int64) if j < num_packs else _FULL
-            tree_index[leaves + j] = j
-        for node in range(leaves - 1, 0, -1):
-            # The left child (lower indices) wins unless the right one is strictly smaller.
-            right = tree_key[2 * node + 1] < tree_key[2 * node]
-            tree_key[node] = tree_key[2 * node + right]
-            tree_index[node] = tree_index[2 * node + right]
-        for k in range(first, n):
-            item = order[k]
-            best = tree_index[1]
-            count = counts[best]
-            pack[item] = best
-            rank[item] = count
-            count += 1
-            counts[best] = count
-            total[best] += values[item]
-            key = _FULL if count == per_pack else np.float64(total[best]).view(np.int64)
-            _replay_min(tree_key, tree_index, leaves + best, key)
-        return
-    largest = 0.0
-    for i in range(n):
-        largest = max(largest, values[i])
-    if largest * n < _SAFE_ROW_TOTAL:
-        # No total can overflow: +inf marks a full pack, and a plain "<" passes over it.
-        for k in range(first, n):
-            item = order[k]
-            best, lowest = 0, total[0]
-            for p in range(1, num_packs):
-                if total[p] < lowest:
-                    best, lowest = p, total[p]
-            count = counts[best]
-            pack[item] = best
-            rank[item] = count
-            counts[best] = count + 1
-            total[best] = np.inf if count + 1 == per_pack else total[best] + values[item]
-        return
-    # Totals may reach +inf: NaN marks a full pack ("right beats left when
-    # right < left or left is NaN"), so an open +inf pack still wins by index.
-    for k in range(first, n):
-        item = order[k]
-        best, lowest = 0, total[0]
-        for p in range(1, num_packs):
-            if (total[p] < lowest) | (lowest != lowest):
-                best, lowest = p, total[p]
-        count = counts[best]
-        pack[item] = best
-        rank[item] = count
-        counts[best] = count + 1
-        total[best] = np.nan if count + 1 == per_pack else total[best] + values[item]
-
-
-@_jit()
-def _replicate_row(
-    weight: np.ndarray,
-    phy2log: np.ndarray,
-    rank: np.ndarray,
-    count: np.ndarray,
-    tree_value: np.ndarray,
-    tree_index: np.ndarray,
-) -> None:
-    """SPEC.md primitive 2 on one row: give the ``num_phy - n`` extra slots to the hottest experts.
-
-    weight: [n] float64, the load of each expert.
-    phy2log, rank: [num_phy] int (out), the expert and replica rank of each slot.
-    count: [n] int (out), the replica count of each expert.
-    tree_value: [>= 2 * leaves] float64, tree_index: [>= 2 * leaves] int32, ``leaves``
-        the power of two >= n: a tournament tree for the largest ``W / count``.
-
-    A match goes to the larger value, the lower index on equal values (-0.0
-    equals 0.0 here, as in the reference); padding leaves weigh -1.0, below every load.
-    """
-    n = weight.size
-    num_phy = phy2log.size
-    for e in range(n):
-        phy2log[e] = e
-        rank[e] = 0
-        count[e] = 1
-    if num_phy == n:
-        return
-    leaves = _leaves(n)
-    for j in range(leaves):
-        # float64 division by the count, as SPEC.md: W / 1 == W.
-        tree_value[leaves + j] = weight[j] if j < n else -1.0
-        tree_index[leaves + j] = j
-    for node in range(leaves - 1, 0, -1):
-        left_value, right_value = tree_value[2 * node], tree_value[2 * node + 1]
-        right = right_value > left_value
-        tree_value[node] = right_value if right else left_value
-        tree_index[node] = tree_index[2 * node + 1] if right else tree_index[2 * node]
-    for slot in range(n, num_phy):
-        best = tree_index[1]
-        replicas = count[best]
-        phy2log[slot] = best
-        rank[slot] = replicas
-        count[best] = replicas + 1
-        value = weight[best] / np.float64(replicas + 1)
-        index = best
-        node = leaves + best
-        tree_value[node] = value
-        while node > 1:
-            other_value = tree_value[node ^ 1]
-            other_index = tree_index[node ^ 1]
-            other = (other_value > value) | ((other_value == value) & (other_index < index))
-            value = other_value if other else value
-            index = other_index if other else index
-            node >>= 1
-            tree_value[node] = value
-            tree_index[node] = index
 
 
 # --- the hierarchy, one layer at a time in one work space -----------------------------------
@@ -436,8 +70,8 @@ def _space(
     slots = num_phy // num_nodes
     items = max(num_groups, slots)  # the longest row sorted
     packs = max(num_nodes, num_gpus // num_nodes)
-    pack_tree = 2 * _leaves(packs)
-    replica_tree = 2 * _leaves(per_node)
+    pack_tree = 2 * tree_leaves(packs)
+    replica_tree = 2 * tree_leaves(per_node)
     f64 = (num_logical, num_groups, per_node, slots, packs, replica_tree)
     i64 = (items, items, pack_tree)
     i32 = (
@@ -517,7 +151,7 @@ def _hierarchy(
                 acc += load[g * group_size + offset]
             group_load[g] = acc
         # Step 2: groups to nodes.
-        _pack_row(
+        pack_row(
             group_load, num_nodes, group_pack, group_rank,
             order, keys, spare, total, counts, tree_key, tree_index,
         )  # fmt: skip
@@ -532,13 +166,13 @@ def _hierarchy(
             # Step 4: replicate within the node.
             for local in range(per_node):
                 node_load[local] = load[mlog2log[base + local]]
-            _replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_value, replica_index)
+            replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_value, replica_index)
             # Step 5: the load each slot carries.
             for slot in range(slots):
                 local = phy2mlog[slot]
                 slot_load[slot] = node_load[local] / np.float64(mlogcnt[local])
             # Step 6: slots to GPUs within the node.
-            _pack_row(
+            pack_row(
                 slot_load, gpus_per_node, gpu_pack, gpu_rank,
                 order, keys, spare, total, counts, tree_key, tree_index,
             )  # fmt: skip
@@ -590,13 +224,13 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     num_rows, num_items = weight.shape
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank = np.empty((num_rows, num_items), dtype=np.int64)
-    tree = 2 * _leaves(num_packs)
+    tree = 2 * tree_leaves(num_packs)
     order = np.empty(num_items, dtype=np.int32)
     keys, spare = np.empty(num_items, dtype=np.int64), np.empty(num_items, dtype=np.int64)
     total, counts = np.empty(num_packs, dtype=np.float64), np.empty(num_packs, dtype=np.int32)
     tree_key, tree_index = np.empty(tree, dtype=np.int64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
-        _pack_row(
+        pack_row(
             weight[row], num_packs, pack[row], rank[row],
             order, keys, spare, total, counts, tree_key, tree_index,
         )  # fmt: skip
@@ -621,10 +255,10 @@ def replicate_experts(
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     rank = np.empty((num_rows, num_phy), dtype=np.int64)
     logcnt = np.empty((num_rows, num_log), dtype=np.int64)
-    tree = 2 * _leaves(num_log)
+    tree = 2 * tree_leaves(num_log)
     tree_value, tree_index = np.empty(tree, dtype=np.float64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
-        _replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_value, tree_index)
+        replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_value, tree_index)
     return phy2log, rank, logcnt
 
 
@@ -671,9 +305,9 @@ def inverse_map(phy2log: np.ndarray, phyrank: np.ndarray, logcnt: np.ndarray) ->
 
 
 def _placement_signature(dtype: Any) -> Any:
-    """(weight, R, G, N, P, f64, i64, i32, ranks) for loads of ``dtype``."""
+    """(weight, R, G, N, P, f64, i64, i32, ranks, out) for loads of ``dtype``."""
     counts = (types.int64,) * 4
-    return (dtype[:, ::1], *counts, _F64_1D, _I64_1D, _I32_1D, _I32_1D)
+    return (dtype[:, ::1], *counts, _F64_1D, _I64_1D, _I32_1D, _I32_1D, _I64_1D)
 
 
 @_jit(_placement_signature(types.float64), _placement_signature(types.float32))
@@ -687,12 +321,14 @@ def _placement(
     i64: np.ndarray,
     i32: np.ndarray,
     ranks: np.ndarray,
+    out: np.ndarray,
 ) -> tuple[Any, ...]:
-    """``placement``'s work, in the given work space; returns the work space it used.
+    """``placement``'s work, in the given buffers; returns the buffers it used.
 
     f64, i64, i32: the layer work space (``_space``); ranks: [>= L * R] int32,
-    the replica rank of every slot. A buffer too short is replaced by a new
-    one of the length needed, and the four are returned for the next call.
+    the replica rank of every slot; out: int64, where the results go, one
+    after another (phy2log, logcnt, log2phy). A buffer too short is replaced by
+    a new one of the length needed, and the five are returned for the next call.
     """
     num_layers, num_logical = weight.shape
     # Step 1: the value rules.
@@ -702,7 +338,7 @@ def _placement(
             if not (np.isfinite(value) and value >= 0.0):
                 empty = np.empty((0, 0), dtype=np.int64)
                 none = np.empty((0, 0, 0), dtype=np.int64)
-                return False, empty, none, empty, f64, i64, i32, ranks
+                return False, empty, none, empty, f64, i64, i32, ranks, out
     # Step 2: the policy choice; the global policy is the hierarchy with one group and one node.
     groups, nodes = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
     f, q, s = _space(num_logical, num_replicas, groups, nodes, num_gpus)
@@ -712,36 +348,75 @@ def _placement(
         i64 = np.empty(_need(q), dtype=np.int64)
     if i32.size < _need(s):
         i32 = np.empty(_need(s), dtype=np.int32)
-    if ranks.size < num_layers * num_replicas:
-        ranks = np.empty(num_layers * num_replicas, dtype=np.int32)
+    slots = num_layers * num_replicas
+    if ranks.size < slots:
+        ranks = np.empty(slots, dtype=np.int32)
+    counted = slots + num_layers * num_logical
+    if out.size < counted:
+        out = np.empty(counted, dtype=np.int64)
     # Step 3: the hierarchy, layer by layer in one work space.
-    phy2log = np.empty((num_layers, num_replicas), dtype=np.int64)
-    logcnt = np.empty((num_layers, num_logical), dtype=np.int64)
-    phyrank = ranks[: num_layers * num_replicas].reshape((num_layers, num_replicas))
+    phyrank = ranks[:slots].reshape((num_layers, num_replicas))
+    logcnt = out[slots:counted].reshape((num_layers, num_logical))
     _hierarchy(
         weight, num_replicas, groups, nodes, num_gpus,
-        phy2log, phyrank, logcnt, f64, i64, i32,
+        out[:slots].reshape((num_layers, num_replicas)), phyrank, logcnt, f64, i64, i32,
     )  # fmt: skip
-    # Step 4: log2phy from phy2log and the replica ranks.
-    log2phy = np.full((num_layers, num_logical, logcnt.max()), -1, dtype=np.int64)
+    # Step 4: log2phy from phy2log and the replica ranks, after the other two in ``out``.
+    width = logcnt.max()
+    need = counted + num_layers * num_logical * width
+    if out.size < need:
+        grown = np.empty(need, dtype=np.int64)
+        grown[:counted] = out[:counted]
+        out = grown
+    phy2log = out[:slots].reshape((num_layers, num_replicas))
+    logcnt = out[slots:counted].reshape((num_layers, num_logical))
+    log2phy = out[counted:need].reshape((num_layers, num_logical, width))
+    log2phy[:] = -1
     _fill_log2phy(phy2log, phyrank, log2phy)
-    return True, phy2log, log2phy, logcnt, f64, i64, i32, ranks
+    return True, phy2log, log2phy, logcnt, f64, i64, i32, ranks, out
 
 
-#: Each thread's work space for ``placement``: (f64, i64, i32, ranks), grown to
-#: the largest shape that thread has placed. Per thread, because the compiled
-#: call runs without the interpreter lock: two threads placing at once each
-#: write their own buffers.
+#: Result buffers a thread keeps: the results of the last placements may
+#: still be held (a balancer holds its current placement while it computes the next).
+_KEPT_RESULTS = 2
+#: ``sys.getrefcount`` of a kept buffer that nothing else holds: the list's
+#: reference and the argument's.
+_UNREFERENCED = 2
+
+#: Each thread's buffers for ``placement``: ``space`` the work space (f64,
+#: i64, i32, ranks), grown to the largest shape that thread has placed, and
+#: ``results`` its result buffers. Per thread, because the compiled call runs
+#: without the interpreter lock: two threads placing at once never share one.
 _work = threading.local()
 
 
-def _no_work_space() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _no_buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return (
         np.empty(0, dtype=np.float64),
         np.empty(0, dtype=np.int64),
         np.empty(0, dtype=np.int32),
         np.empty(0, dtype=np.int32),
     )
+
+
+def _free_result_buffer(kept: list[np.ndarray]) -> int:
+    """The index of a kept result buffer that no array refers to any more, or -1.
+
+    The compiled code allocated each buffer, and the results of a call are
+    views of it, which keep it alive in one of two ways: results of the call
+    that allocated it hold numba's record of the allocation (the buffer's
+    ``base``, whose ``refcount`` counts them, the buffer itself included);
+    results of a later call that was handed the buffer hold the buffer object
+    itself (its Python reference count). A view of a result holds the result.
+    Free is both counts at their floor: the record held by the buffer alone,
+    the buffer by the list and ``sys.getrefcount``'s argument alone; writing
+    it again is then as safe as freeing it would be.
+    """
+    for index in range(len(kept)):
+        alone = getattr(kept[index].base, "refcount", 0) == 1
+        if alone and sys.getrefcount(kept[index]) <= _UNREFERENCED:
+            return index
+    return -1
 
 
 def placement(
@@ -764,12 +439,25 @@ def placement(
       log2phy: [L, E, K] int64, the slot of each replica of each expert, -1 padded.
       logcnt: [L, E] int64, the replica count of each logical expert.
 
-    The compiled call allocates only the three results: its work space is
-    this thread's, kept from one call to the next (``_work``).
+    The three are C-contiguous views of one int64 buffer. The thread keeps
+    that buffer and fills it again in a later call only once no array refers
+    to it (the three results and every view of them gone), exactly when
+    freeing it would be allowed; until then a later call takes another.
     """
-    space = getattr(_work, "space", None) or _no_work_space()
-    valid, phy2log, log2phy, logcnt, *space = _placement(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, *space
+    space = getattr(_work, "space", None) or _no_buffers()
+    kept: list[np.ndarray] = getattr(_work, "results", None) or []
+    _work.results = kept
+    index = _free_result_buffer(kept)
+    out = kept[index] if index >= 0 else np.empty(0, dtype=np.int64)
+    valid, phy2log, log2phy, logcnt, *space, out = _placement(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, *space, out
     )
     _work.space = tuple(space)
+    if index >= 0:
+        kept[index] = out
+    elif len(kept) < _KEPT_RESULTS:
+        kept.append(out)
     return valid, phy2log, log2phy, logcnt
+
+
+CACHED = compiled_rows.CACHED
