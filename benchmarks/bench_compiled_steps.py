@@ -73,7 +73,7 @@ ENV_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median ms, minor page faults per call) of ``fn`` over ``repeats`` calls after one warm call."""
+    """(median ms, minor page faults per call) of ``fn``: ``repeats`` calls after a warm one."""
     fn()
     times = []
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

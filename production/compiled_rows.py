@@ -56,12 +56,12 @@ def jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
     def wrap(function: Callable[..., Any]) -> Any:
         global CACHED
         # Helpers without signatures compile with (and are cached in) their callers.
-        args = (list(signatures),) if signatures else ()
+        listed = list(signatures) if signatures else None
         try:
-            return numba.njit(*args, nogil=True, cache=True)(function)
+            return numba.njit(listed, nogil=True, cache=True)(function)
         except RuntimeError:
             CACHED = False
-            return numba.njit(*args, nogil=True, cache=False)(function)
+            return numba.njit(listed, nogil=True, cache=False)(function)
 
     return wrap
 
