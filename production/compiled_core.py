@@ -63,7 +63,7 @@ def _space(
 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """The lengths of the work-space arrays of one layer: (float64, int64, int32) tuples.
 
-    ``_carve`` cuts them out of three buffers in this order; one layer's arrays
+    ``_cut`` cuts them out of three buffers in this order; one layer's arrays
     serve every layer of a call (and, through ``placement``, every call of a thread).
     """
     per_node = num_logical // num_nodes
@@ -460,4 +460,7 @@ def placement(
     return valid, phy2log, log2phy, logcnt
 
 
+#: True when the compiled code is cached on disk; False when no cache directory
+#: was writable and every start compiles anew (read here, after every function
+#: of both modules has been compiled or loaded).
 CACHED = compiled_rows.CACHED
