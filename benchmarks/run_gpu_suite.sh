@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one call on a 2-GPU H200 machine (device tool,
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
-#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 placement guard
+#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 placement placement-steps guard
 # (serving: bench_serving.py on 2 ranks; serving1: on 1 GPU, for a single-GPU machine;
-#  placement: the placement cores on the host CPU, one thread; guard: group_guard's CUDA checks,
-#  and with 2 GPUs a NCCL weight move in which one rank raises, then freezes)
+#  placement: the placement cores on the host CPU, one thread, with bench_compiled_steps.py;
+#  placement-steps: bench_compiled_steps.py alone (default allocator and forced mmap);
+#  guard: group_guard's CUDA checks, and with 2 GPUs a NCCL weight move in which one rank raises, then freezes)
 # The real loads travel in .data/ (an ignored copy made by the caller).
 # BENCH_FLAGS: extra flags for every bench_rearrange.py run (e.g. "--repeats 5").
 set -uo pipefail
@@ -35,7 +36,8 @@ for part in $parts; do
     serving1) python3 benchmarks/bench_serving.py --world-size 1 --plot "$OUT/serving_1gpu.png" 2>&1 | tee "$OUT/bench_serving_1gpu.log" ;;
     example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log"
              python3 examples/moe_ep_example.py --device cuda --inject-fault 2>&1 | tee "$OUT/example_cuda_fault.log" ;;
-    placement) { python3 benchmarks/bench_warm_up.py && python3 benchmarks/bench_rebalance.py --slow-repeats 1 && python3 benchmarks/bench_gil.py --busy python,torch --shapes "DeepSeek-V3 R=288,Kimi-K2 R=448"; } 2>&1 | tee "$OUT/placement.log" ;;
+    placement) { python3 benchmarks/bench_warm_up.py && python3 benchmarks/bench_rebalance.py --slow-repeats 1 && python3 benchmarks/bench_gil.py --busy python,torch --shapes "DeepSeek-V3 R=288,Kimi-K2 R=448" && python3 benchmarks/bench_compiled_steps.py && python3 benchmarks/bench_compiled_steps.py --mmap-threshold 4096; } 2>&1 | tee "$OUT/placement.log" ;;
+    placement-steps) { python3 benchmarks/bench_compiled_steps.py && python3 benchmarks/bench_compiled_steps.py --mmap-threshold 4096; } 2>&1 | tee "$OUT/placement_steps.log" ;;
     guard) python3 benchmarks/check_group_guard.py 2>&1 | tee "$OUT/guard.log" ;;
     *) echo "unknown part $part"; status=2 ;;
   esac

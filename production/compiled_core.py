@@ -1,4 +1,4 @@
-"""The compiled placement core: SPEC.md's loops in numba, one call per placement, no GIL.
+"""The compiled placement core: SPEC.md's hierarchy in numba, one call per placement, no GIL.
 
 The same steps as ``eplb.reference`` (``balanced_packing``, ``replicate_experts``,
 ``rebalance_experts_hierarchical``, ``inverse_map``), compiled by numba with
@@ -7,38 +7,36 @@ the policy choice, the whole hierarchy and log2phy in one call that never
 holds the interpreter lock, so a busy Python thread beside it keeps running
 and the call waits for the lock only once, when it returns.
 
-Every step makes exactly the choices of SPEC.md, in its order:
-
-- items are taken in the order of a stable descending sort (``_sort_descending``:
-  equal weights keep ascending index);
-- pack totals start at ``0.0`` and get one float64 ``+`` per arriving item;
-  replication divides ``W / count`` in float64;
-- the smallest pack total (among packs with room) is found by a scan of few
-  packs or a tournament tree over many, the largest per-replica load by a
-  tree: each internal node holds the winner of its two children, the left
-  child (the lower indices) winning unless the right one is strictly better,
-  so the root is the lowest index among equal values, as SPEC.md's tie rule
-  asks. A choice changes one leaf and replays its ``log2(m)`` matches instead
-  of rescanning all ``m`` packs, which is what Kimi-K2's 448-slots-into-64-GPUs
-  packing needs. A full pack's total becomes NaN, which never wins, so totals
-  that overflow to ``+inf`` (loads near the float64 maximum) need no special
-  case: ``inf < inf`` is false, and the lower index keeps the tie.
+The hierarchy runs layer by layer, node by node, on the row primitives of
+``compiled_rows`` (which make exactly SPEC.md's choices, in its order), in
+one work space sized for one layer: three buffers (float64, int64, int32)
+whose views every layer rewrites. ``placement`` keeps them per thread from
+one call to the next, with the int32 replica ranks log2phy is built from, and
+writes its three results into one int64 buffer that it also keeps per thread
+and writes again only once nothing refers to any result taken from it. On an
+allocator that hands large blocks out by ``mmap`` (glibc above
+``M_MMAP_THRESHOLD``), every fresh array is faulted in page by page on every
+call; a placement in steady state allocates nothing.
 
 The module imports numpy and numba only; ``eplb.production.cores`` imports it
 when the compiled core is chosen and falls back to the numpy core when numba is
 missing or cannot compile. Compiled code is cached on disk (``cache=True``) next
 to this file or in numba's user cache directory; where neither is writable,
-the functions are compiled in memory on every start (see ``_jit``).
+the functions are compiled in memory on every start (``compiled_rows.jit``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+import threading
 from typing import Any
 
-import numba
 import numpy as np
 from numba import types
+
+from . import compiled_rows
+from .compiled_rows import jit as _jit
+from .compiled_rows import pack_row, replicate_row, tree_leaves
 
 __all__ = [
     "CACHED",
@@ -49,169 +47,167 @@ __all__ = [
     "replicate_experts",
 ]
 
-#: True when the compiled code is cached on disk; False when no cache directory
-#: was writable and every start compiles anew.
-CACHED = True
-
-
-def _jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``numba.njit(signatures, nogil=True, cache=True)``, in memory where no cache dir is writable.
-
-    The signatures compile when this module is imported (or load from the
-    cache), so no call on the serving path compiles. numba refuses
-    ``cache=True`` with a RuntimeError when neither the package folder nor its
-    user cache folder (``NUMBA_CACHE_DIR``) is writable, as in a read-only
-    install: then the code is compiled without a cache.
-    """
-
-    def wrap(function: Callable[..., Any]) -> Any:
-        global CACHED
-        try:
-            return numba.njit(list(signatures), nogil=True, cache=True)(function)
-        except RuntimeError:
-            CACHED = False
-            return numba.njit(list(signatures), nogil=True, cache=False)(function)
-
-    return wrap
-
-
-#: Packs up to this many are searched by a scan, more by a tournament tree.
-_LINEAR_MAX_PACKS = 16
-#: Rows whose largest weight times their length is below this cannot make any
-#: float64 pack total overflow (as in the numpy core).
-_SAFE_ROW_TOTAL = 2.0**1000
-#: Bit pattern of +inf. Non-negative doubles (+inf included) are ordered like
-#: their bit patterns read as int64.
-_INF_BITS = 0x7FF0000000000000
-#: Insertion-sorted run length before the merges of ``_sort_descending``.
-_RUN = 8
-
 _F64_2D = types.float64[:, ::1]
 _I64_2D = types.int64[:, ::1]
-_I64_1D = types.int64[::1]
 _F64_1D = types.float64[::1]
+_I64_1D = types.int64[::1]
+_I32_1D = types.int32[::1]
 
 
-# --- tournament trees ----------------------------------------------------------------------
+# --- the hierarchy, one layer at a time in one work space -----------------------------------
 
 
-@_jit((_I64_1D, _F64_1D, types.int64))
-def _replay_min(tree: np.ndarray, key: np.ndarray, leaf: int) -> None:
-    """Replay the matches above ``leaf`` of a tree for the smallest key, NaN never winning.
+@_jit()
+def _space(
+    num_logical: int, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The lengths of the work-space arrays of one layer: (float64, int64, int32) tuples.
 
-    tree: [2 * M] int64, ``tree[M + j] == j``; ``tree[i]`` the winner of
-        ``tree[2i]`` and ``tree[2i + 1]``. key: [M] float64, NaN for no candidate.
-
-    Right beats left when strictly smaller or when left is NaN, so the lowest
-    index wins among equal keys (``+inf`` ones included). The index tests
-    always pass; written this way (measured) numba's code runs about three
-    times faster than with the comparison alone.
+    ``_cut`` cuts them out of three buffers in this order; one layer's arrays
+    serve every layer of a call (and, through ``placement``, every call of a thread).
     """
-    node = leaf // 2
-    while node >= 1:
-        left, right = tree[2 * node], tree[2 * node + 1]
-        if left < 0 or (right >= 0 and (key[right] < key[left] or key[left] != key[left])):
-            tree[node] = right
-        else:
-            tree[node] = left
-        node //= 2
+    per_node = num_logical // num_nodes
+    slots = num_phy // num_nodes
+    items = max(num_groups, slots)  # the longest row sorted
+    packs = max(num_nodes, num_gpus // num_nodes)
+    pack_tree = 2 * tree_leaves(packs)
+    replica_tree = 2 * tree_leaves(per_node)
+    f64 = (num_logical, num_groups, per_node, slots, packs, replica_tree)
+    i64 = (items, items, pack_tree)
+    i32 = (
+        items, num_groups, num_groups, num_logical, slots, slots, per_node, slots, slots,
+        packs, pack_tree, replica_tree,
+    )  # fmt: skip
+    return f64, i64, i32
 
 
-@_jit((_I64_1D, _F64_1D, types.int64))
-def _replay_max(tree: np.ndarray, key: np.ndarray, leaf: int) -> None:
-    """As ``_replay_min``, for the largest key (no NaN): right wins only when strictly larger."""
-    node = leaf // 2
-    while node >= 1:
-        left, right = tree[2 * node], tree[2 * node + 1]
-        if left < 0 or (right >= 0 and key[right] > key[left]):
-            tree[node] = right
-        else:
-            tree[node] = left
-        node //= 2
+@_jit()
+def _need(lengths: tuple[int, ...]) -> int:
+    """The buffer length that holds arrays of the given lengths one after another."""
+    need = 0
+    for length in lengths:
+        need += length
+    return need
 
 
-# --- a stable descending sort --------------------------------------------------------------
+@_jit()
+def _cut(buffer: np.ndarray, lengths: tuple[int, ...], which: int) -> np.ndarray:
+    """The ``which``-th of the consecutive views of ``buffer`` with the given lengths."""
+    start = 0
+    for i in range(which):
+        start += lengths[i]
+    return buffer[start : start + lengths[which]]
 
 
-@_jit((_I64_1D, _I64_1D))
-def _sort_keys(keys: np.ndarray, spare: np.ndarray) -> np.ndarray:
-    """Sort ``keys`` ascending: insertion-sorted runs, then merges; returns the sorted array.
-
-    keys, spare: [n] int64; both are overwritten, the result is one of them.
-
-    The merges pick with a select rather than a branch (the comparison of two
-    loads mispredicts half the time), with the exhausted side read as the
-    largest int64.
-    """
-    n = keys.size
-    for start in range(0, n, _RUN):
-        stop = min(start + _RUN, n)
-        for i in range(start + 1, stop):
-            key = keys[i]
-            j = i
-            while j > start and keys[j - 1] > key:
-                keys[j] = keys[j - 1]
-                j -= 1
-            keys[j] = key
-    largest = np.int64(0x7FFFFFFFFFFFFFFF)
-    last = n - 1
-    source, target = keys, spare
-    width = _RUN
-    while width < n:
-        for start in range(0, n, 2 * width):
-            middle = min(start + width, n)
-            stop = min(start + 2 * width, n)
-            left, right = start, middle
-            for out in range(start, stop):
-                left_key = source[min(left, last)] if left < middle else largest
-                right_key = source[min(right, last)] if right < stop else largest
-                take_right = right_key < left_key
-                target[out] = right_key if take_right else left_key
-                right += take_right
-                left += 1 - take_right
-        source, target = target, source
-        width *= 2
-    return source
-
-
-@_jit((_F64_1D, _I64_1D, _I64_1D, _I64_1D))
-def _sort_descending(
-    values: np.ndarray, order: np.ndarray, keys: np.ndarray, spare: np.ndarray
+@_jit()
+def _hierarchy(
+    weight: np.ndarray,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    phy2log: np.ndarray,
+    phyrank: np.ndarray,
+    logcnt: np.ndarray,
+    f64: np.ndarray,
+    i64: np.ndarray,
+    i32: np.ndarray,
 ) -> None:
-    """The order of a stable descending sort of ``values``: equal values keep ascending index.
+    """SPEC.md "The hierarchy", layer by layer, in the work space of one layer.
 
-    values: [n] float64, >= 0 or -0.0 (+inf allowed), no NaN.
-    order: [n] int64, filled with the item indices. keys, spare: [n] int64, work space.
+    weight: [L, E] float32 or float64, load of each logical expert in each layer.
+    phy2log: [L, R] int (out), the logical expert of each slot.
+    phyrank: [L, R] int (out), the replica rank of each slot.
+    logcnt: [L, E] int (out), the replica count of each logical expert.
+    f64, i64, i32: [>= _need(...)] work space laid out by ``_space``.
 
-    As in the numpy core: one int64 key per item holds the value's bits
-    (ordered like the values), flipped so that larger values come first, with
-    its lowest ``b`` bits replaced by the item index (``2^b >= n``). The keys
-    are unique, so sorting them alone gives the stable order whenever the
-    dropped bits do not matter; equal values have equal kept bits and always
-    come out by index. Two different values that agree on every kept bit may
-    come out in the wrong order, which shows as a rise in the sorted values:
-    such a row is sorted again with the index as the tie-break, exactly.
+    Nothing is allocated here: a layer's arrays (its float64 loads, group and
+    slot loads, the sorts' keys, the trees) are views of the three buffers,
+    rewritten by every layer.
     """
-    n = values.size
-    shift = 1
-    while (1 << shift) < n:
-        shift += 1
-    low = (1 << shift) - 1
-    for i in range(n):
-        # "+ 0.0": -0.0 becomes 0.0, so that equal values have equal bits.
-        keys[i] = ((_INF_BITS - np.float64(values[i] + 0.0).view(np.int64)) & ~low) | i
-    sorted_keys = _sort_keys(keys, spare)
-    rises = False
-    for i in range(n):
-        order[i] = sorted_keys[i] & low
-        if i > 0 and values[order[i]] > values[order[i - 1]]:
-            rises = True
-    if rises:
-        # Rare (values within 2^-(52-b) of each other): numba's stable sort.
-        order[:] = np.argsort(-values, kind="mergesort")
+    num_layers, num_logical = weight.shape
+    group_size = num_logical // num_groups
+    groups_per_node = num_groups // num_nodes
+    per_node = num_logical // num_nodes
+    slots = num_phy // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+    slots_per_gpu = num_phy // num_gpus
+    f, q, s = _space(num_logical, num_phy, num_groups, num_nodes, num_gpus)
+    load, group_load, node_load = _cut(f64, f, 0), _cut(f64, f, 1), _cut(f64, f, 2)
+    slot_load, total, replica_value = _cut(f64, f, 3), _cut(f64, f, 4), _cut(f64, f, 5)
+    keys, spare, tree_key = _cut(i64, q, 0), _cut(i64, q, 1), _cut(i64, q, 2)
+    order, group_pack, group_rank = _cut(i32, s, 0), _cut(i32, s, 1), _cut(i32, s, 2)
+    mlog2log, phy2mlog, replica_rank = _cut(i32, s, 3), _cut(i32, s, 4), _cut(i32, s, 5)
+    mlogcnt, gpu_pack, gpu_rank = _cut(i32, s, 6), _cut(i32, s, 7), _cut(i32, s, 8)
+    counts, tree_index, replica_index = _cut(i32, s, 9), _cut(i32, s, 10), _cut(i32, s, 11)
+    for layer in range(num_layers):
+        # float32 -> float64 is exact, as numpy's.
+        for e in range(num_logical):
+            load[e] = np.float64(weight[layer, e])
+        # Step 1: group loads, each summed left to right.
+        for g in range(num_groups):
+            acc = 0.0
+            for offset in range(group_size):
+                acc += load[g * group_size + offset]
+            group_load[g] = acc
+        # Step 2: groups to nodes.
+        pack_row(
+            group_load, num_nodes, group_pack, group_rank,
+            order, keys, spare, total, counts, tree_key, tree_index,
+        )  # fmt: skip
+        # Step 3: node-local order; the loops run over (group, offset) rather
+        # than dividing each index: an integer division costs more than the step.
+        for g in range(num_groups):
+            start = (group_pack[g] * groups_per_node + group_rank[g]) * group_size
+            for offset in range(group_size):
+                mlog2log[start + offset] = g * group_size + offset
+        for node in range(num_nodes):
+            base = node * per_node
+            # Step 4: replicate within the node.
+            for local in range(per_node):
+                node_load[local] = load[mlog2log[base + local]]
+            replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_value, replica_index)
+            # Step 5: the load each slot carries.
+            for slot in range(slots):
+                local = phy2mlog[slot]
+                slot_load[slot] = node_load[local] / np.float64(mlogcnt[local])
+            # Step 6: slots to GPUs within the node.
+            pack_row(
+                slot_load, gpus_per_node, gpu_pack, gpu_rank,
+                order, keys, spare, total, counts, tree_key, tree_index,
+            )  # fmt: skip
+            # Step 7: back to physical slots and logical experts.
+            for slot in range(slots):
+                phy = node * slots + gpu_pack[slot] * slots_per_gpu + gpu_rank[slot]
+                phy2log[layer, phy] = mlog2log[base + phy2mlog[slot]]
+                phyrank[layer, phy] = replica_rank[slot]
+            for local in range(per_node):
+                logcnt[layer, mlog2log[base + local]] = mlogcnt[local]
 
 
-# --- SPEC.md's primitives ------------------------------------------------------------------
+@_jit()
+def _work_space(
+    num_logical: int, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fresh (float64, int64, int32) buffers for ``_hierarchy`` on this shape."""
+    f, q, s = _space(num_logical, num_phy, num_groups, num_nodes, num_gpus)
+    return (
+        np.empty(_need(f), dtype=np.float64),
+        np.empty(_need(q), dtype=np.int64),
+        np.empty(_need(s), dtype=np.int32),
+    )
+
+
+@_jit()
+def _fill_log2phy(phy2log: np.ndarray, phyrank: np.ndarray, log2phy: np.ndarray) -> None:
+    """log2phy[l, phy2log[l, s], phyrank[l, s]] = s; log2phy: [L, E, K] int64 filled with -1."""
+    num_layers, num_slots = phy2log.shape
+    for layer in range(num_layers):
+        for slot in range(num_slots):
+            log2phy[layer, phy2log[layer, slot], phyrank[layer, slot]] = slot
+
+
+# --- the public entry points -----------------------------------------------------------------
 
 
 @_jit((_F64_2D, types.int64))
@@ -224,77 +220,20 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     Returns
       pack: [X, n] int64, the pack of each item.
       rank: [X, n] int64, the item's position in its pack, in order of arrival.
-
-    ``total[p]`` holds pack p's total while it has room and NaN once full;
-    "right beats left when ``right < left`` or left is NaN" then picks the
-    smallest total among open packs, and the lower index on equal totals
-    (``+inf`` ones included, when loads near the float64 maximum overflow).
-    Up to ``_LINEAR_MAX_PACKS`` packs are scanned; more go through a
-    tournament tree (``tree[j]`` is the winner of ``tree[2j]`` and
-    ``tree[2j+1]``, leaf ``j`` at ``tree[M + j]``; padding packs are NaN),
-    where a choice replays only the ``log2 M`` matches above its leaf.
     """
     num_rows, num_items = weight.shape
-    items_per_pack = num_items // num_packs
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank = np.empty((num_rows, num_items), dtype=np.int64)
-    if items_per_pack == 1:
-        for row in range(num_rows):
-            for i in range(num_items):
-                pack[row, i] = i
-                rank[row, i] = 0
-        return pack, rank
-
-    leaves = 1
-    while leaves < num_packs:
-        leaves *= 2
-    linear = num_packs <= _LINEAR_MAX_PACKS
-    total = np.empty(leaves, dtype=np.float64)
-    counts = np.empty(num_packs, dtype=np.int64)
-    tree = np.empty(2 * leaves, dtype=np.int64)
-    order = np.empty(num_items, dtype=np.int64)
+    tree = 2 * tree_leaves(num_packs)
+    order = np.empty(num_items, dtype=np.int32)
     keys, spare = np.empty(num_items, dtype=np.int64), np.empty(num_items, dtype=np.int64)
+    total, counts = np.empty(num_packs, dtype=np.float64), np.empty(num_packs, dtype=np.int32)
+    tree_key, tree_index = np.empty(tree, dtype=np.int64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
-        _sort_descending(weight[row], order, keys, spare)
-        total[:num_packs] = 0.0
-        total[num_packs:] = np.nan
-        counts[:] = 0
-        if not linear:
-            for j in range(leaves):
-                tree[leaves + j] = j
-            for node in range(leaves - 1, 0, -1):
-                tree[node] = tree[2 * node]  # all totals 0.0: the left one
-        if linear and weight[row].max() * num_items < _SAFE_ROW_TOTAL:
-            # No total can overflow: a full pack's total becomes +inf instead
-            # of NaN, which a plain "<" scan passes over for less.
-            for item in order:
-                best, lowest = 0, total[0]
-                for p in range(1, num_packs):
-                    if total[p] < lowest:
-                        best, lowest = p, total[p]
-                pack[row, item] = best
-                rank[row, item] = counts[best]
-                total[best] += weight[row, item]
-                counts[best] += 1
-                if counts[best] == items_per_pack:
-                    total[best] = np.inf
-            continue
-        for item in order:
-            if linear:
-                best, lowest = 0, total[0]
-                for p in range(1, num_packs):
-                    if (total[p] < lowest) | (lowest != lowest):
-                        best, lowest = p, total[p]
-            else:
-                best = tree[1]
-            pack[row, item] = best
-            rank[row, item] = counts[best]
-            total[best] += weight[row, item]
-            counts[best] += 1
-            if counts[best] == items_per_pack:
-                total[best] = np.nan
-            if not linear:
-                _replay_min(tree, total, leaves + best)
+        pack_row(
+            weight[row], num_packs, pack[row], rank[row],
+            order, keys, spare, total, counts, tree_key, tree_index,
+        )  # fmt: skip
     return pack, rank
 
 
@@ -311,46 +250,16 @@ def replicate_experts(
       phy2log: [X, num_phy] int64, the expert of each slot.
       rank: [X, num_phy] int64, the replica rank of each slot.
       logcnt: [X, n] int64, the replica count of each expert.
-
-    The largest ``W / count`` is found by a tournament tree as in
-    ``balanced_packing``: right beats left only when strictly larger, so the
-    lowest index wins ties; padding experts weigh -1.0, below every load.
     """
     num_rows, num_log = weight.shape
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
-    rank = np.zeros((num_rows, num_phy), dtype=np.int64)
-    logcnt = np.ones((num_rows, num_log), dtype=np.int64)
-    leaves = 1
-    while leaves < num_log:
-        leaves *= 2
-    per_replica = np.full(leaves, -1.0)
-    tree = np.empty(2 * leaves, dtype=np.int64)
+    rank = np.empty((num_rows, num_phy), dtype=np.int64)
+    logcnt = np.empty((num_rows, num_log), dtype=np.int64)
+    tree = 2 * tree_leaves(num_log)
+    tree_value, tree_index = np.empty(tree, dtype=np.float64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
-        for slot in range(num_log):
-            phy2log[row, slot] = slot
-            # float64 division by the count, as SPEC.md: W / 1 == W.
-            per_replica[slot] = weight[row, slot]
-        if num_phy == num_log:
-            continue
-        for j in range(leaves):
-            tree[leaves + j] = j
-        for node in range(leaves - 1, 0, -1):
-            left, right = tree[2 * node], tree[2 * node + 1]
-            if per_replica[right] > per_replica[left]:
-                tree[node] = right
-            else:
-                tree[node] = left
-        for slot in range(num_log, num_phy):
-            best = tree[1]
-            phy2log[row, slot] = best
-            rank[row, slot] = logcnt[row, best]
-            logcnt[row, best] += 1
-            per_replica[best] = weight[row, best] / np.float64(logcnt[row, best])
-            _replay_max(tree, per_replica, leaves + best)
+        replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_value, tree_index)
     return phy2log, rank, logcnt
-
-
-# --- the hierarchy -------------------------------------------------------------------------
 
 
 @_jit((_F64_2D, types.int64, types.int64, types.int64, types.int64))
@@ -371,80 +280,15 @@ def rebalance_experts_hierarchical(
       logcnt: [L, E] int64, the replica count of each logical expert.
     """
     num_layers, num_logical = weight.shape
-    group_size = num_logical // num_groups
-    groups_per_node = num_groups // num_nodes
-    experts_per_node = num_logical // num_nodes
-    slots_per_node = num_physical_experts // num_nodes
-    slots_per_gpu = num_physical_experts // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    num_rows = num_layers * num_nodes
-
-    # Step 1: group loads, each summed left to right.
-    group_load = np.empty((num_layers, num_groups), dtype=np.float64)
-    for layer in range(num_layers):
-        for g in range(num_groups):
-            total = 0.0
-            for offset in range(group_size):
-                total += weight[layer, g * group_size + offset]
-            group_load[layer, g] = total
-
-    # Step 2: groups to nodes.
-    group_pack, group_rank = balanced_packing(group_load, num_nodes)
-
-    # Step 3: node-local order; mlog2log is the inverse permutation of log2mlog.
-    # The loops run over (group, offset) and (node, local index) rather than
-    # dividing each index: an int64 division costs more than the rest of the step.
-    log2mlog = np.empty((num_layers, num_logical), dtype=np.int64)
-    mlog2log = np.empty((num_layers, num_logical), dtype=np.int64)
-    for layer in range(num_layers):
-        for g in range(num_groups):
-            start = (group_pack[layer, g] * groups_per_node + group_rank[layer, g]) * group_size
-            for offset in range(group_size):
-                e = g * group_size + offset
-                log2mlog[layer, e] = start + offset
-                mlog2log[layer, start + offset] = e
-
-    # Step 4: replicate within each node; row layer*N + node holds that node's experts.
-    node_load = np.empty((num_rows, experts_per_node), dtype=np.float64)
-    for layer in range(num_layers):
-        for node in range(num_nodes):
-            row = layer * num_nodes + node
-            for local in range(experts_per_node):
-                mlog = node * experts_per_node + local
-                node_load[row, local] = weight[layer, mlog2log[layer, mlog]]
-    phy2mlog, phyrank, mlogcnt = replicate_experts(node_load, slots_per_node)
-
-    # Step 5: the load each slot carries.
-    slot_load = np.empty((num_rows, slots_per_node), dtype=np.float64)
-    for row in range(num_rows):
-        for slot in range(slots_per_node):
-            local = phy2mlog[row, slot]
-            slot_load[row, slot] = node_load[row, local] / np.float64(mlogcnt[row, local])
-
-    # Step 6: slots to GPUs within each node.
-    gpu_pack, gpu_rank = balanced_packing(slot_load, gpus_per_node)
-
-    # Step 7: map back to physical indices and logical experts.
     phy2log = np.empty((num_layers, num_physical_experts), dtype=np.int64)
-    out_rank = np.empty((num_layers, num_physical_experts), dtype=np.int64)
+    phyrank = np.empty((num_layers, num_physical_experts), dtype=np.int64)
     logcnt = np.empty((num_layers, num_logical), dtype=np.int64)
-    for layer in range(num_layers):
-        for node in range(num_nodes):
-            row = layer * num_nodes + node
-            for slot in range(slots_per_node):
-                phy = (
-                    node * slots_per_node
-                    + gpu_pack[row, slot] * slots_per_gpu
-                    + gpu_rank[row, slot]
-                )
-                mlog = node * experts_per_node + phy2mlog[row, slot]
-                phy2log[layer, phy] = mlog2log[layer, mlog]
-                out_rank[layer, phy] = phyrank[row, slot]
-            for local in range(experts_per_node):
-                logcnt[layer, mlog2log[layer, node * experts_per_node + local]] = mlogcnt[
-                    row, local
-                ]
-    return phy2log, out_rank, logcnt
+    f64, i64, i32 = _work_space(num_logical, num_physical_experts, num_groups, num_nodes, num_gpus)
+    _hierarchy(
+        weight, num_physical_experts, num_groups, num_nodes, num_gpus,
+        phy2log, phyrank, logcnt, f64, i64, i32,
+    )  # fmt: skip
+    return phy2log, phyrank, logcnt
 
 
 @_jit((_I64_2D, _I64_2D, _I64_2D))
@@ -455,18 +299,126 @@ def inverse_map(phy2log: np.ndarray, phyrank: np.ndarray, logcnt: np.ndarray) ->
     phyrank: [L, R] int64, the replica rank of each slot.
     logcnt: [L, E] int64, the replica count of each logical expert.
     """
-    num_layers, num_slots = phy2log.shape
-    log2phy = np.full((num_layers, logcnt.shape[1], logcnt.max()), -1, dtype=np.int64)
-    for layer in range(num_layers):
-        for slot in range(num_slots):
-            log2phy[layer, phy2log[layer, slot], phyrank[layer, slot]] = slot
+    log2phy = np.full((phy2log.shape[0], logcnt.shape[1], logcnt.max()), -1, dtype=np.int64)
+    _fill_log2phy(phy2log, phyrank, log2phy)
     return log2phy
 
 
-@_jit(
-    (types.float64[:, ::1], types.int64, types.int64, types.int64, types.int64),
-    (types.float32[:, ::1], types.int64, types.int64, types.int64, types.int64),
-)
+def _placement_signature(dtype: Any) -> Any:
+    """(weight, R, G, N, P, f64, i64, i32, ranks, out) for loads of ``dtype``."""
+    counts = (types.int64,) * 4
+    return (dtype[:, ::1], *counts, _F64_1D, _I64_1D, _I32_1D, _I32_1D, _I64_1D)
+
+
+@_jit(_placement_signature(types.float64), _placement_signature(types.float32))
+def _placement(
+    weight: np.ndarray,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    f64: np.ndarray,
+    i64: np.ndarray,
+    i32: np.ndarray,
+    ranks: np.ndarray,
+    out: np.ndarray,
+) -> tuple[Any, ...]:
+    """``placement``'s work, in the given buffers; returns the buffers it used.
+
+    f64, i64, i32: the layer work space (``_space``); ranks: [>= L * R] int32,
+    the replica rank of every slot; out: int64, where the results go, one
+    after another (phy2log, logcnt, log2phy). A buffer too short is replaced by
+    a new one of the length needed, and the five are returned for the next call.
+    """
+    num_layers, num_logical = weight.shape
+    # Step 1: the value rules.
+    for layer in range(num_layers):
+        for e in range(num_logical):
+            value = np.float64(weight[layer, e])
+            if not (np.isfinite(value) and value >= 0.0):
+                empty = np.empty((0, 0), dtype=np.int64)
+                none = np.empty((0, 0, 0), dtype=np.int64)
+                return False, empty, none, empty, f64, i64, i32, ranks, out
+    # Step 2: the policy choice; the global policy is the hierarchy with one group and one node.
+    groups, nodes = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
+    f, q, s = _space(num_logical, num_replicas, groups, nodes, num_gpus)
+    if f64.size < _need(f):
+        f64 = np.empty(_need(f), dtype=np.float64)
+    if i64.size < _need(q):
+        i64 = np.empty(_need(q), dtype=np.int64)
+    if i32.size < _need(s):
+        i32 = np.empty(_need(s), dtype=np.int32)
+    slots = num_layers * num_replicas
+    if ranks.size < slots:
+        ranks = np.empty(slots, dtype=np.int32)
+    counted = slots + num_layers * num_logical
+    if out.size < counted:
+        out = np.empty(counted, dtype=np.int64)
+    # Step 3: the hierarchy, layer by layer in one work space.
+    phyrank = ranks[:slots].reshape((num_layers, num_replicas))
+    logcnt = out[slots:counted].reshape((num_layers, num_logical))
+    _hierarchy(
+        weight, num_replicas, groups, nodes, num_gpus,
+        out[:slots].reshape((num_layers, num_replicas)), phyrank, logcnt, f64, i64, i32,
+    )  # fmt: skip
+    # Step 4: log2phy from phy2log and the replica ranks, after the other two in ``out``.
+    width = logcnt.max()
+    need = counted + num_layers * num_logical * width
+    if out.size < need:
+        grown = np.empty(need, dtype=np.int64)
+        grown[:counted] = out[:counted]
+        out = grown
+    phy2log = out[:slots].reshape((num_layers, num_replicas))
+    logcnt = out[slots:counted].reshape((num_layers, num_logical))
+    log2phy = out[counted:need].reshape((num_layers, num_logical, width))
+    log2phy[:] = -1
+    _fill_log2phy(phy2log, phyrank, log2phy)
+    return True, phy2log, log2phy, logcnt, f64, i64, i32, ranks, out
+
+
+#: Result buffers a thread keeps: the results of the last placements may
+#: still be held (a balancer holds its current placement while it computes the next).
+_KEPT_RESULTS = 2
+#: ``sys.getrefcount`` of a kept buffer that nothing else holds: the list's
+#: reference and the argument's.
+_UNREFERENCED = 2
+
+#: Each thread's buffers for ``placement``: ``space`` the work space (f64,
+#: i64, i32, ranks), grown to the largest shape that thread has placed, and
+#: ``results`` its result buffers. Per thread, because the compiled call runs
+#: without the interpreter lock: two threads placing at once never share one.
+_work = threading.local()
+
+
+def _no_buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (
+        np.empty(0, dtype=np.float64),
+        np.empty(0, dtype=np.int64),
+        np.empty(0, dtype=np.int32),
+        np.empty(0, dtype=np.int32),
+    )
+
+
+def _free_result_buffer(kept: list[np.ndarray]) -> int:
+    """The index of a kept result buffer that no array refers to any more, or -1.
+
+    The compiled code allocated each buffer, and the results of a call are
+    views of it, which keep it alive in one of two ways: results of the call
+    that allocated it hold numba's record of the allocation (the buffer's
+    ``base``, whose ``refcount`` counts them, the buffer itself included);
+    results of a later call that was handed the buffer hold the buffer object
+    itself (its Python reference count). A view of a result holds the result.
+    Free is both counts at their floor: the record held by the buffer alone,
+    the buffer by the list and ``sys.getrefcount``'s argument alone; writing
+    it again is then as safe as freeing it would be.
+    """
+    for index in range(len(kept)):
+        alone = getattr(kept[index].base, "refcount", 0) == 1
+        if alone and sys.getrefcount(kept[index]) <= _UNREFERENCED:
+            return index
+    return -1
+
+
 def placement(
     weight: np.ndarray,
     num_replicas: int,
@@ -486,22 +438,29 @@ def placement(
       phy2log: [L, R] int64, the logical expert held by each slot.
       log2phy: [L, E, K] int64, the slot of each replica of each expert, -1 padded.
       logcnt: [L, E] int64, the replica count of each logical expert.
+
+    The three are C-contiguous views of one int64 buffer. The thread keeps
+    that buffer and fills it again in a later call only once no array refers
+    to it (the three results and every view of them gone), exactly when
+    freeing it would be allowed; until then a later call takes another.
     """
-    num_layers, num_logical = weight.shape
-    # Step 1: the value rules and float64 (float32 -> float64 is exact, as numpy's).
-    weight64 = np.empty((num_layers, num_logical), dtype=np.float64)
-    for layer in range(num_layers):
-        for e in range(num_logical):
-            value = np.float64(weight[layer, e])
-            if not (np.isfinite(value) and value >= 0.0):
-                empty = np.empty((0, 0), dtype=np.int64)
-                return False, empty, np.empty((0, 0, 0), dtype=np.int64), empty
-            weight64[layer, e] = value
-    # Step 2: the policy choice; the global policy is the hierarchy with one group and one node.
-    groups, nodes = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
-    # Step 3: the hierarchy.
-    phy2log, phyrank, logcnt = rebalance_experts_hierarchical(
-        weight64, num_replicas, groups, nodes, num_gpus
+    space = getattr(_work, "space", None) or _no_buffers()
+    kept: list[np.ndarray] = getattr(_work, "results", None) or []
+    _work.results = kept
+    index = _free_result_buffer(kept)
+    out = kept[index] if index >= 0 else np.empty(0, dtype=np.int64)
+    valid, phy2log, log2phy, logcnt, *space, out = _placement(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, *space, out
     )
-    # Step 4: log2phy from phy2log and the replica ranks.
-    return True, phy2log, inverse_map(phy2log, phyrank, logcnt), logcnt
+    _work.space = tuple(space)
+    if index >= 0:
+        kept[index] = out
+    elif len(kept) < _KEPT_RESULTS:
+        kept.append(out)
+    return valid, phy2log, log2phy, logcnt
+
+
+#: True when the compiled code is cached on disk; False when no cache directory
+#: was writable and every start compiles anew (read here, after every function
+#: of both modules has been compiled or loaded).
+CACHED = compiled_rows.CACHED
