@@ -27,7 +27,6 @@ the functions are compiled in memory on every start (``compiled_rows.jit``).
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Any
 
@@ -376,17 +375,10 @@ def _placement(
     return True, phy2log, log2phy, logcnt, f64, i64, i32, ranks, out
 
 
-#: Result buffers a thread keeps: the results of the last placements may
-#: still be held (a balancer holds its current placement while it computes the next).
-_KEPT_RESULTS = 2
-#: ``sys.getrefcount`` of a kept buffer that nothing else holds: the list's
-#: reference and the argument's.
-_UNREFERENCED = 2
-
-#: Each thread's buffers for ``placement``: ``space`` the work space (f64,
-#: i64, i32, ranks), grown to the largest shape that thread has placed, and
-#: ``results`` its result buffers. Per thread, because the compiled call runs
-#: without the interpreter lock: two threads placing at once never share one.
+#: Each thread's work space for ``placement`` (f64, i64, i32, ranks), grown to
+#: the largest shape that thread has placed. Per thread, because the compiled
+#: call runs without the interpreter lock: two threads placing at once never
+#: share one. Results are never kept: they are the caller's.
 _work = threading.local()
 
 
@@ -397,26 +389,6 @@ def _no_buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         np.empty(0, dtype=np.int32),
         np.empty(0, dtype=np.int32),
     )
-
-
-def _free_result_buffer(kept: list[np.ndarray]) -> int:
-    """The index of a kept result buffer that no array refers to any more, or -1.
-
-    The compiled code allocated each buffer, and the results of a call are
-    views of it, which keep it alive in one of two ways: results of the call
-    that allocated it hold numba's record of the allocation (the buffer's
-    ``base``, whose ``refcount`` counts them, the buffer itself included);
-    results of a later call that was handed the buffer hold the buffer object
-    itself (its Python reference count). A view of a result holds the result.
-    Free is both counts at their floor: the record held by the buffer alone,
-    the buffer by the list and ``sys.getrefcount``'s argument alone; writing
-    it again is then as safe as freeing it would be.
-    """
-    for index in range(len(kept)):
-        alone = getattr(kept[index].base, "refcount", 0) == 1
-        if alone and sys.getrefcount(kept[index]) <= _UNREFERENCED:
-            return index
-    return -1
 
 
 def placement(
@@ -439,24 +411,15 @@ def placement(
       log2phy: [L, E, K] int64, the slot of each replica of each expert, -1 padded.
       logcnt: [L, E] int64, the replica count of each logical expert.
 
-    The three are C-contiguous views of one int64 buffer. The thread keeps
-    that buffer and fills it again in a later call only once no array refers
-    to it (the three results and every view of them gone), exactly when
-    freeing it would be allowed; until then a later call takes another.
+    The three are C-contiguous views of one int64 buffer allocated by this
+    call (a result buffer kept for reuse would hand a caller's arrays to a
+    later call's writes, a corruption no type check sees).
     """
     space = getattr(_work, "space", None) or _no_buffers()
-    kept: list[np.ndarray] = getattr(_work, "results", None) or []
-    _work.results = kept
-    index = _free_result_buffer(kept)
-    out = kept[index] if index >= 0 else np.empty(0, dtype=np.int64)
-    valid, phy2log, log2phy, logcnt, *space, out = _placement(
-        weight, num_replicas, num_groups, num_nodes, num_gpus, *space, out
+    valid, phy2log, log2phy, logcnt, *space, _ = _placement(
+        weight, num_replicas, num_groups, num_nodes, num_gpus, *space, np.empty(0, dtype=np.int64)
     )
     _work.space = tuple(space)
-    if index >= 0:
-        kept[index] = out
-    elif len(kept) < _KEPT_RESULTS:
-        kept.append(out)
     return valid, phy2log, log2phy, logcnt
 
 

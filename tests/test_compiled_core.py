@@ -345,13 +345,12 @@ def test_gil_benchmark_quick_run(run_benchmark) -> None:
     assert all(0 < float(row[7]) for row in rows), stdout
 
 
-# --- the buffers a thread keeps ---------------------------------------------------------------
+# --- the work space a thread keeps ---------------------------------------------------------------
 
 
 def test_results_are_never_written_while_anything_refers_to_them() -> None:
-    # placement keeps its result buffers per thread and fills one again only
-    # once no array refers to it: results held whole, as views of a part, or
-    # as torch tensors must keep their values through later placements.
+    # placement keeps a work space per thread: results held whole, as views of
+    # a part, or as torch tensors must keep their values through later placements.
     rng = np.random.default_rng(11)
     weights = [rng.exponential(100.0, (4, 32)) * rng.integers(1, 4, (4, 32)) for _ in range(5)]
     expected = [reference.rebalance_experts(w, 48, 8, 4, 8) for w in weights]
@@ -382,20 +381,3 @@ def test_results_are_never_written_while_anything_refers_to_them() -> None:
                 np.testing.assert_array_equal(kept_held[1], want[1][0])
             elif form_held == 2:
                 np.testing.assert_array_equal(kept_held[1].numpy(), want[1])
-
-
-def test_a_placement_reuses_the_buffer_of_results_no_longer_held() -> None:
-    # What spares a placement its page faults: once its results are dropped,
-    # the next placement on the thread writes into the same memory.
-    weight = np.random.default_rng(2).exponential(100.0, (6, 64))
-    results = _core().placement(weight, 72, 8, 2, 8)
-    address = results[1].ctypes.data
-    held = _core().placement(weight, 72, 8, 2, 8)
-    assert held[1].ctypes.data != address  # the first results are still held
-    del results
-    # Freed memory of that size would go to this array first; kept memory does not.
-    blocker = np.empty(held[1].size + held[2].size + held[3].size, dtype=np.int64)
-    again = _core().placement(weight, 72, 8, 2, 8)
-    assert blocker.ctypes.data != address
-    assert again[1].ctypes.data == address
-    np.testing.assert_array_equal(again[1], held[1])
