@@ -446,15 +446,41 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
     )
     if "none" in results:
         steady = results["none"][args.warmup :]
+        first = slice(args.warmup, args.interval - 1)  # before any rebalance: the same work
         say("\nagainst no rebalancing (targets: staged p99 <= 1.05x, staged max < 1.2x)")
-        say(f"{'mode':10s} {'p99 x':>8s} {'max x':>8s}")
+        say(f"{'mode':10s} {'p99 x':>8s} {'max x':>8s} {'same work x':>12s} {'window/before':>14s}")
         for mode, times in results.items():
             timed = times[args.warmup :]
             ratio_p99 = np.percentile(timed, 99) / np.percentile(steady, 99)
-            say(f"{mode:10s} {ratio_p99:8.3f} {timed.max() / steady.max():8.3f}")
+            drift = np.median(times[first]) / np.median(results["none"][first])
+            say(
+                f"{mode:10s} {ratio_p99:8.3f} {timed.max() / steady.max():8.3f} "
+                f"{drift:12.3f} {_window_over_before(args, mode, times):14.3f}"
+            )
+        say(
+            "same work x: median step of the steps before the first rebalance (identical work "
+            "in every mode) over no rebalancing's: how far the machine drifts between modes. "
+            "window/before: per rebalance, the worst step of the half interval from its interval "
+            "step on over the median of the 20 steps before the interval, worst rebalance: a "
+            "comparison within one mode, free of that drift."
+        )
     if out and rank == 0:
         plot(args, results, out)
         say(f"plot written to {out}")
+
+
+def _window_over_before(args: argparse.Namespace, mode: str, times: np.ndarray) -> float:
+    """Worst rebalance window's max (half an interval from its interval step) over the median
+    of the 20 steps before its interval."""
+    if mode == "none":
+        return float("nan")
+    ratios = []
+    for start in range(args.interval, len(times) + 1, args.interval):
+        before = times[max(args.warmup, start - 21) : start - 1]
+        window = times[start - 1 : min(len(times), start - 1 + args.interval // 2)]
+        if len(before) and len(window):
+            ratios.append(float(window.max() / np.median(before)))
+    return max(ratios, default=float("nan"))
 
 
 def plot(args: argparse.Namespace, results: dict[str, np.ndarray], out: str) -> None:
