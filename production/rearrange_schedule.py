@@ -177,8 +177,15 @@ def program_messages(
     return steps, Schedule(t, step_of, last_pack)
 
 
-def program_writes(plan: RearrangePlan, rank: int, steps: list[Step], sched: Schedule) -> None:
+def program_writes(
+    plan: RearrangePlan, rank: int, steps: list[Step], sched: Schedule, in_place: bool = True
+) -> None:
     """Fill in when each slot is written: local copies, unpacks and post copies.
+
+    in_place: False when the writes go to other tensors than the slots packs
+    and local copies read (``rearrange_expert_weights(..., into=...)``): a
+    layer's local copies are then one wave, nothing staged (the ordering
+    below still holds, it only costs nothing then).
 
     A write to slot X is issued at the end of step s, after the packs of step
     s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
@@ -206,7 +213,7 @@ def program_writes(plan: RearrangePlan, rank: int, steps: list[Step], sched: Sch
         pairs = local[layer_cuts[layer] : layer_cuts[layer + 1], 1:].tolist()
         if not pairs:
             continue
-        staged, waves = local_waves([(src, dst) for src, dst in pairs])
+        staged, waves = local_waves([(src, dst) for src, dst in pairs]) if in_place else ([], [pairs])
         # Each copy as early as the packs of its destination and the copies
         # reading that destination allow, not the whole layer at its last pack:
         # a late copy delays the receives into the slot it reads, and their
