@@ -610,9 +610,12 @@ def _maps_to_host(
 
 
 def _check_weights(
-    expert_weights: object, map_shape: tuple[int, ...], world_size: int, name: str = "expert_weights"
+    expert_weights: object,
+    map_shape: tuple[int, ...],
+    world_size: int,
+    name: str = "expert_weights",
 ) -> tuple[Layout, torch.device | None]:
-    """Validate ``expert_weights`` (the argument ``name``) against the maps' shape and the world size."""
+    """Validate ``expert_weights`` (argument ``name``) against the maps' shape and world size."""
     if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, Sequence):
         raise TypeError(
             f"{name} must be a list (per layer) of lists of tensors, got "

@@ -683,9 +683,7 @@ class SlotWork:
         return _tensor_meta(self._weights, self._into) == self._meta
 
 
-def _same_tensors(
-    given: Sequence[Sequence[torch.Tensor]], mine: list[list[torch.Tensor]]
-) -> bool:
+def _same_tensors(given: Sequence[Sequence[torch.Tensor]], mine: list[list[torch.Tensor]]) -> bool:
     """Whether ``given`` holds the very tensor objects of ``mine``, layer by layer."""
     return len(given) == len(mine) and all(
         len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

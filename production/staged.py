@@ -35,8 +35,9 @@ each layer's maps and weights agree: a layer is wholly old or wholly new.
 
 Memory: one staging buffer of K layers of this rank's slots, allocated once
 (:attr:`StagedApply.staging_bytes`), never zeroed (each launch writes the
-chunk's changing slots, the only ones its commit reads), plus the move's message ring, bounded by ``max_batch_bytes``
-per pipeline step as for any rearrangement. The vote's flags (and, on CUDA,
+chunk's changing slots, the only ones its commit reads), plus the move's
+message ring, bounded by ``max_batch_bytes`` per pipeline step as for any
+rearrangement. The vote's flags (and, on CUDA,
 their pinned host copy and the events) are allocated once too.
 
 Failure: nothing is written before every rank has voted that it holds the
