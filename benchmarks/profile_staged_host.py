@@ -6,7 +6,9 @@ structure (26 layers, 64 experts, 72 slots, 3 tensors per slot) but tiny
 tensors (8x8 float32 per slot by default), drives it with skewed loads that
 change every interval (so that almost every slot changes expert), and reports
 host milliseconds per ``step()`` call on the rebalance steps (the apply step
-and each staged commit step), with the phases below (each the mean per
+and each staged commit step; ``cpu ms``: the serving thread's CPU time,
+``time.thread_time``, which preemption by other jobs does not inflate), with
+the phases below (each the mean per
 rebalance step; phases nest, see the indentation):
 
 - ``launch``: ``StagedApply._launch`` (copy into staging, the move, the vote),
@@ -133,6 +135,7 @@ def run_mode(args: argparse.Namespace, mode: str, profiler: cProfile.Profile | N
     rng = np.random.default_rng(0)
     timers = _Timers()
     calls: list[float] = []
+    cpu: list[float] = []
     gc.collect()
     gc.freeze()
     gc.disable()
@@ -150,13 +153,15 @@ def run_mode(args: argparse.Namespace, mode: str, profiler: cProfile.Profile | N
             applying = pending is not None and balancer.stats.steps + 1 >= balancer._apply_at
             if profiler is not None and (staged_before or applying):
                 profiler.enable()
-            start = time.perf_counter()
+            start, thread_start = time.perf_counter(), time.thread_time()
             balancer.step(weights)
             seconds = time.perf_counter() - start
+            thread_seconds = time.thread_time() - thread_start
             if profiler is not None:
                 profiler.disable()
             if (staged_before or applying) and step > interval * 1.5:  # the first one warms up
                 calls.append(seconds)
+                cpu.append(thread_seconds)
             elif staged_before or applying:
                 timers.seconds.clear()
     finally:
@@ -165,7 +170,8 @@ def run_mode(args: argparse.Namespace, mode: str, profiler: cProfile.Profile | N
         gc.unfreeze()
     balancer.close()
     count = len(calls)
-    return 1e3 * np.array(calls), {k: 1e3 * v / count for k, v in timers.seconds.items()}
+    phases = {k: 1e3 * v / count for k, v in timers.seconds.items()}
+    return 1e3 * np.array(calls), 1e3 * np.array(cpu), phases
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,12 +190,18 @@ def main(argv: list[str] | None = None) -> None:
             "(the first not counted)"
         )
         names = [phase for _, _, phase in _PHASES]
-        print(f"{'mode':6s} {'calls':>5s} {'mean ms':>8s} {'max ms':>8s}  per-call phase ms")
+        print(
+            f"{'mode':6s} {'calls':>5s} {'mean ms':>8s} {'max ms':>8s} {'cpu ms':>8s}  "
+            "per-call phase ms (wall)"
+        )
         for mode in args.modes.split(","):
             profiler = cProfile.Profile() if args.cprofile == mode else None
-            calls, phases = run_mode(args, mode, profiler)
+            calls, cpu, phases = run_mode(args, mode, profiler)
             parts = ", ".join(f"{n.strip()} {phases[n]:.3f}" for n in names if n in phases)
-            print(f"{mode:6s} {len(calls):5d} {calls.mean():8.3f} {calls.max():8.3f}  {parts}")
+            print(
+                f"{mode:6s} {len(calls):5d} {calls.mean():8.3f} {calls.max():8.3f} "
+                f"{cpu.mean():8.3f}  {parts}"
+            )
             if profiler is not None:
                 stats = pstats.Stats(profiler)
                 stats.sort_stats("tottime").print_stats(25)

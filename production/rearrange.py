@@ -204,7 +204,8 @@ def rearrange_expert_weights(
     ``timeout`` seconds, naming which layers this rank left new, old or mixed;
     the group is then aborted (NCCL) and refused by later calls: recreate it.
     On CUDA the host waits, within ``timeout``, until this rank's last
-    messages have completed (not for the copies queued after them).
+    messages have completed (not for the copies queued after them; not at all
+    when this rank sends and receives nothing).
 
     Python's cyclic garbage collector is paused during the call (and resumed if
     it was on): a collection in the middle, triggered by the call's many small

@@ -369,8 +369,9 @@ def run_steps(
         when this raises, it says which layers the move left new, old or mixed.
 
     On CUDA the host returns once this rank's last messages have completed
-    (:meth:`Transport.wait_device`, within the transport's deadline): a peer
-    that froze or died is noticed here, not by a stream that never finishes.
+    (:meth:`Transport.wait_device`, within the transport's deadline; at once
+    when this rank has none): a peer that froze or died is noticed here, not
+    by a stream that never finishes.
     The writes queued after them may still be running. Whatever fails is
     raised as is; the caller reports the layers from ``progress``.
     """
@@ -455,9 +456,13 @@ def run_steps(
         streams.wait("current", which)
     phases.mark("total", end=True)
     last = sent[-1] if sent else None
-    if streams.cuda and last is not None:
+    if streams.cuda and last is not None and any(step.sends or step.recvs for step in steps):
         # The only host wait of the move: no success is reported before this
         # rank's messages have arrived (a dead peer would leave them pending).
+        # Without messages (one rank, or none of this rank's in this move) no
+        # peer can hold it up, and the event only follows the work queued
+        # before the call (a staged launch: the forward pass just queued), so
+        # the host does not wait for it.
         transport.wait_device(last, "this rank's last messages")
         if progress is not None:
             progress.settle()

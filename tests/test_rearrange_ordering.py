@@ -289,3 +289,45 @@ def test_writes_can_go_to_a_destination_other_than_the_live_slots(in_place):
                     assert (row == -1).all()  # unchanged slots are not written
                 else:
                     assert (row == float(new[layer, slot])).all(), (layer, tensor, slot)
+
+
+class _DeviceStreams(RecordingStreams):
+    """The recording fake as CUDA streams: run_steps then ends with its host wait."""
+
+    cuda = True
+
+
+class _WaitingTransport(RecordingTransport):
+    def __init__(self, streams: RecordingStreams) -> None:
+        super().__init__(streams)
+        self.host_waits: list[str] = []
+
+    def wait_device(self, done: object, what: str) -> None:
+        self.host_waits.append(what)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_host_waits_for_the_last_messages_only_where_there_are_messages(ranks):
+    # A peer that froze leaves this rank's messages pending: the host waits for
+    # them, within the deadline. Without messages (one rank) nothing can hold
+    # the move up, and waiting would only wait for the work queued before it.
+    old, new, layout, _ = _case(4, ranks, 1 << 20)
+    plan = plan_rearrangement(old, new, ranks)
+    steps = program(plan, layout, 0, 1 << 20)
+    weights = [[torch.zeros(plan.slots_per_rank, *s) for s in TENSORS] for _ in range(3)]
+    streams = _DeviceStreams()
+    transport = _WaitingTransport(streams)
+    run_steps(
+        steps,
+        SlotWork(weights, steps, ahead=False),
+        torch.device("cpu"),
+        transport,
+        0,
+        False,
+        lambda: None,
+        contextlib.nullcontext,
+        streams,
+    )
+    messages = any(step.sends or step.recvs for step in steps)
+    assert messages == (ranks > 1)
+    assert transport.host_waits == (["this rank's last messages"] if messages else [])
