@@ -551,6 +551,8 @@ class GuardedCall:
         Post first, then plan, then :meth:`confirm`: the others' verdicts arrive
         while this rank plans.
         """
+        if self._executor is None:  # a single rank: no verdict to post or compare
+            return check()[0]
         try:
             value, fields = check()
             verdict: dict[str, Any] = {

@@ -149,6 +149,7 @@ def rearrange_expert_weights(
     buffers: RearrangeBuffers | None = None,
     prepared: PreparedRearrangement | None = None,
     timeout: float | None = None,
+    into: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> RearrangeStats:
     """Rewrite this rank's expert slots in place for a new placement (collective).
 
@@ -181,6 +182,13 @@ def rearrange_expert_weights(
         call plans nothing; ranks may mix prepared and unprepared calls.
     timeout: seconds any one wait of the call may take (None:
         ``group_guard.DEFAULT_TIMEOUT``, 90 s: it says why); each rank's own.
+    into: other tensors of the same shapes, dtypes and device as
+        ``expert_weights`` (sharing no memory with them) to write the new
+        slots into, instead of in place: ``expert_weights`` are then only
+        read, and of ``into`` only the slots whose expert changes are written
+        (the others keep whatever they held). Local copies then need no
+        ordering among them and no staging. None: in place. Every rank passes
+        one or none. (A staged rebalance moves into its staging buffer so.)
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
@@ -196,7 +204,8 @@ def rearrange_expert_weights(
     ``timeout`` seconds, naming which layers this rank left new, old or mixed;
     the group is then aborted (NCCL) and refused by later calls: recreate it.
     On CUDA the host waits, within ``timeout``, until this rank's last
-    messages have completed (not for the copies queued after them).
+    messages have completed (not for the copies queued after them; not at all
+    when this rank sends and receives nothing).
 
     Python's cyclic garbage collector is paused during the call (and resumed if
     it was on): a collection in the middle, triggered by the call's many small
@@ -213,6 +222,7 @@ def rearrange_expert_weights(
             buffers,
             prepared,
             timeout,
+            into,
         )
 
 
@@ -269,6 +279,7 @@ def prepare_rearrangement(
     group: dist.ProcessGroup | None = None,
     *,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    into: Sequence[Sequence[torch.Tensor]] | None = None,
 ) -> PreparedRearrangement:
     """Work out this rank's share of a move ahead of :func:`rearrange_expert_weights`.
 
@@ -287,6 +298,7 @@ def prepare_rearrangement(
     expert_weights: per layer, this rank's weight tensors (views are made, no
         data is read); the prepared move keeps references to them.
     group: the EP process group, for this rank and the group size (default: the world).
+    into: as for the call (the prepared move keeps references to them too).
 
     Raises TypeError/ValueError on bad input, as the call would. It never
     communicates (a worker thread may run it beside the serving thread's
@@ -295,11 +307,11 @@ def prepare_rearrangement(
     start = time.perf_counter()
     rank, world_size = rank_and_size(group)
     old, new, layout, _ = _check_input(
-        old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
+        old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes, into
     )
     key = _digest(old, new, layout.signature, world_size)
     prepared = _prepare(
-        old, new, layout, key, (rank, world_size), max_batch_bytes, expert_weights, ahead=True
+        old, new, layout, key, (rank, world_size), max_batch_bytes, expert_weights, into, True
     )
     prepared.seconds = time.perf_counter() - start
     return prepared
@@ -313,6 +325,7 @@ def _prepare(
     where: tuple[int, int],
     max_batch_bytes: int,
     expert_weights: Sequence[Sequence[torch.Tensor]],
+    into: Sequence[Sequence[torch.Tensor]] | None,
     ahead: bool,
 ) -> PreparedRearrangement:
     """The prepared move of checked input; what the call and :func:`prepare_rearrangement` share.
@@ -325,13 +338,13 @@ def _prepare(
     plan = plan_checked(old, new, world_size)
     steps, order = program_messages(plan, layout, rank, max_batch_bytes)
     schedule_writes: Callable[[], None] = functools.partial(
-        program_writes, plan, rank, steps, order
+        program_writes, plan, rank, steps, order, into is None
     )
     if ahead:
         schedule_writes()
         schedule_writes = _already_scheduled
     with torch.no_grad():
-        work = SlotWork(expert_weights, steps, ahead=ahead)
+        work = SlotWork(expert_weights, steps, ahead=ahead, into=into)
     return PreparedRearrangement(
         key, rank, world_size, int(max_batch_bytes), steps, work, schedule_writes
     )
@@ -388,6 +401,7 @@ def _rearrange(
     buffers: RearrangeBuffers | None,
     prepared: PreparedRearrangement | None,
     timeout: object,
+    into: Sequence[Sequence[torch.Tensor]] | None,
 ) -> RearrangeStats:
     start = time.perf_counter()
     try:
@@ -401,7 +415,7 @@ def _rearrange(
         if bad_timeout is not None:
             raise bad_timeout
         old, new, layout, on = _check_input(
-            old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes
+            old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes, into
         )
         device = on or torch.device("cpu")
         check_buffers(buffers, group, device)
@@ -439,6 +453,7 @@ def _rearrange(
                     (rank, world_size),
                     max_batch_bytes,
                     expert_weights,
+                    into,
                     False,
                 )
             planned = time.perf_counter()
@@ -450,8 +465,8 @@ def _rearrange(
             try:
                 with torch.no_grad(), on_device(device):
                     work = prepared._work
-                    if given and not work.made_from(expert_weights):  # other tensors, same shapes
-                        work = SlotWork(expert_weights, steps, ahead=False)
+                    if given and not work.made_from(expert_weights, into):  # other tensors
+                        work = SlotWork(expert_weights, steps, ahead=False, into=into)
                     phases = run_steps(
                         steps,
                         work,
@@ -542,14 +557,25 @@ def _check_input(
     expert_weights: object,
     world_size: int,
     max_batch_bytes: object,
+    into: object = None,
 ) -> tuple[np.ndarray, np.ndarray, Layout, torch.device | None]:
     """The checks :func:`rearrange_expert_weights` and :func:`prepare_rearrangement` share.
 
-    Returns both maps on the host, the weights' layout and their device.
+    Returns both maps on the host, the weights' layout and their device (with
+    ``into``, the layout's signature says so: the write schedule differs).
     """
     old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
     check_keeps_experts(old, new)
     layout, device = _check_weights(expert_weights, old.shape, world_size)
+    if into is not None:
+        into_layout, into_device = _check_weights(into, old.shape, world_size, "into")
+        if into_layout.signature != layout.signature or into_device != device:
+            raise ValueError(
+                f"into must hold the same tensor shapes and dtypes on the same device as "
+                f"expert_weights: into has {into_layout.signature} on {into_device}, "
+                f"expert_weights {layout.signature} on {device}"
+            )
+        layout = Layout(layout.slot_nbytes, f"{layout.signature} into others")
     if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
         raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
     if max_batch_bytes < 1:
@@ -585,18 +611,21 @@ def _maps_to_host(
 
 
 def _check_weights(
-    expert_weights: object, map_shape: tuple[int, ...], world_size: int
+    expert_weights: object,
+    map_shape: tuple[int, ...],
+    world_size: int,
+    name: str = "expert_weights",
 ) -> tuple[Layout, torch.device | None]:
-    """Validate ``expert_weights`` against the maps' shape and the world size."""
+    """Validate ``expert_weights`` (argument ``name``) against the maps' shape and world size."""
     if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, Sequence):
         raise TypeError(
-            "expert_weights must be a list (per layer) of lists of tensors, got "
+            f"{name} must be a list (per layer) of lists of tensors, got "
             f"{type(expert_weights).__name__}"
         )
     num_layers, num_slots = (int(d) for d in map_shape)
     if len(expert_weights) != num_layers:
         raise ValueError(
-            f"expert_weights must have one entry per layer of the maps: got {len(expert_weights)} "
+            f"{name} must have one entry per layer of the maps: got {len(expert_weights)} "
             f"layers, the maps have {num_layers}"
         )
     if num_slots % world_size:
@@ -610,11 +639,11 @@ def _check_weights(
     for layer, tensors in enumerate(expert_weights):
         if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
             raise TypeError(
-                f"expert_weights[{layer}] must be a list of tensors, got {type(tensors).__name__}"
+                f"{name}[{layer}] must be a list of tensors, got {type(tensors).__name__}"
             )
         signature = []
         for index, tensor in enumerate(tensors):
-            where = f"expert_weights[{layer}][{index}]"
+            where = f"{name}[{layer}][{index}]"
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"{where} must be a torch.Tensor, got {type(tensor).__name__}")
             if tensor.dim() < 1 or tensor.shape[0] != per_rank:
@@ -626,7 +655,7 @@ def _check_weights(
             if tensor.device != device:
                 raise ValueError(
                     f"all expert weights must be on one device: {where} is on {tensor.device}, "
-                    f"expert_weights[0][0] on {device}"
+                    f"{name}[0][0] on {device}"
                 )
             try:
                 if template is None:  # later layers must match these dtypes
@@ -640,8 +669,8 @@ def _check_weights(
             template = signature
         elif signature != template:
             raise ValueError(
-                f"every layer must hold the same list of tensor shapes and dtypes: expert_weights"
-                f"[{layer}] has {_describe(signature)}, expert_weights[0] has {_describe(template)}"
+                f"every layer must hold the same list of tensor shapes and dtypes: {name}"
+                f"[{layer}] has {_describe(signature)}, {name}[0] has {_describe(template)}"
             )
     template = template or []
     return Layout(

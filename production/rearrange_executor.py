@@ -369,8 +369,9 @@ def run_steps(
         when this raises, it says which layers the move left new, old or mixed.
 
     On CUDA the host returns once this rank's last messages have completed
-    (:meth:`Transport.wait_device`, within the transport's deadline): a peer
-    that froze or died is noticed here, not by a stream that never finishes.
+    (:meth:`Transport.wait_device`, within the transport's deadline; at once
+    when this rank has none): a peer that froze or died is noticed here, not
+    by a stream that never finishes.
     The writes queued after them may still be running. Whatever fails is
     raised as is; the caller reports the layers from ``progress``.
     """
@@ -455,9 +456,13 @@ def run_steps(
         streams.wait("current", which)
     phases.mark("total", end=True)
     last = sent[-1] if sent else None
-    if streams.cuda and last is not None:
+    if streams.cuda and last is not None and any(step.sends or step.recvs for step in steps):
         # The only host wait of the move: no success is reported before this
         # rank's messages have arrived (a dead peer would leave them pending).
+        # Without messages (one rank, or none of this rank's in this move) no
+        # peer can hold it up, and the event only follows the work queued
+        # before the call (a staged launch: the forward pass just queued), so
+        # the host does not wait for it.
         transport.wait_device(last, "this rank's last messages")
         if progress is not None:
             progress.settle()
@@ -612,8 +617,9 @@ class SlotWork:
         into: Sequence[Sequence[torch.Tensor]] | None = None,
     ) -> None:
         self._weights = [list(layer) for layer in expert_weights]
+        self._into = None if into is None else [list(layer) for layer in into]
         # Checked by made_from, which only prepared moves use.
-        self._meta = _tensor_meta(self._weights) if ahead else []
+        self._meta = _tensor_meta(self._weights, self._into) if ahead else []
         self.slots = SlotViews([[bit_view(t) for t in layer] for layer in self._weights])
         #: Where writes go: the weights themselves, or ``into`` (tensors of the
         #: same shapes and dtypes, e.g. a staging copy committed later; only the
@@ -666,18 +672,37 @@ class SlotWork:
             post = self.post[k] = _post_batch(step, self.into)
         return local, unpack, post
 
-    def made_from(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
-        """Whether ``expert_weights`` are the very tensors this was made from, unchanged."""
-        if len(expert_weights) != len(self._weights) or any(
-            len(given) != len(mine) or any(a is not b for a, b in zip(given, mine, strict=True))
-            for given, mine in zip(expert_weights, self._weights, strict=True)
-        ):
+    def made_from(
+        self,
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        into: Sequence[Sequence[torch.Tensor]] | None = None,
+    ) -> bool:
+        """Whether ``expert_weights`` (and ``into``) are the very tensors this was made from,
+        unchanged."""
+        if not _same_tensors(expert_weights, self._weights):
             return False
-        return _tensor_meta(self._weights) == self._meta
+        if (into is None) != (self._into is None):
+            return False
+        if into is not None and self._into is not None and not _same_tensors(into, self._into):
+            return False
+        return _tensor_meta(self._weights, self._into) == self._meta
 
 
-def _tensor_meta(weights: list[list[torch.Tensor]]) -> list[tuple[object, ...]]:
+def _same_tensors(given: Sequence[Sequence[torch.Tensor]], mine: list[list[torch.Tensor]]) -> bool:
+    """Whether ``given`` holds the very tensor objects of ``mine``, layer by layer."""
+    return len(given) == len(mine) and all(
+        len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+        for a, b in zip(given, mine, strict=True)
+    )
+
+
+def _tensor_meta(
+    weights: list[list[torch.Tensor]], into: list[list[torch.Tensor]] | None = None
+) -> list[tuple[object, ...]]:
     """Where each tensor's memory is and how it is laid out (an in-place resize changes it)."""
     return [
-        (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for layer in weights for t in layer
+        (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+        for layers in (weights, into or [])
+        for layer in layers
+        for t in layer
     ]

@@ -177,8 +177,15 @@ def program_messages(
     return steps, Schedule(t, step_of, last_pack)
 
 
-def program_writes(plan: RearrangePlan, rank: int, steps: list[Step], sched: Schedule) -> None:
+def program_writes(
+    plan: RearrangePlan, rank: int, steps: list[Step], sched: Schedule, in_place: bool = True
+) -> None:
     """Fill in when each slot is written: local copies, unpacks and post copies.
+
+    in_place: False when the writes go to other tensors than the slots packs
+    and local copies read (``rearrange_expert_weights(..., into=...)``): a
+    layer's local copies are then one wave, nothing staged (the ordering
+    below still holds, it only costs nothing then).
 
     A write to slot X is issued at the end of step s, after the packs of step
     s + 1 (the executor orders its streams so), so s >= (last step packing X) - 1;
@@ -203,10 +210,19 @@ def program_writes(plan: RearrangePlan, rank: int, steps: list[Step], sched: Sch
     read_locally = np.zeros_like(earliest)  # step of the last local wave reading a slot
     layer_cuts = np.searchsorted(local[:, 0], np.arange(plan.num_layers + 1))
     for layer in range(plan.num_layers):
-        pairs = local[layer_cuts[layer] : layer_cuts[layer + 1], 1:].tolist()
-        if not pairs:
+        rows = local[layer_cuts[layer] : layer_cuts[layer + 1], 1:]
+        if not len(rows):
             continue
-        staged, waves = local_waves([(src, dst) for src, dst in pairs])
+        if not in_place:
+            # One wave: each copy as early as the packs of its destination allow.
+            at = earliest[layer, rows[:, 1]]
+            np.maximum.at(read_locally[layer], rows[:, 0], at)
+            first = int(at.min())
+            for when in np.unique(at).tolist():
+                part: list[tuple[int, int]] = list(map(tuple, rows[at == when].tolist()))
+                steps[when].local.append(LocalGroup(layer, [], [part], when == first))
+            continue
+        staged, waves = local_waves([(src, dst) for src, dst in rows.tolist()])
         # Each copy as early as the packs of its destination and the copies
         # reading that destination allow, not the whole layer at its last pack:
         # a late copy delays the receives into the slot it reads, and their

@@ -5,9 +5,11 @@ layers_per_step=K)``) in chunks of K consecutive layers, one chunk per engine
 step, so that no forward pass waits for the whole weight move:
 
 1. Launch (step ``n``, after that step's forward pass was queued): on a side
-   stream, copy the chunk's current slots into a staging buffer, move the
-   weights on those staging copies (:func:`eplb.production.rearrange_expert_weights`
-   with the chunk's old and new ``phy2log`` rows; its own pack, wire and write
+   stream, move the weights from the chunk's live slots into a staging buffer
+   (:func:`eplb.production.rearrange_expert_weights` with the chunk's old and
+   new ``phy2log`` rows and ``into=`` the staging buffer: the live slots are
+   only read, the slots that change are written to staging, with no order
+   among the local copies and no cycle to break; its own pack, wire and write
    streams wait for the side stream and the side stream waits for them), then
    issue the vote: an all-reduce of "this rank holds the chunk" over the EP
    group, also on the side stream, so it completes only once every rank's move
@@ -23,7 +25,7 @@ step, so that no forward pass waits for the whole weight move:
    slots and the new ``phy2log``/``log2phy``/``logcnt`` rows of those layers
    into the maps, in place (static buffers: CUDA graphs stay valid). Forward
    pass ``n + 2`` sees those layers wholly new. The next chunk is launched in
-   the same step; its copy into staging waits (on the side stream) for this
+   the same step; its writes into staging wait (on the side stream) for this
    commit's copies only.
 
 So a placement of L layers takes ``ceil(L / K)`` steps after the one that
@@ -32,9 +34,10 @@ at step ``a + c + 1``, one forward pass in flight each. In every forward pass
 each layer's maps and weights agree: a layer is wholly old or wholly new.
 
 Memory: one staging buffer of K layers of this rank's slots, allocated once
-(:attr:`StagedApply.staging_bytes`), never zeroed (each launch overwrites the
-chunk's slots), plus the move's message ring, bounded by ``max_batch_bytes``
-per pipeline step as for any rearrangement. The vote's flags (and, on CUDA,
+(:attr:`StagedApply.staging_bytes`), never zeroed (each launch writes the
+chunk's changing slots, the only ones its commit reads), plus the move's
+message ring, bounded by ``max_batch_bytes`` per pipeline step as for any
+rearrangement. The vote's flags (and, on CUDA,
 their pinned host copy and the events) are allocated once too.
 
 Failure: nothing is written before every rank has voted that it holds the
@@ -233,7 +236,7 @@ class StagedApply:
             allocates the staging buffer after them (one chunk of layers). If
             they do not fit (not one list of tensors per layer), nothing is
             allocated or prepared and the launch refuses the move on every rank.
-        ahead: also prepare the first chunk's move on the staging buffer
+        ahead: also prepare the first chunk's move into the staging buffer
             (:func:`eplb.production.prepare_rearrangement`), so that the apply
             step starts moving at once; a preparation that refuses its input is
             left to the call, which refuses it on every rank at once. Later
@@ -250,9 +253,10 @@ class StagedApply:
                 first = prepare_rearrangement(
                     old_phy2log[rows.start : rows.stop],
                     new_maps[0][rows.start : rows.stop],
-                    self._staging[: len(rows)],
+                    expert_weights[rows.start : rows.stop],
                     self.group,
                     max_batch_bytes=self.max_batch_bytes,
+                    into=self._staging[: len(rows)],
                 )
             except (TypeError, ValueError):
                 pass
@@ -351,37 +355,37 @@ class StagedApply:
         )
 
     def _launch(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
-        """Side stream: slots -> staging, the move on staging, the vote."""
+        """Side stream: the move from the chunk's live slots into staging, the vote."""
         assert self._move is not None
         move, rows = self._move, self.chunk(self._chunk)
         staging = self._staging[: len(rows)]
         self._failure = None
+        # The staging buffer is written only after the last commit's copies out
+        # of it (the side stream waits for them); the move reads the live slots
+        # and writes staging, so it needs no copy of them first and no order
+        # among its local copies.
         with _on_stream(self._side, self._committed), torch.no_grad():
             try:
                 if len(staging) != len(rows):
                     raise ValueError("expert_weights must have one entry per layer")
-                buffers, slots = [], []
-                for stage, layer in zip(staging, rows, strict=True):
-                    for buffer, tensor in zip(stage, expert_weights[layer], strict=True):
-                        buffers.append(buffer)
-                        slots.append(tensor)
-                _copy_all(buffers, slots)
+                live = [expert_weights[layer] for layer in rows]
             except Exception as exc:
                 # The move below then refuses no weights on every rank (its
                 # agreement), instead of the others waiting for this rank.
-                self._failure, staging = exc, []
+                self._failure, staging, live = exc, [], []
             try:
                 self._moved.append(
                     rearrange_expert_weights(
                         move.old_phy2log[rows.start : rows.stop],
                         move.phy2log[rows.start : rows.stop],
-                        staging,
+                        live,
                         self.group,
                         max_batch_bytes=self.max_batch_bytes,
                         buffers=self.buffers,
                         # Chunk 0 was planned ahead; the others are planned here.
                         prepared=move.first if self._chunk == 0 and staging else None,
                         timeout=self.timeout,
+                        into=staging,
                     )
                 )
             except Exception as exc:  # reported by every rank at the commit, after the vote

@@ -442,6 +442,48 @@ def test_single_rank_moves_locally_bit_for_bit():
     assert stats.local_copies == int((old != new).sum())
 
 
+@pytest.mark.parametrize("prepare", [False, True])
+def test_single_rank_moves_into_other_tensors_reading_only_the_slots(prepare):
+    old, new, weights = _one_rank_case(11, 4)
+    new[1] = old[1, ::-1]  # a layer of pure swaps: cycles an in-place move must stage
+    before = _raw(weights)
+    into = [[torch.zeros_like(t) for t in layer] for layer in weights]
+    args = (torch.from_numpy(old), torch.from_numpy(new), weights)
+    prepared = prepare_rearrangement(*args, into=into) if prepare else None
+    stats = rearrange_expert_weights(*args, into=into, prepared=prepared)
+    _assert_holds_bits(weights, before, "the slots are only read")
+    want = _expected(4, new, range(8))
+    changed = old != new
+    for layer, (got, expected) in enumerate(zip(_raw(into), want, strict=True)):
+        for g, w in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g[changed[layer]], w[changed[layer]])
+            assert not g[~changed[layer]].any()  # slots keeping their expert: not written
+    assert stats.local_copies == int(changed.sum())
+    # An in-place preparation is another move's: refused.
+    with pytest.raises(ValueError, match="prepared was made for other maps"):
+        rearrange_expert_weights(*args, into=into, prepared=prepare_rearrangement(*args))
+
+
+def test_into_must_match_the_weights():
+    old, new, weights = _one_rank_case(12, 5)
+    before = _raw(weights)
+    other_dtype = [
+        [t.float() if t.dtype == torch.uint8 else t.clone() for t in layer] for layer in weights
+    ]
+    fewer = [[torch.zeros_like(t) for t in layer] for layer in weights[:2]]
+    args = (torch.from_numpy(old), torch.from_numpy(new), weights)
+    for into, error, match in (
+        (other_dtype, ValueError, "into must hold the same tensor shapes and dtypes"),
+        (fewer, ValueError, "into must have one entry per layer"),
+        (weights[0][0], TypeError, "into must be a list"),
+    ):
+        with pytest.raises(error, match=match):
+            prepare_rearrangement(*args, into=into)
+        with pytest.raises(error, match=match):
+            rearrange_expert_weights(*args, into=into)
+        _assert_holds_bits(weights, before)
+
+
 @pytest.mark.parametrize("enabled_before", [True, False])
 @pytest.mark.parametrize("bad", [False, True])
 def test_garbage_collector_paused_during_the_call_only(monkeypatch, enabled_before, bad):

@@ -23,7 +23,13 @@ import torch
 
 from eplb.production import plan_rearrangement
 from eplb.production.rearrange_executor import SlotWork, run_steps
-from eplb.production.rearrange_schedule import Layout, Step, program
+from eplb.production.rearrange_schedule import (
+    Layout,
+    Step,
+    program,
+    program_messages,
+    program_writes,
+)
 from eplb.production.transport import Transport
 
 
@@ -231,17 +237,23 @@ def test_a_missing_wait_for_the_pack_is_caught():
     assert races(streams.ops) != []
 
 
-def test_writes_can_go_to_a_destination_other_than_the_live_slots():
+@pytest.mark.parametrize("in_place", [True, False])
+def test_writes_can_go_to_a_destination_other_than_the_live_slots(in_place):
     # SlotWork(into=...): the seam a staged move uses. Packs and local copies
     # read the live slots, every write lands in ``into``; the live slots keep
     # the old placement. One rank, so the copies are all local and checkable.
+    # The in-place schedule works there too; the other one (what
+    # rearrange_expert_weights(into=...) uses) has one wave and no staging.
     rng = np.random.default_rng(3)
     layers, slots = 3, 8
     old = np.stack([rng.permutation(np.arange(slots) % 6) for _ in range(layers)])
     new = np.stack([rng.permutation(row) for row in old])
     plan = plan_rearrangement(old, new, 1)
     nbytes = tuple(4 * int(np.prod(shape)) for shape in TENSORS)
-    steps = program(plan, Layout(nbytes, "f32"), 0, 1 << 20)
+    steps, sched = program_messages(plan, Layout(nbytes, "f32"), 0, 1 << 20)
+    program_writes(plan, 0, steps, sched, in_place)
+    local = [group for step in steps for group in step.local]
+    assert in_place or all(len(g.waves) == 1 and not g.staged for g in local)
     weights = [
         [
             torch.from_numpy(old[layer])
@@ -277,3 +289,45 @@ def test_writes_can_go_to_a_destination_other_than_the_live_slots():
                     assert (row == -1).all()  # unchanged slots are not written
                 else:
                     assert (row == float(new[layer, slot])).all(), (layer, tensor, slot)
+
+
+class _DeviceStreams(RecordingStreams):
+    """The recording fake as CUDA streams: run_steps then ends with its host wait."""
+
+    cuda = True
+
+
+class _WaitingTransport(RecordingTransport):
+    def __init__(self, streams: RecordingStreams) -> None:
+        super().__init__(streams)
+        self.host_waits: list[str] = []
+
+    def wait_device(self, done: object, what: str) -> None:
+        self.host_waits.append(what)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_host_waits_for_the_last_messages_only_where_there_are_messages(ranks):
+    # A peer that froze leaves this rank's messages pending: the host waits for
+    # them, within the deadline. Without messages (one rank) nothing can hold
+    # the move up, and waiting would only wait for the work queued before it.
+    old, new, layout, _ = _case(4, ranks, 1 << 20)
+    plan = plan_rearrangement(old, new, ranks)
+    steps = program(plan, layout, 0, 1 << 20)
+    weights = [[torch.zeros(plan.slots_per_rank, *s) for s in TENSORS] for _ in range(3)]
+    streams = _DeviceStreams()
+    transport = _WaitingTransport(streams)
+    run_steps(
+        steps,
+        SlotWork(weights, steps, ahead=False),
+        torch.device("cpu"),
+        transport,
+        0,
+        False,
+        lambda: None,
+        contextlib.nullcontext,
+        streams,
+    )
+    messages = any(step.sends or step.recvs for step in steps)
+    assert messages == (ranks > 1)
+    assert transport.host_waits == (["this rank's last messages"] if messages else [])
