@@ -1066,7 +1066,7 @@ def test_failure_midway_names_the_changed_layers(gloo_results, ranks):
     per_rank = scenario.old.shape[1] // ranks
     for rank, result in gloo_results[scenario.name].items():
         kind, message = result["error"]
-        assert kind == "RearrangeError" and "injected transport failure" in message
+        assert kind == "RearrangeError" and "injected transport failure" in message, (rank, message)
         named_new, named_old, mixed = result["layers"]
         # One transfer per step: the failure came before layers 2 and 3 were started.
         assert {2, 3} <= set(named_old)
