@@ -11,7 +11,7 @@ and each staged commit step; ``cpu ms``: the serving thread's CPU time,
 the phases below (each the mean per
 rebalance step; phases nest, see the indentation):
 
-- ``launch``: ``StagedApply._launch`` (copy into staging, the move, the vote),
+- ``launch``: ``StagedApply._launch`` (the move from the live slots into staging, the vote),
   of which ``move`` (``rearrange_expert_weights``), of which ``checks+agree``
   (the input checks and this rank's verdict), ``plan`` (the chunk's lazy
   plan), ``confirm`` and ``issue copies`` (``run_steps``);

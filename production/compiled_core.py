@@ -11,12 +11,11 @@ The hierarchy runs layer by layer, node by node, on the row primitives of
 ``compiled_rows`` (which make exactly SPEC.md's choices, in its order), in
 one work space sized for one layer: three buffers (float64, int64, int32)
 whose views every layer rewrites. ``placement`` keeps them per thread from
-one call to the next, with the int32 replica ranks log2phy is built from, and
-writes its three results into one int64 buffer that it also keeps per thread
-and writes again only once nothing refers to any result taken from it. On an
-allocator that hands large blocks out by ``mmap`` (glibc above
-``M_MMAP_THRESHOLD``), every fresh array is faulted in page by page on every
-call; a placement in steady state allocates nothing.
+one call to the next, with the int32 replica ranks log2phy is built from; its
+three results are views of one int64 buffer that each call allocates and
+hands over. On an allocator that hands large blocks out by ``mmap`` (glibc
+above ``M_MMAP_THRESHOLD``), every fresh array is faulted in page by page on
+every call; a placement in steady state allocates nothing but its results.
 
 The module imports numpy and numba only; ``eplb.production.cores`` imports it
 when the compiled core is chosen and falls back to the numpy core when numba is

@@ -48,7 +48,6 @@ old or possibly mixed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import numbers
@@ -64,11 +63,11 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import AgreementError, GroupFault
+from .errors import GroupFault
+from .verdicts import compare_verdicts, fingerprint
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -151,22 +150,6 @@ def _group_store(group: dist.ProcessGroup | None) -> dist.Store:
     if internal is None:
         raise ValueError("this torch cannot give the group's store: pass store= to GroupGuard")
     return internal(target)
-
-
-def _fingerprint(value: object) -> tuple[str, str]:
-    """(digest, short description) of an argument: equal values give equal digests."""
-    h = hashlib.blake2b(digest_size=12)
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        h.update(repr((str(value.dtype), value.shape)).encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-        summary = f"{value.dtype} array {list(value.shape)}"
-    else:
-        text = repr(value)
-        h.update(text.encode())
-        summary = text if len(text) <= 80 else text[:77] + "..."
-    return h.hexdigest(), summary
 
 
 _Request = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -557,7 +540,7 @@ class GuardedCall:
             value, fields = check()
             verdict: dict[str, Any] = {
                 "ok": True,
-                "fields": {name: _fingerprint(v) for name, v in fields.items()},
+                "fields": {name: fingerprint(v) for name, v in fields.items()},
             }
         except BaseException as exc:
             self._post_verdict({"ok": False, "reason": f"{type(exc).__name__}: {exc}"}, wait=True)
@@ -634,7 +617,7 @@ class GuardedCall:
         texts = self._result(self._submit(lambda s: _get_all(s, keys)), deadline, "a read")
         # Every rank reaches the same verdict from the same posts: none is a failure to post.
         self._posted = True
-        _compare([json.loads(t) for t in texts])
+        compare_verdicts([json.loads(t) for t in texts])
         self._posted = False
         self.agreed = True
 
@@ -670,32 +653,3 @@ def _get_all(store: dist.Store, keys: list[str]) -> list[str]:
     multi_get = getattr(store, "multi_get", None)
     raw = multi_get(keys) if multi_get is not None else [store.get(k) for k in keys]
     return [bytes(v).decode() for v in raw]
-
-
-def _compare(verdicts: list[dict[str, Any]]) -> None:
-    """Raise AgreementError on a refusal or on the first argument whose value differs."""
-    refused = [(r, v["reason"]) for r, v in enumerate(verdicts) if not v["ok"]]
-    if refused:
-        reasons = "; ".join(f"rank {r}: {reason}" for r, reason in refused)
-        raise AgreementError(
-            f"rank(s) {[r for r, _ in refused]} of the group refused their input ({reasons}); "
-            "no weights were changed",
-            argument=None,
-            ranks=tuple(r for r, _ in refused),
-        )
-    first = verdicts[0]["fields"]
-    names = list(first) + sorted({n for v in verdicts for n in v["fields"]} - set(first))
-    for name in names:
-        seen = [v["fields"].get(name) for v in verdicts]
-        if all(s == seen[0] for s in seen):
-            continue
-        differ = tuple(r for r, s in enumerate(seen) if s != seen[0])
-        described = ", ".join(
-            f"rank {r}: {s[1] if s is not None else 'absent'}" for r, s in enumerate(seen)
-        )
-        raise AgreementError(
-            f"{name} must be the same on every rank of the group; it differs ({described}). "
-            "No weights were changed",
-            argument=name,
-            ranks=differ,
-        )

@@ -66,7 +66,7 @@ import torch.distributed as dist
 from .errors import RearrangeError
 from .group_guard import DEFAULT_TIMEOUT, GroupGuard, GuardedCall, check_timeout
 from .rearrange_buffers import RearrangeBuffers, check_buffers
-from .rearrange_executor import SlotWork, bit_view, run_steps
+from .rearrange_executor import run_steps
 from .rearrange_plan import (
     RearrangePlan,
     check_keeps_experts,
@@ -77,6 +77,7 @@ from .rearrange_plan import (
 )
 from .rearrange_progress import MoveProgress
 from .rearrange_schedule import Layout, Step, program_messages, program_writes
+from .slot_work import SlotWork, bit_view
 from .transport import (
     TorchDistributedTransport,
     on_device,

@@ -71,6 +71,7 @@ from .rearrange import (
     prepare_rearrangement,
     rearrange_expert_weights,
 )
+from .slot_work import copy_all
 
 __all__ = [
     "StagedApply",
@@ -447,7 +448,7 @@ class StagedApply:
                         slots.append(tensor[first:end])
                         buffers.append(buffer[first:end])
             if slots:
-                _copy_all(slots, buffers)
+                copy_all(slots, buffers)
             part = slice(rows.start, rows.stop)
             news = (move.phy2log, move.log2phy, move.logcnt)
             for live, new in zip(self._maps, news, strict=True):
@@ -495,17 +496,6 @@ def _changed_runs(
         edges = np.flatnonzero(row[1:] != row[:-1])  # starts and ends alternate
         runs.append(tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)))
     return tuple(runs)
-
-
-def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    """``destinations[i] <- sources[i]``, issued by one call: a handful of fused kernels on
-    CUDA instead of a launch (and its Python overhead) per slot run and tensor."""
-    copy_all = getattr(torch, "_foreach_copy_", None)  # torch >= 2.2
-    if copy_all is None:  # pragma: no cover
-        for destination, source in zip(destinations, sources, strict=True):
-            destination.copy_(source)
-        return
-    copy_all(destinations, sources)
 
 
 def _span(layers: Sequence[int]) -> str:

@@ -40,8 +40,8 @@ from eplb.production.rearrange import (
     rearrange_expert_weights,
     warmup_rearrangement,
 )
-from eplb.production.rearrange_executor import SlotWork
 from eplb.production.rearrange_schedule import local_waves, split_steps
+from eplb.production.slot_work import SlotWork
 from eplb.production.transport import TorchDistributedTransport
 
 # (slot shape, dtype, stored transposed) of each tensor of a layer: several

@@ -38,7 +38,11 @@ def run(run_ranks: Callable[..., dict[int, Any]], tmp_path: Path) -> Callable[..
     """``run(scenario, waiting_for, timeout=LONG)``: the ranks' reports."""
 
     def start(scenario: str, waiting_for: set[int], timeout: float = LONG) -> dict[int, Any]:
-        return run_ranks(SCRIPT, scenario, WORLD, timeout, tmp_path, waiting_for)
+        reports = run_ranks(SCRIPT, scenario, WORLD, timeout, tmp_path, waiting_for)
+        # The README's fault timings: `pytest -s tests/test_rearrange_faults.py` shows them.
+        elapsed = {r: round(rep["elapsed"], 3) for r, rep in sorted(reports.items())}
+        print(f"{scenario} (timeout {timeout:g} s): seconds to raise per rank {elapsed}")
+        return reports
 
     return start
 

@@ -423,23 +423,24 @@ def test_two_ranks_over_gloo(keep_slots):
     mp.spawn(_two_rank_checks, args=(2, _free_port(), keep_slots), nprocs=2, join=True)
 
 
-def test_example_runs_and_balancedness_improves():
-    result = subprocess.run(
+def _run_example(*extra: str) -> subprocess.CompletedProcess[str]:
+    """examples/moe_ep_example.py on the CPU, 6 steps of 48 tokens, with ``extra`` flags."""
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "examples" / "moe_ep_example.py"),
-            "--device",
-            "cpu",
-            "--steps",
-            "6",
-            "--tokens",
-            "48",
+            *("--device", "cpu", "--steps", "6", "--tokens", "48"),
+            *extra,
         ],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
     )
+
+
+def test_example_runs_and_balancedness_improves():
+    result = _run_example()
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"balancedness before ([\d.]+) after ([\d.]+)", result.stdout)
     assert match, result.stdout
@@ -545,25 +546,7 @@ def test_timeout_option_is_checked():
 
 def test_example_recovers_from_an_injected_fault():
     timeout = 10.0
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "moe_ep_example.py"),
-            "--device",
-            "cpu",
-            "--steps",
-            "6",
-            "--tokens",
-            "48",
-            "--inject-fault",
-            "--fault-timeout",
-            str(timeout),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    result = _run_example("--inject-fault", "--fault-timeout", str(timeout))
     assert result.returncode == 0, result.stdout + result.stderr
     pattern = r"rank (\d): step \d+ raised RearrangeError after ([\d.]+) s"
     raised = re.findall(pattern, result.stdout)
