@@ -142,13 +142,13 @@ def _move_rank(scenario: str, rank: int, port: int, timeout: float, out: str) ->
     if rank == 1:
         original, waits = TorchDistributedTransport.wait, []
 
-        def misbehaving(self: Any, pending: object, t: Any = None) -> None:
+        def misbehaving(self: Any, pending: object) -> None:
             waits.append(1)
             if len(waits) == 4:
                 if scenario == "raise":
                     raise RuntimeError("injected failure in the middle of the move")
                 os.kill(os.getpid(), signal.SIGSTOP)
-            original(self, pending, t)
+            original(self, pending)
 
         TorchDistributedTransport.wait = misbehaving  # type: ignore[method-assign]
     report: dict[str, Any] = {"error": None}

@@ -347,11 +347,11 @@ def fault_and_recovery(args: argparse.Namespace, rank: int) -> None:
     if rank == 1:  # a link that breaks on rank 1 at its 6th step of the move
         waits = []
 
-        def breaking(self: TorchDistributedTransport, pending: object, timeout: object = None):
+        def breaking(self: TorchDistributedTransport, pending: object) -> None:
             waits.append(1)
             if len(waits) == 6:
                 raise ConnectionError("injected: rank 1 lost its link mid-move")
-            return original_wait(self, pending, timeout)  # type: ignore[arg-type]
+            original_wait(self, pending)
 
         TorchDistributedTransport.wait = breaking  # type: ignore[method-assign]
     error, step, seconds = None, 0, 0.0

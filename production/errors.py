@@ -13,7 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
-__all__ = ["AgreementError", "GroupFault", "RearrangeError", "classify_layers"]
+__all__ = [
+    "AgreementError",
+    "GroupFault",
+    "RearrangeError",
+    "classify_layers",
+    "move_failed_once_begun",
+]
 
 
 class RearrangeError(RuntimeError):
@@ -136,3 +142,9 @@ class AgreementError(ValueError):
         super().__init__(message)
         self.argument = argument
         self.ranks = tuple(ranks)
+
+
+def move_failed_once_begun(error: BaseException | None) -> bool:
+    """Whether ``error`` ends a move after its agreement: weights may no longer match the
+    maps, and the group faulted (a RearrangeError, or a GroupFault)."""
+    return isinstance(error, (RearrangeError, GroupFault))

@@ -64,7 +64,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import RearrangeError
-from .group_guard import DEFAULT_TIMEOUT, GroupGuard, GuardedCall, check_timeout
+from .group_guard import DEFAULT_TIMEOUT, GroupGuard, check_timeout
 from .rearrange_buffers import RearrangeBuffers, check_buffers
 from .rearrange_executor import run_steps
 from .rearrange_plan import (
@@ -437,7 +437,6 @@ def _rearrange(
         return _Checked(old, new, layout, device, key), fields
 
     progress: MoveProgress | None = None
-    call: GuardedCall | None = None
     try:
         with guard.call("rearrange_expert_weights") as call:
             checked = call.propose(check)
@@ -473,7 +472,6 @@ def _rearrange(
                         work,
                         device,
                         TorchDistributedTransport(group, call),
-                        rank,
                         profile,
                         prepared._finish_schedule,
                         buffers.allocating() if buffers is not None else contextlib.nullcontext,
@@ -486,7 +484,7 @@ def _rearrange(
                 progress.settle()
                 raise
     except Exception as exc:
-        if call is None or not call.agreed or progress is None:
+        if progress is None:  # set once every rank agreed, before the first write
             raise  # refused (AgreementError on the others) or failed before any write
         new_layers, old_layers, mixed = progress.layers()
         raise RearrangeError.from_layers(

@@ -217,7 +217,6 @@ def run_steps(
     slot_work: SlotWork,
     device: torch.device,
     transport: Transport,
-    rank: int,
     profile: bool,
     schedule_writes: Callable[[], None],
     allocating: Callable[[], AbstractContextManager[object]],

@@ -52,7 +52,7 @@ from .balancer_state import (
     maps_from_phy2log,
     pad_replicas,
 )
-from .errors import GroupFault, RearrangeError
+from .errors import move_failed_once_begun
 from .group_guard import GroupGuard
 from .migration import rebalance_experts_migration_aware
 from .rearrange import (
@@ -133,8 +133,14 @@ class ExpertBalancer:
       (``phy2log`` still holds it), recreate the process group (the failed
       move aborted it and later moves on it are refused), then call
       ``reset(phy2log, group=new_group)`` on every rank at the same step.
-      A GroupFault (a rank did not reach the agreement, or the load's
-      all-reduce did not complete) is handled the same way.
+      A GroupFault (a rank did not reach the agreement) is handled the same way.
+    - The load's all-reduce not completing within the timeout (a rank froze
+      or died before the move) raises the backend's error (gloo: its
+      ``wait(timeout)``'s RuntimeError, at the interval step) or TimeoutError
+      (CUDA: at the apply). No weight was touched, but the group's
+      collective is left pending: recreate the group and call
+      ``reset(phy2log, group=new_group)``. That all-reduce is not a guarded
+      call: it neither posts on the failure board nor aborts NCCL.
     - A placement computation that raises, or a move refused before any
       weight was touched (TypeError/ValueError on the refusing rank,
       AgreementError on the others): routing goes on with the old maps and
@@ -378,7 +384,7 @@ class ExpertBalancer:
         RuntimeError, before counting the step, until ``reset(phy2log, ...)``.
         """
         self._check_open()
-        if _weights_unknown(self.error):
+        if move_failed_once_begun(self.error):
             raise RuntimeError(
                 "a rebalance of this ExpertBalancer failed while moving weights "
                 f"({type(self.error).__name__}: {self.error}); the weights no longer match the "
@@ -420,7 +426,7 @@ class ExpertBalancer:
         Every rank must call it at the same step.
         """
         self._check_open()
-        if phy2log is None and _weights_unknown(self.error):
+        if phy2log is None and move_failed_once_begun(self.error):
             raise ValueError(
                 "phy2log is required: the last rebalance failed while moving weights; pass "
                 "the placement the weights hold after reloading error.layers_changed"
@@ -676,11 +682,6 @@ class ExpertBalancer:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _weights_unknown(error: BaseException | None) -> bool:
-    """Whether ``error`` leaves weights that may not match the maps (a move failed once begun)."""
-    return isinstance(error, (RearrangeError, GroupFault))
 
 
 def _group_faulted(group: dist.ProcessGroup | None) -> bool:

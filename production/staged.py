@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import GroupFault, RearrangeError
+from .errors import move_failed_once_begun
 from .group_guard import DEFAULT_TIMEOUT, check_timeout
 from .rearrange import (
     PreparedRearrangement,
@@ -395,7 +395,7 @@ class StagedApply:
             # A move that failed once it began fails on every rank (its guard's
             # one outcome) and faults the group: no vote on it, which a frozen
             # rank would only hold up for another timeout.
-            faulted = isinstance(self._failure, (RearrangeError, GroupFault))
+            faulted = move_failed_once_begun(self._failure)
             self._vote = None
             if self._world_size > 1 and not faulted:
                 # NCCL: queued on the side stream (the host returns at once); its

@@ -27,7 +27,6 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -67,13 +66,12 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    def wait(self, pending: object, timeout: float | None = None) -> None:
+    def wait(self, pending: object) -> None:
         """Wait for the step :meth:`post` returned ``pending`` for.
 
         On CUDA the current stream waits (work queued after it sees the
-        messages done); on the CPU the host waits. timeout: seconds, or None for
-        the group's own timeout; where the backend honours it, a step not done
-        by then raises.
+        messages done; :meth:`wait_device` bounds the host's wait); on the CPU
+        the host waits, within the transport's deadline where it has one.
         """
 
     def wait_device(self, done: torch.cuda.Event, what: str) -> None:
@@ -129,17 +127,14 @@ class TorchDistributedTransport(Transport):
         cuda = any(buffer.is_cuda for messages in (sends, recvs) for _, buffer in messages)
         return _Posted(works, peers, cuda)
 
-    def wait(self, pending: object, timeout: float | None = None) -> None:
+    def wait(self, pending: object) -> None:
         assert isinstance(pending, _Posted)
         if self.call is not None and not pending.cuda:
             # gloo: the host waits for the messages themselves, within the deadline.
             self.call.wait_works(pending.works, "a step's messages", pending.peers)
             return
         for work in pending.works:  # NCCL: only orders the current stream
-            if timeout is None:
-                work.wait()
-            else:
-                work.wait(timeout=timedelta(seconds=timeout))
+            work.wait()
 
     def wait_device(self, done: torch.cuda.Event, what: str) -> None:
         if self.call is None:

@@ -113,13 +113,13 @@ def main() -> None:
             original = TorchDistributedTransport.wait
             waits = []
 
-            def misbehaving(self: Any, pending: object, t: Any = None) -> None:
+            def misbehaving(self: Any, pending: object) -> None:
                 waits.append(1)
                 if len(waits) == MIDWAY:
                     if scenario == "raise":
                         raise RuntimeError("injected failure in the middle of the move")
                     os.kill(os.getpid(), signal.SIGSTOP if scenario == "stop" else signal.SIGKILL)
-                original(self, pending, t)
+                original(self, pending)
 
             TorchDistributedTransport.wait = misbehaving  # type: ignore[method-assign]
     report: dict[str, Any] = {"rank": rank, "old": old.tolist(), "new": new.tolist()}

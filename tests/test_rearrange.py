@@ -832,10 +832,10 @@ def _run_scenario(scenario: Scenario, group: Any, rank: int, device: str) -> dic
         ).num_steps
         waits = []
 
-        def failing_wait(self, pending, timeout=None):
+        def failing_wait(self, pending):
             # The last step's messages complete (rank 0 finishes), then this rank
             # fails before its last writes: some layers written, others not.
-            original_wait(self, pending, timeout)
+            original_wait(self, pending)
             waits.append(1)
             if len(waits) == steps:
                 raise RuntimeError("injected failure on rank 1 alone")

@@ -101,7 +101,7 @@ class RecordingTransport(Transport):
         self.streams.op([b for _, b in sends], [b for _, b in recvs], "wire")
         return None
 
-    def wait(self, pending: object, timeout: float | None = None) -> None:
+    def wait(self, pending: object) -> None:
         pass
 
     def warm_up(self, device: torch.device) -> None:
@@ -152,7 +152,6 @@ def _record(steps: list[Step], per_rank: int, layers: int) -> RecordingStreams:
         SlotWork(weights, steps, ahead=False),
         torch.device("cpu"),
         RecordingTransport(streams),
-        0,
         False,
         lambda: None,
         contextlib.nullcontext,
@@ -229,7 +228,6 @@ def test_a_missing_wait_for_the_pack_is_caught():
         SlotWork(weights, steps, ahead=False),
         torch.device("cpu"),
         RecordingTransport(streams),
-        0,
         False,
         lambda: None,
         contextlib.nullcontext,
@@ -274,7 +272,6 @@ def test_writes_can_go_to_a_destination_other_than_the_live_slots(in_place):
         SlotWork(weights, steps, ahead=False, into=into),
         torch.device("cpu"),
         RecordingTransport(streams),
-        0,
         False,
         lambda: None,
         contextlib.nullcontext,
@@ -323,7 +320,6 @@ def test_the_host_waits_for_the_last_messages_only_where_there_are_messages(rank
         SlotWork(weights, steps, ahead=False),
         torch.device("cpu"),
         transport,
-        0,
         False,
         lambda: None,
         contextlib.nullcontext,

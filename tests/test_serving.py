@@ -553,5 +553,9 @@ def test_example_recovers_from_an_injected_fault():
     assert sorted(rank for rank, _ in raised) == ["0", "1"], result.stdout
     # Rank 1 posts its failure at once: rank 0 learns it long before the timeout.
     assert all(float(seconds) < timeout / 2 for _, seconds in raised), result.stdout
+    # Rank 1 fails from the injected broken link itself, not from anything before it.
+    assert re.search(
+        r"rank 1: step \d+ raised RearrangeError .*\(cause ConnectionError\)", result.stdout
+    ), result.stdout
     assert "step() refuses" in result.stdout
     assert "rebalanced again and the outputs match" in result.stdout

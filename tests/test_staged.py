@@ -354,10 +354,10 @@ def _fault_mid_chunk(rank: int, world: int, port: int) -> None:
     real = TorchDistributedTransport.wait
     armed = []
 
-    def breaking(self, pending, timeout=None):
+    def breaking(self, pending):
         if armed and rank == 1:
             raise ConnectionError("injected: rank 1 lost its link")
-        return real(self, pending, timeout)
+        return real(self, pending)
 
     TorchDistributedTransport.wait = breaking  # type: ignore[method-assign]
     balancer = _balancer(world, 2)
