@@ -22,6 +22,11 @@ Modes, each a fresh model and balancer, the same steps and tokens:
   layers' weights moved in one step;
 - ``staged K``: ``ExpertBalancer(layers_per_step=K)``.
 
+``--migration-tolerance T`` gives the all and staged modes the migration-aware
+placement (``ExpertBalancer(migration_tolerance=T)``): a placement within T of
+SPEC's balancedness that keeps experts where they are, so a rebalance moves
+fewer slots (the ``moved`` column) than the blocking baseline's SPEC placement.
+
 A step's time is host wall time from its start until the compute stream has
 finished it (an event, as an engine waits for its sampled tokens); per step,
 the slowest rank's. The report: p50, p99 and max over the timed steps, the
@@ -33,12 +38,21 @@ Beside each step's time, the host time spent inside ``balancer.step()`` (for
 the blocking baseline: inside its rebalance) is reported separately: the
 serving thread's own rebalancing work, apart from the forward pass.
 
+``--cuda-graph`` captures each mode's forward pass once (``torch.cuda.graph``)
+and replays it every step, as engines serve decode: the host then launches a
+step in a fraction of a millisecond, the step time is the GPU's, and a
+rebalance's host work inside ``step()`` overlaps the forward pass in flight
+instead of adding to it. The replayed graph reads the balancer's maps and the
+weights in place, so every staged commit must keep their addresses (the check
+after each mode would catch a slot the graph did not see updated).
+
 Python's cyclic garbage collector is frozen and disabled inside the timed
 loops, and one discarded warm-up run precedes the timed modes (see
 ``run_mode`` and ``_report``).
 
     python benchmarks/bench_serving.py --world-size 2 --plot serving.png   # 2 GPUs
     python benchmarks/bench_serving.py --world-size 1 --plot serving.png   # 1 GPU
+    python benchmarks/bench_serving.py --world-size 1 --cuda-graph         # forward in a CUDA graph
     python benchmarks/bench_serving.py --shape cpu --world-size 2          # CPU, gloo, seconds
     python benchmarks/bench_serving.py --tiny --world-size 2               # smoke, faster still
 """
@@ -100,6 +114,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="ExpertBalancer(keep_slots=True) in the all and staged modes (fewer copies)",
     )
+    p.add_argument(
+        "--migration-tolerance",
+        type=float,
+        default=None,
+        help="ExpertBalancer(migration_tolerance=T) in the all and staged modes: the "
+        "migration-aware placement, which moves fewer slots (default: SPEC's placement)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the forward pass in a CUDA graph and replay it each step (CUDA only)",
+    )
     p.add_argument("--plot", default=None, help="write step time over the run to this PNG")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -122,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             mode.startswith("staged") and mode[6:].isdigit() and int(mode[6:]) >= 1
         ):
             p.error(f"--modes: unknown mode {mode!r} (none, blocking, all, stagedK)")
+    if args.cuda_graph and args.device != "cuda":
+        p.error("--cuda-graph needs --device cuda (a CUDA graph captures GPU work)")
     if args.slots % args.world_size or args.slots < args.experts:
         p.error("--slots must be a multiple of --world-size and >= the experts")
     return args
@@ -201,11 +229,13 @@ class Model:
                 if not torch.equal(self.expert_weights[layer][0][i, 0], want):
                     raise SystemExit(f"rank {self.rank}: layer {layer} slot {i} != expert {expert}")
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, hidden]; ids: [layers, tokens, topk] this rank's router choices."""
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, record: bool = True) -> torch.Tensor:
+        """x: [tokens, hidden]; ids: [layers, tokens, topk] this rank's router choices.
+
+        record: count the choices in the balancer's load (False for warm-up passes)."""
         world = self.args.world_size
         for layer in range(self.args.layers):
-            slots = self.balancer.route(layer, ids[layer])
+            slots = self.balancer.route(layer, ids[layer], record=record)
             x_all, slots_all = (_gather(t, world) for t in (x, slots))
             y_all = self._experts(layer, x_all, slots_all)
             if world > 1:
@@ -288,11 +318,13 @@ def run_mode(
         step_interval=args.interval if automatic else 10**9,
         layers_per_step=int(mode[6:]) if mode.startswith("staged") else None,
         rearrange=RearrangeOptions(keep_slots=args.keep_slots and automatic),
+        migration_tolerance=args.migration_tolerance if automatic else None,
     )
     model = Model(args, balancer, rank)
     x0 = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
     x0 = x0.to(device, model.dtype)
     step_ms, call_ms, finished, moved = [], [], [], []
+    forward = _captured(model, x0, phases[0][0]) if args.cuda_graph else None
     before = balancer.phy2log.cpu().clone()
     _sync(device)
     # A cyclic collection starts whenever enough objects were allocated, on
@@ -309,7 +341,10 @@ def run_mode(
             bank = phases[step // args.interval % len(phases)]
             ids = bank[step % bank.shape[0]]
             start = time.perf_counter()
-            model.forward(x0, ids)
+            if forward is not None:
+                forward(ids)
+            else:
+                model.forward(x0, ids)
             queued = time.perf_counter()
             if balancer.step(model.expert_weights):
                 finished.append(step)
@@ -330,11 +365,32 @@ def run_mode(
     _sync(device)
     model.check_weights()
     balancer.close()
-    del model, balancer
+    del model, balancer, forward  # the graph holds its own memory pool
     gc.collect()  # the next mode's weights need this one's memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return ModeRun(step_ms, call_ms, finished, float(np.mean(moved)) if moved else 0.0)
+
+
+def _captured(model: Model, x: torch.Tensor, like: torch.Tensor):
+    """The forward pass of ``x`` captured in a CUDA graph: returns ``run(ids)``, which
+    copies ``ids`` ([layers, tokens, topk], as ``like``) into the graph's input and replays it."""
+    ids = like.clone()
+    side = torch.cuda.Stream(model.device)
+    side.wait_stream(torch.cuda.current_stream(model.device))
+    with torch.cuda.stream(side):  # torch.cuda.graph wants the kernels warm, off the capture
+        for _ in range(2):
+            model.forward(x, ids, record=False)
+    torch.cuda.current_stream(model.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model.forward(x, ids)
+
+    def run(step_ids: torch.Tensor) -> None:
+        ids.copy_(step_ids, non_blocking=True)
+        graph.replay()
+
+    return run
 
 
 def _wait_compute(device: torch.device) -> None:
@@ -412,6 +468,12 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
         f"top-{args.topk}; {args.steps} steps, rebalance every {args.interval}, "
         f"first {args.warmup} steps not in the statistics"
         + ("; kept slots (all, staged)" if args.keep_slots else "")
+        + ("; forward pass replayed from a CUDA graph" if args.cuda_graph else "")
+        + (
+            f"; migration-aware placement, tolerance {args.migration_tolerance:g} (all, staged)"
+            if args.migration_tolerance is not None
+            else ""
+        )
     )
     # One-off costs (lazily loaded kernels, allocator growth, the placement
     # core's first call, first collectives on the balancer's group) land in

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one call on a 2-GPU H200 machine (device tool,
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
-#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 placement placement-steps guard
+#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 serving-graph serving1-graph placement placement-steps guard
 # (serving: bench_serving.py on 2 ranks; serving1: on 1 GPU, for a single-GPU machine;
+#  serving-graph, serving1-graph: the same with the forward pass replayed from a CUDA graph
+#  (serving-graph also with the migration-aware placement);
 #  placement: the placement cores on the host CPU, one thread, with bench_compiled_steps.py;
 #  placement-steps: bench_compiled_steps.py alone (default allocator and forced mmap);
 #  guard: group_guard's CUDA checks, and with 2 GPUs a NCCL weight move in which one rank raises, then freezes)
@@ -13,7 +15,7 @@ OUT=${OUT:-/tmp/eplb-gpu}
 mkdir -p "$OUT"
 export EPLB_DATA_DIR=${EPLB_DATA_DIR:-$PWD/.data/deepseek-r1-expert-load}
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-parts=${*:-tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving}
+parts=${*:-tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving-graph}
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { cat "$OUT/install.log"; exit 1; }
@@ -34,6 +36,9 @@ for part in $parts; do
     rearrange-ahead-slots) python3 benchmarks/bench_rearrange.py --data-dir "$EPLB_DATA_DIR" ${BENCH_FLAGS:-} --skip-naive --high-priority-nccl --kept-buffers --plan-ahead --keep-slots 2>&1 | tee "$OUT/bench_rearrange_ahead_slots.log" ;;
     serving) python3 benchmarks/bench_serving.py --world-size 2 --plot "$OUT/serving.png" 2>&1 | tee "$OUT/bench_serving.log" ;;
     serving1) python3 benchmarks/bench_serving.py --world-size 1 --plot "$OUT/serving_1gpu.png" 2>&1 | tee "$OUT/bench_serving_1gpu.log" ;;
+    serving-graph) python3 benchmarks/bench_serving.py --world-size 2 --cuda-graph --plot "$OUT/serving_graph.png" 2>&1 | tee "$OUT/bench_serving_graph.log"
+                   python3 benchmarks/bench_serving.py --world-size 2 --cuda-graph --migration-tolerance 0.01 --modes none,blocking,all,staged1 2>&1 | tee "$OUT/bench_serving_graph_migration.log" ;;
+    serving1-graph) python3 benchmarks/bench_serving.py --world-size 1 --cuda-graph --plot "$OUT/serving_1gpu_graph.png" 2>&1 | tee "$OUT/bench_serving_1gpu_graph.log" ;;
     example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log"
              python3 examples/moe_ep_example.py --device cuda --inject-fault 2>&1 | tee "$OUT/example_cuda_fault.log" ;;
     placement) { python3 benchmarks/bench_warm_up.py && python3 benchmarks/bench_rebalance.py --slow-repeats 1 && python3 benchmarks/bench_gil.py --busy python,torch --shapes "DeepSeek-V3 R=288,Kimi-K2 R=448" && python3 benchmarks/bench_compiled_steps.py && python3 benchmarks/bench_compiled_steps.py --mmap-threshold 4096; } 2>&1 | tee "$OUT/placement.log" ;;

@@ -57,6 +57,21 @@ def run_benchmark() -> Callable[..., str]:
     return _run_benchmark
 
 
+@pytest.fixture
+def run_benchmark_fails() -> Callable[..., str]:
+    """``run_benchmark_fails(script, *args)``: its standard error; it must exit non-zero."""
+
+    def run(script: str, *args: str) -> str:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+        result = subprocess.run(
+            [sys.executable, str(path), *args], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode != 0, result.stdout
+        return result.stderr
+
+    return run
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

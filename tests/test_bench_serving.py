@@ -4,6 +4,7 @@ slots and ends with every slot holding its mapped expert (the script checks, exi
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 def _rows(stdout: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -74,3 +75,41 @@ def test_cpu_shape_runs_on_one_rank(real_loads, run_benchmark):
     assert rows["staged4"][5:7] == ["1", "4"], rows
     for mode, row in rows.items():
         _check_step_columns(mode, row, float(row[3]))
+
+
+def test_migration_tolerance_moves_fewer_slots_than_spec(real_loads, run_benchmark):
+    # Two ranks: on one, every placement is balanced and nothing needs to move.
+    stdout = run_benchmark(
+        "bench_serving.py",
+        *("--tiny", "--device", "cpu", "--world-size", "2", "--modes", "blocking,staged1"),
+        *("--migration-tolerance", "0.01"),
+    )
+    rows, _ = _rows(stdout)
+    assert "migration-aware placement, tolerance 0.01" in stdout
+    # blocking keeps SPEC's placement (most slots move); staged1 the migration-aware one.
+    spec, aware = float(rows["blocking"][7]), float(rows["staged1"][7])
+    assert spec > 0.5 and aware < spec / 2, rows
+    assert rows["staged1"][5] == "3", rows
+
+
+def test_cuda_graph_needs_cuda(run_benchmark_fails):
+    stderr = run_benchmark_fails("bench_serving.py", "--tiny", "--device", "cpu", "--cuda-graph")
+    assert "--cuda-graph needs --device cuda" in stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forward_replayed_from_a_cuda_graph_sees_every_staged_commit(real_loads, run_benchmark):
+    # The captured graph reads the maps and weights in place: the script's check
+    # after each mode (every slot holds its mapped expert) fails if a commit
+    # replaced a buffer instead of writing into it.
+    stdout = run_benchmark(
+        "bench_serving.py",
+        *("--tiny", "--device", "cuda", "--world-size", "1", "--cuda-graph"),
+        *("--modes", "none,all,staged1,staged2"),
+    )
+    rows, _ = _rows(stdout)
+    assert "replayed from a CUDA graph" in stdout
+    assert list(rows) == ["none", "all", "staged1", "staged2"], stdout
+    for mode in ("all", "staged1", "staged2"):
+        assert int(rows[mode][5]) == 3 and float(rows[mode][7]) > 0.5, rows[mode]
