@@ -36,7 +36,10 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +52,7 @@ from .rebalance import prepare_weight
 __all__ = ["PlacementService", "placement_service_error"]
 
 _STOP, _REQUEST = b"\x00", 1
+T = TypeVar("T")
 
 
 def _platform_error() -> str | None:
@@ -310,3 +314,111 @@ class PlacementService:
     def last_seconds(self) -> float:
         """Seconds the service thread spent computing the last placement."""
         return float(self._state[self._compiled.NANOS]) * 1e-9
+
+
+# ---------------------------------------------------------------------- serving
+
+
+def service_for(
+    config: EplbConfig, migration_aware: bool
+) -> tuple[PlacementService | None, str | None]:
+    """A started service for ``ExpertBalancer``'s placements, or None and why it has none.
+
+    config: the balancer's validated shape. migration_aware: whether it uses the
+    migration-aware policy (the numpy core's, computed on its worker thread).
+    """
+    if migration_aware:
+        return None, "the migration-aware policy is computed on the worker thread"
+    if cores.resolve_core() != "compiled":
+        return None, f"the placement core is numpy ({cores.ENV_VAR} or no compiled core)"
+    why = placement_service_error()
+    if why is not None:
+        return None, why
+    return PlacementService(*config), None
+
+
+def load_arrived(copied: torch.cuda.Event | None, deadline: float, timeout: float) -> bool:
+    """Whether the load's copy to the host is done (``copied``: its event, None: no copy).
+
+    Polled, never ``synchronize()``: a peer that died leaves the load's
+    all-reduce pending for ever; past ``deadline`` (``time.monotonic``) this
+    raises TimeoutError naming ``timeout``.
+    """
+    if copied is None or copied.query():
+        return True
+    if time.monotonic() > deadline:
+        raise TimeoutError(
+            f"the load's all-reduce over the EP group did not complete within "
+            f"{timeout:g} s: a rank froze or died"
+        )
+    return False
+
+
+class PlacementInFlight:
+    """A balancer's placement on its way: the load's copy to the host, then the service.
+
+    service: the balancer's service, with nothing in flight.
+    load: [L, E] int64 CPU tensor, tokens per logical expert, where the copy lands.
+    copied: the event recorded after that copy (None: the load is there).
+    timeout: seconds the copy may take.
+
+    ``poll`` (the serving thread's, every step) submits the load once its copy
+    is done and then polls the service: it never blocks. ``wait`` blocks.
+    """
+
+    def __init__(
+        self,
+        service: PlacementService,
+        load: torch.Tensor,
+        copied: torch.cuda.Event | None,
+        timeout: float,
+    ) -> None:
+        self._service, self._load, self._copied = service, load, copied
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._submitted = False
+
+    def poll(self) -> bool:
+        """Whether the placement is done; submits the load when it has arrived."""
+        if not self._submitted:
+            if not load_arrived(self._copied, self._deadline, self._timeout):
+                return False
+            self._service.submit(self._load)
+            self._submitted = True
+        return self._service.poll()
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """(phy2log, log2phy, logcnt) as CPU tensors, and the service's seconds on them."""
+        while not self.poll() and not self._submitted:
+            time.sleep(1e-4)
+        left = max(self._deadline - time.monotonic(), 0.0) + self._timeout
+        maps = self._service.result(timeout=left)
+        phy2log, log2phy, logcnt = (torch.from_numpy(m) for m in maps)
+        return phy2log, log2phy, logcnt, self._service.last_seconds
+
+    def hand_over(
+        self,
+        block: bool,
+        executor: Executor,
+        then: Callable[..., T],
+        *args: object,
+    ) -> Future[T] | None:
+        """Once the placement is done (``block``: wait for it), ``then(maps, *args,
+        seconds)`` on ``executor``: its Future; None while not done. A failure
+        (e.g. the copy's TimeoutError) comes back as a Future holding it."""
+        try:
+            if not (block or self.poll()):
+                return None
+            *maps, seconds = self.wait()
+        except Exception as exc:
+            self.drop()
+            failed: Future[T] = Future()
+            failed.set_exception(exc)
+            return failed
+        return executor.submit(then, maps, *args, seconds)
+
+    def drop(self) -> None:
+        """Forget it; the service is idle again once its placement is done (waited for)."""
+        if self._service.in_flight:
+            self._service.stop()
+            self._service.start()

@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from eplb.loads import synthetic_load
-from eplb.production import rebalance_experts
-from eplb.production.placement_service import PlacementService, placement_service_error
+from eplb.production import compiled_core_error, rebalance_experts
+from eplb.production.placement_service import PlacementService
 
+# Where numba loads on a POSIX platform the service must run: a service loop
+# that fails to compile fails these tests instead of skipping them.
 pytestmark = pytest.mark.skipif(
-    placement_service_error() is not None,
-    reason=f"no placement service: {placement_service_error()}",
+    compiled_core_error() is not None or sys.platform == "win32",
+    reason="the placement service needs numba and POSIX pipes",
 )
 
 ROOT = Path(__file__).resolve().parents[1]
