@@ -2,14 +2,16 @@
 
 :class:`RearrangeOptions` (how an ``ExpertBalancer`` moves weights),
 :class:`LoadWindow` (the sliding window of per-expert token counts),
-:class:`BalancerStats` (what the balancer has done), and the host helpers that
-turn a ``phy2log`` into the balancer's maps. ``eplb.production.serving``
+:class:`BalancerStats` (what the balancer has done), :class:`Plan` (a
+placement ready to apply), and the host helpers that turn a ``phy2log`` into
+the balancer's maps. ``eplb.production.serving``
 re-exports the three classes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,16 +19,31 @@ import torch
 from eplb._validation import check_count
 
 from .group_guard import DEFAULT_TIMEOUT, check_timeout
-from .rearrange import DEFAULT_MAX_BATCH_BYTES, RearrangeStats
+from .rearrange import DEFAULT_MAX_BATCH_BYTES, PreparedRearrangement, RearrangeStats
+from .staged import StagedMove
 
 __all__ = [
     "BalancerStats",
     "LoadWindow",
+    "Plan",
     "RearrangeOptions",
     "as_host_placement",
     "maps_from_phy2log",
     "pad_replicas",
 ]
+
+
+class Plan(NamedTuple):
+    """A placement ready for an ``ExpertBalancer`` to apply (host tensors), with its figures."""
+
+    phy2log: torch.Tensor  # [L, R] int64
+    log2phy: torch.Tensor  # [L, E, max_replicas] int64, -1 padded
+    logcnt: torch.Tensor  # [L, E] int64
+    balancedness_before: float
+    balancedness_after: float
+    seconds: float
+    prepared: PreparedRearrangement | None  # None: its preparation refused the input
+    staged: StagedMove | None = None  # with layers_per_step: the move in chunks
 
 
 @dataclass(frozen=True)

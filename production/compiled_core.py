@@ -39,8 +39,10 @@ from .compiled_rows import pack_row, replicate_row, tree_leaves
 __all__ = [
     "CACHED",
     "balanced_packing",
+    "buffer_lengths",
     "inverse_map",
     "placement",
+    "placement_into",
     "rebalance_experts_hierarchical",
     "replicate_experts",
 ]
@@ -309,7 +311,7 @@ def _placement_signature(dtype: Any) -> Any:
 
 
 @_jit(_placement_signature(types.float64), _placement_signature(types.float32))
-def _placement(
+def placement_into(
     weight: np.ndarray,
     num_replicas: int,
     num_groups: int,
@@ -326,7 +328,9 @@ def _placement(
     f64, i64, i32: the layer work space (``_space``); ranks: [>= L * R] int32,
     the replica rank of every slot; out: int64, where the results go, one
     after another (phy2log, logcnt, log2phy). A buffer too short is replaced by
-    a new one of the length needed, and the five are returned for the next call.
+    a new one of the length needed, and the five are returned for the next call;
+    buffers of ``buffer_lengths`` are never replaced (the placement service
+    relies on it: its caller reads the results from the ``out`` it passed).
     """
     num_layers, num_logical = weight.shape
     # Step 1: the value rules.
@@ -374,6 +378,28 @@ def _placement(
     return True, phy2log, log2phy, logcnt, f64, i64, i32, ranks, out
 
 
+def buffer_lengths(
+    num_layers: int,
+    num_logical: int,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> tuple[int, int, int, int, int]:
+    """Lengths of ``placement_into``'s buffers (f64, i64, i32, ranks, out) that no load outgrows.
+
+    ``out`` holds log2phy at its widest, ``num_replicas - num_logical + 1``
+    replicas of one expert; the counts must satisfy SPEC.md's rules.
+    """
+    hierarchical = num_groups % num_nodes == 0
+    groups, nodes = (num_groups, num_nodes) if hierarchical else (1, 1)
+    f, q, s = _space(num_logical, num_replicas, groups, nodes, num_gpus)
+    slots = num_layers * num_replicas
+    widest = num_replicas - num_logical + 1
+    out = slots + num_layers * num_logical * (1 + widest)
+    return _need(f), _need(q), _need(s), slots, out
+
+
 #: Each thread's work space for ``placement`` (f64, i64, i32, ranks), grown to
 #: the largest shape that thread has placed. Per thread, because the compiled
 #: call runs without the interpreter lock: two threads placing at once never
@@ -415,7 +441,7 @@ def placement(
     later call's writes, a corruption no type check sees).
     """
     space = getattr(_work, "space", None) or _no_buffers()
-    valid, phy2log, log2phy, logcnt, *space, _ = _placement(
+    valid, phy2log, log2phy, logcnt, *space, _ = placement_into(
         weight, num_replicas, num_groups, num_nodes, num_gpus, *space, np.empty(0, dtype=np.int64)
     )
     _work.space = tuple(space)

@@ -43,8 +43,8 @@ __all__ = [
 CACHED = True
 
 
-def jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``numba.njit(signatures, nogil=True, cache=True)``, in memory where no cache dir is writable.
+def jit(*signatures: Any, nogil: bool = True) -> Callable[[Callable[..., Any]], Any]:
+    """``numba.njit(signatures, nogil=nogil, cache=True)``, in memory without a cache dir.
 
     The signatures compile when this module is imported (or load from the
     cache), so no call on the serving path compiles. numba refuses
@@ -58,10 +58,10 @@ def jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
         # Helpers without signatures compile with (and are cached in) their callers.
         listed = list(signatures) if signatures else None
         try:
-            return numba.njit(listed, nogil=True, cache=True)(function)
+            return numba.njit(listed, nogil=nogil, cache=True)(function)
         except RuntimeError:
             CACHED = False
-            return numba.njit(listed, nogil=True, cache=False)(function)
+            return numba.njit(listed, nogil=nogil, cache=False)(function)
 
     return wrap
 

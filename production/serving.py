@@ -11,8 +11,11 @@ load (SPEC.md) without blocking the compute stream:
 1. step ``n`` (a multiple of ``step_interval``): a snapshot of the window's
    total is queued on the compute stream; a side stream waits for it, sums it
    over the EP group (``all_reduce``) and copies it into a pinned host buffer
-   (``non_blocking``, one event). A worker thread waits for that event and
-   computes the new placement. On CUDA the host returns at once.
+   (``non_blocking``, one event); the host returns at once. Each ``step()``
+   polls that event, then hands the load to a placement service that never
+   needs the interpreter lock (:mod:`eplb.production.placement_service`) and
+   polls it. A worker thread prepares the move to the placement (and, where
+   the service cannot run or the policy is migration-aware, computes it).
 2. step ``n + apply_delay``: every rank takes the worker's placement (waiting
    only if the worker has not finished), moves the expert weights to it
    (:func:`eplb.production.rearrange_expert_weights`, a collective) and
@@ -35,7 +38,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,6 +49,7 @@ from eplb.metrics import balancedness, gpu_loads
 from .balancer_state import (
     BalancerStats,
     LoadWindow,
+    Plan,
     RearrangeOptions,
     as_host_placement,
     maps_from_phy2log,
@@ -55,6 +58,7 @@ from .balancer_state import (
 from .errors import move_failed_once_begun
 from .group_guard import GroupGuard
 from .migration import rebalance_experts_migration_aware
+from .placement_service import PlacementInFlight, load_arrived, service_for
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -65,23 +69,10 @@ from .rearrange import (
     warmup_rearrangement,
 )
 from .rebalance import rebalance_experts
-from .staged import StagedApply, StagedMove, staged_steps
+from .staged import StagedApply, staged_steps
 from .transport import rank_and_size
 
 __all__ = ["BalancerStats", "ExpertBalancer", "LoadWindow", "RearrangeOptions"]
-
-
-class _Plan(NamedTuple):
-    """A placement computed by the worker thread, ready to apply (host tensors)."""
-
-    phy2log: torch.Tensor  # [L, R] int64
-    log2phy: torch.Tensor  # [L, E, max_replicas] int64, -1 padded
-    logcnt: torch.Tensor  # [L, E] int64
-    balancedness_before: float
-    balancedness_after: float
-    seconds: float
-    prepared: PreparedRearrangement | None  # None: its preparation refused the input
-    staged: StagedMove | None = None  # with layers_per_step: the move in chunks
 
 
 class ExpertBalancer:
@@ -110,14 +101,16 @@ class ExpertBalancer:
     another phy2log if the weights were loaded in another placement.
 
     Schedule: at every step ``n`` that is a multiple of ``step_interval`` the
-    window's load, summed over the EP group, goes to a worker thread that
-    computes the new placement and prepares this rank's share of the weight
-    move (``RearrangeOptions.prepare_ahead``); at step ``n + apply_delay`` every rank applies
-    it, waiting for the worker only if it is still running (counted in
-    ``stats.waits``). The placement is a deterministic function of the
-    all-reduced load, so every rank computes the same one, and applying it at a
-    fixed step makes every rank enter the rearrangement collective at the same
-    point. ``apply_delay < step_interval``, so a rebalance is never still
+    window's load, summed over the EP group, goes to ``placement_service``
+    (a :class:`PlacementService`; None where it cannot run, and
+    ``placement_service_error`` says why: then the worker thread computes the
+    placement), polled by each ``step()``; a worker thread prepares this rank's
+    share of the weight move (``RearrangeOptions.prepare_ahead``). At step
+    ``n + apply_delay`` every rank applies it, waiting only if it is not ready
+    (counted in ``stats.waits``). The placement is a deterministic function of
+    the all-reduced load, so every rank computes the same one, and applying it
+    at a fixed step makes every rank enter the rearrangement collective at the
+    same point. ``apply_delay < step_interval``, so a rebalance is never still
     running at the next interval.
 
     Failure (every collective waits at most ``RearrangeOptions.timeout``): the
@@ -283,7 +276,11 @@ class ExpertBalancer:
             else self._snapshot
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
-        self._pending: Future[_Plan] | None = None
+        self._pending: Future[Plan] | None = None
+        self.placement_service, self.placement_service_error = service_for(
+            self.config, self.migration_tolerance is not None
+        )
+        self._placing: PlacementInFlight | None = None  # in the service, polled by step()
         self._closed = False
         self._apply_at = 0
 
@@ -315,7 +312,7 @@ class ExpertBalancer:
                 timeout=rearrange.timeout,
             )
         )
-        self._staging: _Plan | None = None  # the plan a staged apply is applying
+        self._staging: Plan | None = None  # the plan a staged apply is applying
 
     # ------------------------------------------------------------------ forward pass
 
@@ -396,7 +393,10 @@ class ExpertBalancer:
         applied = False
         if self._staging is not None:
             applied = self._advance_staged(expert_weights)
-        if self._pending is not None and self.stats.steps >= self._apply_at:
+        if self._placing is not None:
+            self._collect(expert_weights, block=False)
+        due = self.stats.steps >= self._apply_at
+        if (self._pending is not None or self._placing is not None) and due:
             applied = self._apply(expert_weights)
         if self.stats.steps % self.step_interval == 0:
             if self.error is None:
@@ -439,6 +439,9 @@ class ExpertBalancer:
         if phy2log is not None:
             host = as_host_placement(phy2log, self.config.num_layers, self.config.num_replicas)
             maps = maps_from_phy2log(host, self.config.num_logical_experts, self.max_replicas)
+        if self._placing is not None:
+            self._placing.drop()
+            self._placing = None
         if self._pending is not None:
             # Dropped: it was planned against the old maps, which the worker
             # reads until it returns.
@@ -486,8 +489,10 @@ class ExpertBalancer:
         if self._closed:
             return
         self._closed = True
-        self._pending = None
+        self._pending = self._placing = None
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.placement_service is not None:
+            self.placement_service.stop()
         if self._buffers is not None:
             self._buffers.close()
 
@@ -527,28 +532,28 @@ class ExpertBalancer:
                 self._host_load.copy_(self._snapshot, non_blocking=True)
                 self._copied = torch.cuda.Event()
                 self._copied.record()
-        self._pending = self._executor.submit(self._plan, expert_weights)
         self._apply_at = self.stats.steps + self.apply_delay
+        if self.placement_service is None:
+            self._pending = self._executor.submit(self._plan, expert_weights)
+            return
+        self._placing = PlacementInFlight(
+            self.placement_service, self._host_load, self._copied, self.rearrange.timeout
+        )
+        self._collect(expert_weights, block=False)
 
-    def _plan(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> _Plan:
-        """Worker thread: wait for the load to reach the host, compute the placement.
+    def _collect(self, expert_weights: Sequence[Sequence[torch.Tensor]], block: bool) -> None:
+        """Once the service's placement is done (``block``: wait), the worker prepares its move."""
+        assert self._placing is not None
+        pending = self._placing.hand_over(block, self._executor, self._plan_from, expert_weights)
+        if pending is not None:
+            self._pending, self._placing = pending, None
 
-        Then prepare this rank's share of the move to it (views of the weights'
-        slots, no data read): the apply then moves weights at once.
-        """
-        if self._copied is not None:
-            # Polled, not synchronize(): a peer that died leaves the all-reduce
-            # pending forever; the apply then raises this, within the timeout.
-            deadline = time.monotonic() + self.rearrange.timeout
-            while not self._copied.query():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"the load's all-reduce over the EP group did not complete within "
-                        f"{self.rearrange.timeout:g} s: a rank froze or died"
-                    )
-                time.sleep(1e-3)
+    def _plan(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> Plan:
+        """Worker thread, without the service: wait for the load, place, ``_plan_from``."""
+        deadline = time.monotonic() + self.rearrange.timeout
+        while not load_arrived(self._copied, deadline, self.rearrange.timeout):
+            time.sleep(1e-3)  # the apply raises its TimeoutError
         start = time.perf_counter()
-        load = self._host_load.numpy()
         cfg = self.config
         counts = (cfg.num_replicas, cfg.num_groups, cfg.num_nodes, cfg.num_gpus)
         if self.migration_tolerance is None:
@@ -560,6 +565,21 @@ class ExpertBalancer:
                 old_phy2log=self._host_phy2log,
                 tolerance=self.migration_tolerance,
             )
+        seconds = time.perf_counter() - start
+        return self._plan_from([phy2log, log2phy, logcnt], expert_weights, seconds)
+
+    def _plan_from(
+        self,
+        maps: list[torch.Tensor],
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+        seconds: float,
+    ) -> Plan:
+        """Worker thread: the Plan of maps (phy2log, log2phy, logcnt; CPU), with this rank's
+        share of the move (views of the weights' slots, no data read): the apply then
+        moves weights at once. seconds: the placement's."""
+        start = time.perf_counter()
+        phy2log, log2phy, logcnt = maps
+        load, cfg = self._host_load.numpy(), self.config
         # Main thread changes the host maps only in _apply, after this returns.
         before = balancedness(
             gpu_loads(load, self._host_phy2log.numpy(), self._host_logcnt.numpy(), cfg.num_gpus)
@@ -601,8 +621,8 @@ class ExpertBalancer:
                 # Left to the apply's call: it checks again, on every rank at once,
                 # and refuses there; a refusal here alone would leave the others waiting.
                 pass
-        seconds = time.perf_counter() - start
-        return _Plan(
+        seconds += time.perf_counter() - start
+        return Plan(
             phy2log,
             log2phy,
             logcnt,
@@ -615,9 +635,12 @@ class ExpertBalancer:
 
     def _apply(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> bool:
         """Apply the worker's placement; False when it goes on in chunks (``_advance_staged``)."""
-        assert self._pending is not None
         start = time.perf_counter()
-        if not self._pending.done():
+        waited = self._placing is not None
+        if waited:
+            self._collect(expert_weights, block=True)
+        assert self._pending is not None
+        if waited or not self._pending.done():
             self.stats.waits += 1
         pending, self._pending = self._pending, None
         try:
@@ -663,7 +686,7 @@ class ExpertBalancer:
         self._record(plan, self._staged.stats(), self._staged.host_seconds)
         return True
 
-    def _record(self, plan: _Plan, moved: RearrangeStats, apply_seconds: float) -> None:
+    def _record(self, plan: Plan, moved: RearrangeStats, apply_seconds: float) -> None:
         stats = self.stats
         stats.rebalances += 1
         stats.last_rebalance_step = stats.steps

@@ -339,8 +339,10 @@ def test_placement_keeps_running_beside_a_busy_python_thread() -> None:
 def test_gil_benchmark_quick_run(run_benchmark) -> None:
     stdout = run_benchmark("bench_gil.py", "--quick")
     rows = [line.split() for line in stdout.splitlines() if line.startswith("DeepSeek-V3")]
-    # shape (two words), core, busy loop, ms alone, ms beside, kept, loop kept, waits
-    assert [row[2:4] for row in rows] == [["numpy", "python"], ["compiled", "python"]], stdout
+    # shape (two words), core, busy loop, ms alone, ms beside, kept, loop kept, waits, met
+    expected = [["numpy", "python"], ["compiled", "python"], ["service", "python"]]
+    assert [row[2:4] for row in rows] == expected, stdout
+    assert all(row[9] in ("yes", "no") for row in rows), stdout
     assert all(float(row[4]) > 0 and float(row[5]) >= float(row[4]) * 0.5 for row in rows), stdout
     assert all(0 < float(row[7]) for row in rows), stdout
 

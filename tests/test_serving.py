@@ -559,3 +559,39 @@ def test_example_recovers_from_an_injected_fault():
     ), result.stdout
     assert "step() refuses" in result.stdout
     assert "rebalanced again and the outputs match" in result.stdout
+
+
+def test_the_placement_runs_in_the_service_where_it_can(monkeypatch):
+    from eplb.production.cores import compiled_core_error
+
+    if compiled_core_error() is not None:
+        pytest.skip("the placement service needs the compiled core")
+
+    def no_worker_placement(*args, **kwargs):
+        raise AssertionError("the worker computed the placement")
+
+    monkeypatch.setattr(serving, "rebalance_experts", no_worker_placement)
+    balancer = _balancer(apply_delay=2, step_interval=4)
+    assert balancer.placement_service is not None and balancer.placement_service_error is None
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    load = _run_until_rebalance(balancer, weights, torch.Generator().manual_seed(5))
+    expected = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, 1)
+    assert torch.equal(balancer.phy2log, torch.from_numpy(expected[0]))
+    # A placement dropped by reset() while in the service (steps 7-8 start one)
+    # leaves the service free for the next (steps 12 and 14).
+    weights = _encoded_weights(balancer.phy2log, 0, 1)
+    for _ in range(2):
+        balancer.step(weights)
+    balancer.reset()
+    for _ in range(6):
+        balancer.step(weights)
+    assert balancer.stats.rebalances == 2 and balancer.stats.last_rebalance_step == 14
+    balancer.close()
+    assert not balancer.placement_service.running
+
+    migrating = _balancer(migration_tolerance=0.01)
+    assert migrating.placement_service is None
+    assert "migration-aware" in migrating.placement_service_error
+    monkeypatch.setenv("EPLB_CORE", "numpy")
+    numpy_core = _balancer()
+    assert numpy_core.placement_service is None and "numpy" in numpy_core.placement_service_error
