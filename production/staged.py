@@ -5,19 +5,24 @@ layers_per_step=K)``) in chunks of K consecutive layers, one chunk per engine
 step, so that no forward pass waits for the whole weight move:
 
 1. Launch (step ``n``, after that step's forward pass was queued): on a side
-   stream, move the weights from the chunk's live slots into a staging buffer
-   (:func:`eplb.production.rearrange_expert_weights` with the chunk's old and
-   new ``phy2log`` rows and ``into=`` the staging buffer: the live slots are
-   only read, the slots that change are written to staging, with no order
-   among the local copies and no cycle to break; its own pack, wire and write
-   streams wait for the side stream and the side stream waits for them), then
-   issue the vote: an all-reduce of "this rank holds the chunk" over the EP
-   group, also on the side stream, so it completes only once every rank's move
-   has. The live slots and maps are not touched: forward pass ``n + 1`` runs on
-   the compute stream with the old weights and maps of those layers. The
-   first chunk's move is planned ahead with the placement (:meth:`StagedApply.prepare`,
-   on the balancer's worker thread); each later chunk's is planned by its
-   launch, so a step's host work is one chunk's, whatever the number of layers.
+   stream, this rank's local copies (slots whose new expert it already holds)
+   from the chunk's live slots into a staging buffer, one copy call per dtype
+   (:mod:`.staged_copies`: laid out ahead by :meth:`StagedApply.prepare`,
+   from slot views made once per tensor); then what crosses a wire, by
+   :func:`eplb.production.rearrange_expert_weights` with the chunk's old rows,
+   its ``wire`` rows (the new ones with every slot a local copy fills left at
+   its old expert, the same on every rank) and ``into=`` the staging buffer
+   (the live slots are only read, the slots that change are written to
+   staging, with no order among the copies and no cycle to break; its own
+   pack, wire and write streams wait for the side stream and the side stream
+   waits for them); a chunk where nothing crosses a wire on any rank makes no
+   such call (no rank does). Then the vote: an all-reduce of "this rank holds
+   the chunk" over the EP group, also on the side stream, so it completes
+   only once every rank's move has. The live slots and maps are not touched:
+   forward pass ``n + 1`` runs on the compute stream with the old weights and
+   maps of those layers. The first chunk's wire move is planned ahead with
+   the placement (:meth:`StagedApply.prepare`, on the balancer's worker
+   thread); each later chunk's is planned by its launch.
 2. Commit (step ``n + 1``): the host waits for the vote (at most ``timeout``
    seconds; on CUDA it has normally long completed). If every rank holds the
    chunk, the compute stream waits for the vote's event (only this: it
