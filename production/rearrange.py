@@ -188,8 +188,10 @@ def rearrange_expert_weights(
         slots into, instead of in place: ``expert_weights`` are then only
         read, and of ``into`` only the slots whose expert changes are written
         (the others keep whatever they held). Local copies then need no
-        ordering among them and no staging. None: in place. Every rank passes
-        one or none. (A staged rebalance moves into its staging buffer so.)
+        ordering among them and no staging, and ``new_phy2log`` may drop
+        experts (their weights stay where they are). None: in place. Every
+        rank passes one or none. (A staged rebalance moves into its staging
+        buffer so, only the slots whose expert crosses a wire.)
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
@@ -564,7 +566,10 @@ def _check_input(
     ``into``, the layout's signature says so: the write schedule differs).
     """
     old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
-    check_keeps_experts(old, new)
+    if into is None:
+        # In place, an expert the new map drops would be overwritten and lost;
+        # with ``into`` the weights are only read, so nothing is lost.
+        check_keeps_experts(old, new)
     layout, device = _check_weights(expert_weights, old.shape, world_size)
     if into is not None:
         into_layout, into_device = _check_weights(into, old.shape, world_size, "into")

@@ -5,19 +5,24 @@ layers_per_step=K)``) in chunks of K consecutive layers, one chunk per engine
 step, so that no forward pass waits for the whole weight move:
 
 1. Launch (step ``n``, after that step's forward pass was queued): on a side
-   stream, move the weights from the chunk's live slots into a staging buffer
-   (:func:`eplb.production.rearrange_expert_weights` with the chunk's old and
-   new ``phy2log`` rows and ``into=`` the staging buffer: the live slots are
-   only read, the slots that change are written to staging, with no order
-   among the local copies and no cycle to break; its own pack, wire and write
-   streams wait for the side stream and the side stream waits for them), then
-   issue the vote: an all-reduce of "this rank holds the chunk" over the EP
-   group, also on the side stream, so it completes only once every rank's move
-   has. The live slots and maps are not touched: forward pass ``n + 1`` runs on
-   the compute stream with the old weights and maps of those layers. The
-   first chunk's move is planned ahead with the placement (:meth:`StagedApply.prepare`,
-   on the balancer's worker thread); each later chunk's is planned by its
-   launch, so a step's host work is one chunk's, whatever the number of layers.
+   stream, this rank's local copies (slots whose new expert it already holds)
+   from the chunk's live slots into a staging buffer, one copy call per dtype
+   (:mod:`.staged_copies`: laid out ahead by :meth:`StagedApply.prepare`,
+   from slot views made once per tensor); then what crosses a wire, by
+   :func:`eplb.production.rearrange_expert_weights` with the chunk's old rows,
+   its ``wire`` rows (the new ones with every slot a local copy fills left at
+   its old expert, the same on every rank) and ``into=`` the staging buffer
+   (the live slots are only read, the slots that change are written to
+   staging, with no order among the copies and no cycle to break; its own
+   pack, wire and write streams wait for the side stream and the side stream
+   waits for them); a chunk where nothing crosses a wire on any rank makes no
+   such call (no rank does). Then the vote: an all-reduce of "this rank holds
+   the chunk" over the EP group, also on the side stream, so it completes
+   only once every rank's move has. The live slots and maps are not touched:
+   forward pass ``n + 1`` runs on the compute stream with the old weights and
+   maps of those layers. The first chunk's wire move is planned ahead with
+   the placement (:meth:`StagedApply.prepare`, on the balancer's worker
+   thread); each later chunk's is planned by its launch.
 2. Commit (step ``n + 1``): the host waits for the vote (at most ``timeout``
    seconds; on CUDA it has normally long completed). If every rank holds the
    chunk, the compute stream waits for the vote's event (only this: it
@@ -71,7 +76,7 @@ from .rearrange import (
     prepare_rearrangement,
     rearrange_expert_weights,
 )
-from .slot_work import copy_all
+from .staged_copies import ChunkCopies, CopyLayout, issue, local_sources
 
 __all__ = [
     "StagedApply",
@@ -123,10 +128,23 @@ class StagedMove:
     phy2log: [layers, R] int64, the new placement.
     log2phy: [layers, E, max_replicas] int64, its slots per expert, -1 padded.
     logcnt: [layers, E] int64, its replicas per expert.
-    first: this rank's share of the first chunk's move, worked out ahead (None:
-        planned in the call, as every later chunk's is, by its launch).
+    first: this rank's share of the first chunk's wire move, worked out ahead
+        (None: planned in the call, as every later chunk's is, by its launch;
+        or the first chunk has nothing to send or receive).
     changed: per layer, the runs ``(first, end)`` of this rank's slots (local
         indices) whose expert changes: the only slots a commit writes.
+    wire: [layers, R] int64, ``phy2log`` with every slot that some rank fills
+        by a local copy (its new expert is already on that rank) left at its old
+        expert: the map each chunk's call to ``rearrange_expert_weights`` gets,
+        so that it moves only what crosses a wire (receives, and copies from a
+        received slot). The same on every rank.
+    wired: per chunk, whether any slot of any rank crosses a wire: without, no
+        rank makes the chunk's call (none would send or receive anything).
+    local: per layer, this rank's local copies: ``(destinations, sources)``,
+        local slot indices, the source the lowest old slot of this rank
+        holding the destination's new expert.
+    copies: per chunk, the copies of :meth:`StagedApply.prepare`'s weights laid
+        out ahead (None where that failed: the launch lays them out).
     """
 
     old_phy2log: torch.Tensor
@@ -136,6 +154,10 @@ class StagedMove:
     logcnt: torch.Tensor
     first: PreparedRearrangement | None
     changed: tuple[tuple[tuple[int, int], ...], ...]
+    wire: torch.Tensor
+    wired: tuple[bool, ...]
+    local: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    copies: tuple[ChunkCopies | None, ...]
 
 
 class StagedApply:
@@ -178,6 +200,9 @@ class StagedApply:
         distributed = dist.is_available() and dist.is_initialized()
         self._rank = dist.get_rank(group) if distributed else 0
         self._world_size = dist.get_world_size(group) if distributed else 1
+        self._local = phy2log.shape[1] // self._world_size  # slots per rank
+        #: Views of the staging buffer's and the weights' slots (with the staging buffer).
+        self._layout: CopyLayout | None = None
         self._cuda = self.device.type == "cuda"
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
         #: K layers of this rank's slots, allocated by the first prepare and kept.
@@ -195,6 +220,7 @@ class StagedApply:
         self._voted = torch.cuda.Event() if self._cuda else None
         self._committed = torch.cuda.Event() if self._cuda else None
         self._moved: list[RearrangeStats] = []
+        self._copies: ChunkCopies | None = None  # the chunk in flight's, from its launch
         #: Host seconds spent in ``begin`` and ``advance`` for the current or last apply.
         self.host_seconds = 0.0
 
@@ -247,13 +273,28 @@ class StagedApply:
         """
         if not self._staging:
             self._allocate_staging(expert_weights)
+        old, new = old_phy2log.numpy(), new_maps[0].numpy()
+        # Vectorized over every layer: a few numpy calls per placement, so the
+        # worker holds the interpreter lock briefly.
+        source = local_sources(old, new, self._world_size)
+        copied = (new != old) & (source >= 0)
+        wire = torch.from_numpy(np.where(copied, old, new))
+        wired = tuple(
+            bool((wire.numpy()[rows.start : rows.stop] != old[rows.start : rows.stop]).any())
+            for rows in map(self.chunk, range(self.num_chunks))
+        )
+        mine = slice(self._rank * self._local, (self._rank + 1) * self._local)
+        local = tuple(
+            (tuple(np.flatnonzero(row).tolist()), tuple((src[row] - mine.start).tolist()))
+            for row, src in zip(copied[:, mine], source[:, mine], strict=True)
+        )
         first = None
         rows = self.chunk(0)
-        if ahead and self._staging:
+        if ahead and self._staging and wired[0]:
             try:
                 first = prepare_rearrangement(
                     old_phy2log[rows.start : rows.stop],
-                    new_maps[0][rows.start : rows.stop],
+                    wire[rows.start : rows.stop],
                     expert_weights[rows.start : rows.stop],
                     self.group,
                     max_batch_bytes=self.max_batch_bytes,
@@ -261,11 +302,30 @@ class StagedApply:
                 )
             except (TypeError, ValueError):
                 pass
-        changed = _changed_runs(
-            old_phy2log.numpy(), new_maps[0].numpy(), self._rank, self._world_size
-        )
+        changed = _changed_runs(old, new, self._rank, self._world_size)
+        copies: list[ChunkCopies | None] = []
+        for chunk in range(self.num_chunks):
+            rows = self.chunk(chunk)
+            try:
+                assert self._layout is not None  # made with the staging buffer
+                live = [expert_weights[layer] for layer in rows]
+                copies.append(self._layout.lay_out(rows, live, local, changed))
+            except Exception:  # left to the launch, which fails the chunk on every rank
+                copies.append(None)
+            # Lets the serving thread take the interpreter lock between chunks.
+            time.sleep(0)
         old_logcnt = _logcnt_of(old_phy2log, new_maps[2])
-        return StagedMove(old_phy2log, old_logcnt, *new_maps, first=first, changed=changed)
+        return StagedMove(
+            old_phy2log,
+            old_logcnt,
+            *new_maps,
+            first=first,
+            changed=changed,
+            wire=wire,
+            wired=wired,
+            local=local,
+            copies=tuple(copies),
+        )
 
     def begin(self, move: StagedMove, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         """Launch the first chunk of ``move`` (collective: every rank, the same step)."""
@@ -312,6 +372,7 @@ class StagedApply:
             self._make_vote_buffers()
         self._vote, self._voting = None, False
         self._failure = None
+        self._copies = None
 
     def placement(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Host phy2log [L, R] and logcnt [L, E] of what the weights hold now, during or
@@ -341,6 +402,19 @@ class StagedApply:
             [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in first]
             for _ in range(min(self.layers_per_step, self.num_layers))
         ]
+        self._layout = CopyLayout(self._staging)
+
+    def _chunk_copies(
+        self, move: StagedMove, live: Sequence[Sequence[torch.Tensor]]
+    ) -> ChunkCopies:
+        """The chunk's copies: laid out ahead if ``live`` are the tensors they were made
+        of, else now (ValueError where they do not fit the staging buffer)."""
+        ahead = move.copies[self._chunk]
+        if ahead is not None and ahead.fits(live):
+            return ahead
+        if self._layout is None:
+            raise ValueError("expert_weights must be one list of tensors per layer")
+        return self._layout.lay_out(self.chunk(self._chunk), live, move.local, move.changed)
 
     def _make_vote_buffers(self) -> None:
         """The vote's [world] int32 flags on the device, their host copy (pinned on
@@ -370,27 +444,33 @@ class StagedApply:
                 if len(staging) != len(rows):
                     raise ValueError("expert_weights must have one entry per layer")
                 live = [expert_weights[layer] for layer in rows]
+                self._copies = self._chunk_copies(move, live)
+                # This rank's local copies, laid out ahead: one call per dtype.
+                begun = time.perf_counter()
+                issue(self._copies.launch)
+                self._moved.append(_local_stats(self._copies.count, time.perf_counter() - begun))
             except Exception as exc:
                 # The move below then refuses no weights on every rank (its
                 # agreement), instead of the others waiting for this rank.
                 self._failure, staging, live = exc, [], []
-            try:
-                self._moved.append(
-                    rearrange_expert_weights(
-                        move.old_phy2log[rows.start : rows.stop],
-                        move.phy2log[rows.start : rows.stop],
-                        live,
-                        self.group,
-                        max_batch_bytes=self.max_batch_bytes,
-                        buffers=self.buffers,
-                        # Chunk 0 was planned ahead; the others are planned here.
-                        prepared=move.first if self._chunk == 0 and staging else None,
-                        timeout=self.timeout,
-                        into=staging,
+            if move.wired[self._chunk]:  # the same on every rank: all call, or none
+                try:
+                    self._moved.append(
+                        rearrange_expert_weights(
+                            move.old_phy2log[rows.start : rows.stop],
+                            move.wire[rows.start : rows.stop],
+                            live,
+                            self.group,
+                            max_batch_bytes=self.max_batch_bytes,
+                            buffers=self.buffers,
+                            # Chunk 0 was planned ahead; the others are planned here.
+                            prepared=move.first if self._chunk == 0 and staging else None,
+                            timeout=self.timeout,
+                            into=staging,
+                        )
                     )
-                )
-            except Exception as exc:  # reported by every rank at the commit, after the vote
-                self._failure = self._failure or exc
+                except Exception as exc:  # reported by every rank at the commit, after the vote
+                    self._failure = self._failure or exc
             self._flags.copy_(self._votes[int(self._failure is not None)])
             # A move that failed once it began fails on every rank (its guard's
             # one outcome) and faults the group: no vote on it, which a frozen
@@ -440,19 +520,17 @@ class StagedApply:
             stream.wait_event(self._voted)
         with torch.no_grad():
             # Slots keeping their expert already hold it (with keep_slots, about
-            # those of every expert staying on this GPU): only the others are copied.
-            slots, buffers = [], []
-            for stage, layer in zip(self._staging, rows, strict=False):
-                for first, end in move.changed[layer]:
-                    for tensor, buffer in zip(expert_weights[layer], stage, strict=True):
-                        slots.append(tensor[first:end])
-                        buffers.append(buffer[first:end])
-            if slots:
-                copy_all(slots, buffers)
+            # those of every expert staying on this GPU): only the others are
+            # copied, laid out ahead on the weights the launch checked.
+            copies, live = self._copies, [expert_weights[layer] for layer in rows]
+            if copies is None or not copies.fits(live):
+                assert self._layout is not None  # the launch had one
+                copies = self._layout.lay_out(rows, live, move.local, move.changed)
+            issue(copies.commit)
             part = slice(rows.start, rows.stop)
             news = (move.phy2log, move.log2phy, move.logcnt)
-            for live, new in zip(self._maps, news, strict=True):
-                live[part].copy_(new[part], non_blocking=True)
+            for target, new in zip(self._maps, news, strict=True):
+                target[part].copy_(new[part], non_blocking=True)
         if stream is not None and self._committed is not None:
             self._committed.record(stream)
         phy2log, logcnt = self._current
@@ -479,6 +557,11 @@ def _logcnt_of(phy2log: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     counts = np.zeros((layers, experts), dtype=np.int64)
     np.add.at(counts, (np.arange(layers)[:, None], phy2log.numpy()), 1)
     return torch.from_numpy(counts)
+
+
+def _local_stats(copies: int, seconds: float) -> RearrangeStats:
+    """A chunk's local copies, counted as a move's."""
+    return RearrangeStats(0, 0, 0, 0, copies, 0, 0, 0, seconds)
 
 
 def _changed_runs(

@@ -156,8 +156,10 @@ def test_staging_holds_one_chunk_of_this_ranks_slots(layers_per_step):
     move = staged.prepare(host[0], host, weights)
     # Per slot: 3 + 4 float64 values; K layers, at most all of them.
     assert staged.staging_bytes == min(layers_per_step, LAYERS) * SLOTS * (3 + 4) * 8
-    # Only the first chunk's move is planned ahead; the others by their launches.
-    assert move.first is not None
+    # One rank: nothing crosses a wire, so no chunk calls the move and none is
+    # planned; every chunk's local copies are laid out ahead.
+    assert move.first is None and not any(move.wired)
+    assert all(copies is not None for copies in move.copies)
     assert torch.equal(move.old_logcnt, host[2])
 
 
@@ -210,6 +212,18 @@ def test_two_ranks_every_step_each_layer_wholly_old_or_new(layers_per_step, keep
     mp.spawn(_two_rank_schedule, args=args, nprocs=2, join=True)
 
 
+def _wire_map(old: torch.Tensor, new: torch.Tensor, world: int) -> torch.Tensor:
+    """``new`` where a slot's rank lacks its new expert, else ``old``: what crosses a wire."""
+    local = old.shape[1] // world
+    wire = new.clone()
+    for layer in range(old.shape[0]):
+        for slot in range(old.shape[1]):
+            rank = slot // local
+            if new[layer, slot] in old[layer, rank * local : (rank + 1) * local]:
+                wire[layer, slot] = old[layer, slot]
+    return wire
+
+
 def _lazy_chunks(rank: int, world: int, port: int, layers_per_step: int) -> None:
     """Two staged rebalances; the move of every chunk after the first is planned by its launch."""
     if world > 1:
@@ -249,15 +263,24 @@ def _lazy_chunks(rank: int, world: int, port: int, layers_per_step: int) -> None
                 assert all(torch.equal(r, old[layer]) for r in rows[: commit - start]), layer
                 assert all(torch.equal(r, new[layer]) for r in rows[commit - start :]), layer
             assert not torch.equal(old, new)
-        # One launch per chunk: the first planned ahead, each later one in its call,
-        # with the new placement's rows of its own chunk.
-        assert len(calls) == 2 * chunks
-        news = [history[interval + DELAY + chunks] for interval in (INTERVAL, 2 * INTERVAL)]
-        for index, (rows, prepared) in enumerate(calls):
-            chunk = index % chunks
-            assert isinstance(prepared, PreparedRearrangement) == (chunk == 0), index
-            layers = slice(chunk * layers_per_step, (chunk + 1) * layers_per_step)
-            assert torch.equal(rows, news[index // chunks][layers]), index
+        # One call per chunk where something crosses a wire (none on one rank):
+        # the first chunk's planned ahead, each later one in its call, with the
+        # rows of its own chunk of the new placement, where the slots a local
+        # copy fills keep their old expert (the move does not copy them).
+        expected = []
+        for interval in (INTERVAL, 2 * INTERVAL):
+            start = interval + DELAY
+            wire = _wire_map(history[start], history[start + chunks], world)
+            for chunk in range(chunks):
+                layers = slice(chunk * layers_per_step, (chunk + 1) * layers_per_step)
+                if not torch.equal(wire[layers], history[start][layers]):
+                    expected.append((chunk, wire[layers]))
+        assert len(calls) == len(expected)
+        if world == 1:
+            assert not calls
+        for (rows, prepared), (chunk, want) in zip(calls, expected, strict=True):
+            assert isinstance(prepared, PreparedRearrangement) == (chunk == 0), chunk
+            assert torch.equal(rows, want), chunk
         if world > 1:
             dist.all_reduce(load)
         spec = production.rebalance_experts(load, SLOTS, GROUPS, 1, world)
@@ -287,6 +310,7 @@ def _fault_before_commit(rank: int, world: int, port: int) -> None:
     if world > 1:
         _init(rank, world, port)
     real = staged_module.rearrange_expert_weights
+    real_copies = StagedApply._chunk_copies
     calls = []
 
     def failing(*args, **kwargs):
@@ -296,7 +320,15 @@ def _fault_before_commit(rank: int, world: int, port: int) -> None:
             raise RuntimeError("injected fault")
         return moved
 
+    def failing_copies(self, move, live):
+        # One rank: nothing crosses a wire, the chunk's local copies fail instead.
+        if self._chunk == 1:
+            raise RuntimeError("injected fault")
+        return real_copies(self, move, live)
+
     staged_module.rearrange_expert_weights = failing
+    if world == 1:
+        StagedApply._chunk_copies = failing_copies  # type: ignore[method-assign]
     try:
         balancer = _balancer(world, 2)
         weights = _weights(balancer.phy2log, rank, world)
@@ -328,6 +360,7 @@ def _fault_before_commit(rank: int, world: int, port: int) -> None:
             assert _same_on_every_rank(balancer.phy2log)
         # The maps describe the weights: reset() alone resumes serving and rebalancing.
         staged_module.rearrange_expert_weights = real
+        StagedApply._chunk_copies = real_copies  # type: ignore[method-assign]
         balancer.reset()
         for _ in range(INTERVAL + DELAY + 3):
             balancer.step(weights)
@@ -336,6 +369,7 @@ def _fault_before_commit(rank: int, world: int, port: int) -> None:
         balancer.close()
     finally:
         staged_module.rearrange_expert_weights = real
+        StagedApply._chunk_copies = real_copies  # type: ignore[method-assign]
         if world > 1:
             dist.destroy_process_group()
 
