@@ -115,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ExpertBalancer(keep_slots=True) in the all and staged modes (fewer copies)",
     )
     p.add_argument(
+        "--apply-delay",
+        type=int,
+        default=1,
+        help="ExpertBalancer(apply_delay=D) in the all and staged modes (default 1; from 2 on "
+        "the placement runs in the placement service)",
+    )
+    p.add_argument(
         "--migration-tolerance",
         type=float,
         default=None,
@@ -319,6 +326,7 @@ def run_mode(
         layers_per_step=int(mode[6:]) if mode.startswith("staged") else None,
         rearrange=RearrangeOptions(keep_slots=args.keep_slots and automatic),
         migration_tolerance=args.migration_tolerance if automatic else None,
+        apply_delay=args.apply_delay if automatic else 1,
     )
     model = Model(args, balancer, rank)
     x0 = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(rank))
@@ -469,6 +477,7 @@ def _report(rank: int, args: argparse.Namespace, out: str | None) -> None:
         f"first {args.warmup} steps not in the statistics"
         + ("; kept slots (all, staged)" if args.keep_slots else "")
         + ("; forward pass replayed from a CUDA graph" if args.cuda_graph else "")
+        + (f"; apply_delay {args.apply_delay} (all, staged)" if args.apply_delay != 1 else "")
         + (
             f"; migration-aware placement, tolerance {args.migration_tolerance:g} (all, staged)"
             if args.migration_tolerance is not None

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one call on a 2-GPU H200 machine (device tool,
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
-#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 serving-graph serving1-graph placement placement-steps guard
+#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 serving-graph serving1-graph serving1-service placement placement-steps guard
 # (serving: bench_serving.py on 2 ranks; serving1: on 1 GPU, for a single-GPU machine;
 #  serving-graph, serving1-graph: the same with the forward pass replayed from a CUDA graph
-#  (serving-graph also with the migration-aware placement);
+#  (serving-graph also with the migration-aware placement); serving1-service: apply_delay 2, so
+#  that the placement runs in the placement service, eager forward;
 #  placement: the placement cores on the host CPU, one thread, with bench_compiled_steps.py;
 #  placement-steps: bench_compiled_steps.py alone (default allocator and forced mmap);
 #  guard: group_guard's CUDA checks, and with 2 GPUs a NCCL weight move in which one rank raises, then freezes)
@@ -39,6 +40,7 @@ for part in $parts; do
     serving-graph) python3 benchmarks/bench_serving.py --world-size 2 --cuda-graph --plot "$OUT/serving_graph.png" 2>&1 | tee "$OUT/bench_serving_graph.log"
                    python3 benchmarks/bench_serving.py --world-size 2 --cuda-graph --migration-tolerance 0.01 --modes none,blocking,all,staged1 2>&1 | tee "$OUT/bench_serving_graph_migration.log" ;;
     serving1-graph) python3 benchmarks/bench_serving.py --world-size 1 --cuda-graph --plot "$OUT/serving_1gpu_graph.png" 2>&1 | tee "$OUT/bench_serving_1gpu_graph.log" ;;
+    serving1-service) python3 benchmarks/bench_serving.py --world-size 1 --apply-delay 2 --modes none,all,staged1 2>&1 | tee "$OUT/bench_serving_1gpu_service.log" ;;
     example) python3 examples/moe_ep_example.py --device cuda --data-dir "$EPLB_DATA_DIR" --tokens 4096 2>&1 | tee "$OUT/example_cuda.log"
              python3 examples/moe_ep_example.py --device cuda --inject-fault 2>&1 | tee "$OUT/example_cuda_fault.log" ;;
     placement) { python3 benchmarks/bench_warm_up.py && python3 benchmarks/bench_rebalance.py --slow-repeats 1 && python3 benchmarks/bench_gil.py --busy python,torch --shapes "DeepSeek-V3 R=288,Kimi-K2 R=448" && python3 benchmarks/bench_compiled_steps.py && python3 benchmarks/bench_compiled_steps.py --mmap-threshold 4096; } 2>&1 | tee "$OUT/placement.log" ;;

@@ -320,13 +320,22 @@ class PlacementService:
 
 
 def service_for(
-    config: EplbConfig, migration_aware: bool
+    config: EplbConfig, migration_aware: bool, apply_delay: int
 ) -> tuple[PlacementService | None, str | None]:
     """A started service for ``ExpertBalancer``'s placements, or None and why it has none.
 
     config: the balancer's validated shape. migration_aware: whether it uses the
     migration-aware policy (the numpy core's, computed on its worker thread).
+    apply_delay: steps from the interval to the apply. The service's placement
+    is handed to the worker at a ``step()``, which then prepares the move: with
+    one step between, the apply would wait for that preparation, where the
+    worker alone places and prepares back to back as soon as the load arrives.
     """
+    if apply_delay < 2:
+        return None, (
+            "apply_delay is 1: the worker places and prepares the move back to back, ready "
+            "for the next step (the service needs apply_delay >= 2)"
+        )
     if migration_aware:
         return None, "the migration-aware policy is computed on the worker thread"
     if cores.resolve_core() != "compiled":

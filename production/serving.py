@@ -11,11 +11,12 @@ load (SPEC.md) without blocking the compute stream:
 1. step ``n`` (a multiple of ``step_interval``): a snapshot of the window's
    total is queued on the compute stream; a side stream waits for it, sums it
    over the EP group (``all_reduce``) and copies it into a pinned host buffer
-   (``non_blocking``, one event); the host returns at once. Each ``step()``
-   polls that event, then hands the load to a placement service that never
-   needs the interpreter lock (:mod:`eplb.production.placement_service`) and
-   polls it. A worker thread prepares the move to the placement (and, where
-   the service cannot run or the policy is migration-aware, computes it).
+   (``non_blocking``, one event); the host returns at once. With
+   ``apply_delay >= 2``, each ``step()`` polls that event, then hands the load
+   to a placement service that never needs the interpreter lock
+   (:mod:`eplb.production.placement_service`) and polls it. A worker thread
+   prepares the move to the placement (and, with ``apply_delay=1``, where the
+   service cannot run or for the migration-aware policy, computes it first).
 2. step ``n + apply_delay``: every rank takes the worker's placement (waiting
    only if the worker has not finished), moves the expert weights to it
    (:func:`eplb.production.rearrange_expert_weights`, a collective) and
@@ -102,7 +103,7 @@ class ExpertBalancer:
 
     Schedule: at every step ``n`` that is a multiple of ``step_interval`` the
     window's load, summed over the EP group, goes to ``placement_service``
-    (a :class:`PlacementService`; None where it cannot run, and
+    (a :class:`PlacementService`; None with ``apply_delay=1`` or where it cannot run, and
     ``placement_service_error`` says why: then the worker thread computes the
     placement), polled by each ``step()``; a worker thread prepares this rank's
     share of the weight move (``RearrangeOptions.prepare_ahead``). At step
@@ -278,7 +279,7 @@ class ExpertBalancer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
         self._pending: Future[Plan] | None = None
         self.placement_service, self.placement_service_error = service_for(
-            self.config, self.migration_tolerance is not None
+            self.config, self.migration_tolerance is not None, self.apply_delay
         )
         self._placing: PlacementInFlight | None = None  # in the service, polled by step()
         self._closed = False

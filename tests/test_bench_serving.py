@@ -92,6 +92,18 @@ def test_migration_tolerance_moves_fewer_slots_than_spec(real_loads, run_benchma
     assert rows["staged1"][5] == "3", rows
 
 
+def test_apply_delay_moves_the_apply_one_step_later(real_loads, run_benchmark):
+    stdout = run_benchmark(
+        "bench_serving.py",
+        *("--tiny", "--device", "cpu", "--world-size", "1", "--modes", "all,staged2"),
+        *("--apply-delay", "2"),
+    )
+    rows, _ = _rows(stdout)
+    assert "apply_delay 2 (all, staged)" in stdout
+    # Steps from each interval to the end of its apply: 2, and 2 + ceil(4 / 2).
+    assert [rows[m][5:7] for m in ("all", "staged2")] == [["3", "2"], ["3", "4"]], rows
+
+
 def test_cuda_graph_needs_cuda(run_benchmark_fails):
     stderr = run_benchmark_fails("bench_serving.py", "--tiny", "--device", "cpu", "--cuda-graph")
     assert "--cuda-graph needs --device cuda" in stderr

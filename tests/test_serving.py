@@ -589,9 +589,13 @@ def test_the_placement_runs_in_the_service_where_it_can(monkeypatch):
     balancer.close()
     assert not balancer.placement_service.running
 
-    migrating = _balancer(migration_tolerance=0.01)
+    # apply_delay 1: the worker places and prepares back to back.
+    soon = _balancer(apply_delay=1, step_interval=4)
+    assert soon.placement_service is None and "apply_delay" in soon.placement_service_error
+    soon.close()
+    migrating = _balancer(apply_delay=2, step_interval=4, migration_tolerance=0.01)
     assert migrating.placement_service is None
     assert "migration-aware" in migrating.placement_service_error
     monkeypatch.setenv("EPLB_CORE", "numpy")
-    numpy_core = _balancer()
+    numpy_core = _balancer(apply_delay=2, step_interval=4)
     assert numpy_core.placement_service is None and "numpy" in numpy_core.placement_service_error
