@@ -15,9 +15,25 @@ twice the bytes of a copy. This times, per layer of DeepSeek-V2-Lite's shape
   (``index_copy_``): the temporary may stay in L2, so HBM sees about one read
   and one write per byte;
 - ``triton cycles`` (where Triton is installed): a kernel whose programs each
-  walk one cycle of the permutation for one column block, in registers.
+  walk one cycle of the permutation for one column block, in registers;
+- ``slot_moves B/W/P``: ``eplb.production.slot_moves`` (the general program:
+  trees, replicas, cycles, staging rows) at B KiB per program, W warps, with (P)
+  or without prefetch of the next move's row (the tuning sweep).
 
 Every method's result is checked against ``layer[perm]``.
+
+A second table (``--experts``, default 64) is a realistic rank of 2: the layer's
+``--slots`` slots over 2 GPUs, random old and new placements with replicas, this
+GPU's half: its changed slots come from its own slots or from staging rows that
+a transfer filled (filled before timing, as the wire would). Per method, the
+GPU time of what the compute stream does at a commit, or before it:
+
+- ``today (move + commit)``: changed slots copied into staging (local sources
+  and second copies of received experts), then staging into the slots;
+- ``commit only``: staging into the changed slots (the floor of today's commit);
+- ``slot_moves``: the in-place program (received rows read from staging).
+
+Results checked against the new placement's weights (each expert's own rows).
 
     python benchmarks/probe_permute.py [--slots 72] [--repeats 20]
 """
@@ -27,7 +43,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+from eplb.production.slot_moves import apply_slot_moves, plan_slot_moves, triton_available
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,6 +55,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=1408)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--experts", type=int, default=64, help="experts of the 2-rank case")
     return p.parse_args()
 
 
@@ -140,6 +160,16 @@ def main() -> None:
     mover = triton_mover()
     if mover is not None:
         methods.append(("triton cycles", lambda: [mover(t, cycles) for t in layer], True))
+    if triton_available():
+        program = plan_slot_moves(np.arange(args.slots), np.array(perm), 0, 1)
+        for kib, warps, prefetch in SWEEP:
+            methods.append(
+                (
+                    f"slot_moves {kib}/{warps}/{'P' if prefetch else '-'}",
+                    _slot_moves(layer, None, program, kib, warps, prefetch),
+                    True,
+                )
+            )
     print(
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.slots} slots, "
         f"{layer_bytes / 2**20:.0f} MiB per layer, {len(cycles)} cycles (longest "
@@ -157,16 +187,113 @@ def main() -> None:
             run()
             torch.cuda.synchronize()
             exact = all(torch.equal(s, w) for s, w in zip(staging, want, strict=True))
-        times = []
-        for _ in range(args.repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        ms = sorted(times)[len(times) // 2]
+        ms = _median_ms(run, args.repeats)
         print(f"{name:18s} {ms:8.3f} {2 * layer_bytes / ms / 1e6:16.0f} {exact!s:>6s}")
+    two_ranks(args, shapes)
+
+
+#: (KiB of a row per program, warps, prefetch) tried for slot_moves.
+SWEEP = [(kib, w, p) for kib in (4, 8, 16, 32) for w in (4, 8) for p in (True, False)]
+
+
+def _slot_moves(layer, staging, program, kib: int, warps: int, prefetch: bool):  # type: ignore[no-untyped-def]
+    stagings = staging if staging is not None else [None] * len(layer)
+
+    def run() -> None:
+        for t, s in zip(layer, stagings, strict=True):
+            apply_slot_moves(
+                t, s, program, block_bytes=kib << 10, num_warps=warps, prefetch=prefetch
+            )
+
+    return run
+
+
+def _median_ms(run: Callable[[], None], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def two_ranks(args: argparse.Namespace, shapes) -> None:  # type: ignore[no-untyped-def]
+    """Rank 0 of 2: random old and new placements with replicas (see the docstring)."""
+    rng = np.random.default_rng(1)
+    slots, experts, per_rank = args.slots, args.experts, args.slots // 2
+
+    def placement() -> np.ndarray:
+        return rng.permutation(
+            np.concatenate([np.arange(experts), rng.integers(0, experts, slots - experts)])
+        )
+
+    old, new = placement(), placement()
+    program = plan_slot_moves(old, new, 0, 2)
+    mine_old, mine_new = old[:per_rank], new[:per_rank]
+    changed = np.flatnonzero(mine_old != mine_new).tolist()
+    device = torch.device("cuda")
+    # Each expert's own rows; the slots hold the old placement's, staging the received ones.
+    rows = [torch.randn(experts, *s, device=device).to(torch.bfloat16) for s in shapes]
+    old_t = torch.from_numpy(mine_old).to(device)
+    new_t = torch.from_numpy(mine_new).to(device)
+    layer = [r[old_t] for r in rows]
+    staging = [r[new_t] for r in rows]  # rows the ops read hold the received expert
+    want = [r[new_t] for r in rows]
+    start = [t.clone() for t in layer]
+    received = [s.clone() for s in staging]
+    local = {int(d) for d, kind, _ in program.ops.tolist() if kind != 1}
+    holder = {}
+    for slot, expert in enumerate(mine_old.tolist()):
+        holder.setdefault(expert, slot)
+    firsts = {int(r) for r in program.received.tolist()}
+
+    def today() -> None:
+        # The launch's local copies (old slots) and post copies (staging rows of
+        # received experts) into staging, then the commit: staging into the slots.
+        dst, src = [], []
+        for t, st in zip(layer, staging, strict=True):
+            for d in changed:
+                if d in local:
+                    dst.append(st[d]), src.append(t[holder[int(mine_new[d])]])
+                elif d not in firsts:
+                    first = min(f for f in firsts if mine_new[f] == mine_new[d])
+                    dst.append(st[d]), src.append(st[first])
+        torch._foreach_copy_(dst, src)
+        commit()
+
+    def commit() -> None:
+        torch._foreach_copy_(
+            [t[d] for t in layer for d in changed], [s[d] for s in staging for d in changed]
+        )
+
+    methods = [("today (move + commit)", today), ("commit only", commit)]
+    if triton_available():
+        for kib, warps, prefetch in SWEEP:
+            methods.append(
+                (
+                    f"slot_moves {kib}/{warps}/{'P' if prefetch else '-'}",
+                    _slot_moves(layer, staging, program, kib, warps, prefetch),
+                )
+            )
+    moved_bytes = len(changed) * sum(t[0].numel() * t.element_size() for t in layer)
+    print(
+        f"\n2 ranks, {slots} slots, {experts} experts; rank 0: {len(changed)} of {per_rank} "
+        f"slots change ({len(local)} local, {len(changed) - len(local)} from "
+        f"{len(firsts)} staging rows), {moved_bytes / 2**20:.0f} MiB written; GPU ms, "
+        f"median of {args.repeats}"
+    )
+    print(f"{'method':22s} {'ms':>8s} {'GB/s (2x bytes)':>16s} {'exact':>6s}")
+    for name, run in methods:
+        for t, s in zip(layer + staging, start + received, strict=True):
+            t.copy_(s)  # today's move writes staging rows from the slots: start afresh
+        run()
+        torch.cuda.synchronize()
+        exact = all(torch.equal(t, w) for t, w in zip(layer, want, strict=True))
+        ms = _median_ms(run, args.repeats)
+        print(f"{name:22s} {ms:8.3f} {2 * moved_bytes / ms / 1e6:16.0f} {exact!s:>6s}")
 
 
 if __name__ == "__main__":
