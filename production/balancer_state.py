@@ -77,6 +77,12 @@ class RearrangeOptions:
         it. The default (``group_guard.DEFAULT_TIMEOUT``, 90 s) is an order of
         magnitude above a whole legitimate move yet twenty times below the
         process group's own timeout (30 minutes), which would stall serving.
+    in_place: with ``layers_per_step``, how a commit moves this rank's slots:
+        True runs each layer's moves in place (:mod:`eplb.production.slot_moves`:
+        local slots read once and written once, at the commit; only what
+        crosses a wire goes through staging); False copies every changing slot
+        into staging at the launch and back at the commit. None (default): in
+        place where its Triton kernel runs (CUDA with Triton), else copies.
     """
 
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
@@ -84,10 +90,13 @@ class RearrangeOptions:
     keep_slots: bool = False
     prepare_ahead: bool = True
     timeout: float = DEFAULT_TIMEOUT
+    in_place: bool | None = None
 
     def __post_init__(self) -> None:
         check_count("max_batch_bytes", self.max_batch_bytes)
         object.__setattr__(self, "timeout", check_timeout(self.timeout))
+        if self.in_place is not None and not isinstance(self.in_place, bool):
+            raise TypeError(f"in_place must be a bool or None, got {type(self.in_place).__name__}")
         for name in ("keep_buffers", "keep_slots", "prepare_ahead"):
             flag = getattr(self, name)
             if not isinstance(flag, bool):

@@ -311,6 +311,7 @@ class ExpertBalancer:
                 max_batch_bytes=rearrange.max_batch_bytes,
                 buffers=self._buffers,
                 timeout=rearrange.timeout,
+                in_place=rearrange.in_place,
             )
         )
         self._staging: Plan | None = None  # the plan a staged apply is applying

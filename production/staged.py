@@ -33,6 +33,15 @@ step, so that no forward pass waits for the whole weight move:
    the same step; its writes into staging wait (on the side stream) for this
    commit's copies only.
 
+In place (``in_place``, the default where the Triton kernel of
+:mod:`.slot_moves` runs): the launch makes no local copy (only the wire's
+receives go into staging, and each layer's move program to the device), and
+the commit runs each layer's moves in the slots themselves
+(:func:`eplb.production.slot_moves.apply_slot_moves`, on the compute stream
+after the vote): each changing slot is read and written once, where the
+copies read and write it twice (live -> staging -> live). Before the vote,
+only staging is written either way, so what a failure leaves is the same.
+
 So a placement of L layers takes ``ceil(L / K)`` steps after the one that
 launches its first chunk: chunk c is launched at step ``a + c`` and committed
 at step ``a + c + 1``, one forward pass in flight each. In every forward pass
@@ -76,6 +85,7 @@ from .rearrange import (
     prepare_rearrangement,
     rearrange_expert_weights,
 )
+from .slot_moves import FROM_STAGING, SlotMoves, apply_slot_moves, plan_slot_moves, triton_available
 from .staged_copies import ChunkCopies, CopyLayout, issue, local_sources
 
 __all__ = [
@@ -144,7 +154,10 @@ class StagedMove:
         local slot indices, the source the lowest old slot of this rank
         holding the destination's new expert.
     copies: per chunk, the copies of :meth:`StagedApply.prepare`'s weights laid
-        out ahead (None where that failed: the launch lays them out).
+        out ahead (None where that failed, or with ``in_place``: the launch lays
+        them out).
+    programs: with ``in_place``, per layer, this rank's in-place moves
+        (:func:`eplb.production.slot_moves.plan_slot_moves`); else empty.
     """
 
     old_phy2log: torch.Tensor
@@ -158,6 +171,7 @@ class StagedMove:
     wired: tuple[bool, ...]
     local: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
     copies: tuple[ChunkCopies | None, ...]
+    programs: tuple[SlotMoves, ...] = ()
 
 
 class StagedApply:
@@ -171,6 +185,13 @@ class StagedApply:
     max_batch_bytes, buffers: passed to every chunk's move.
     timeout: seconds any wait of a chunk's move, and a commit's wait for the
         other ranks' votes, may take (default ``group_guard.DEFAULT_TIMEOUT``).
+    in_place: the commit runs each layer's slot moves in place
+        (:func:`eplb.production.slot_moves.apply_slot_moves`) and the launch
+        moves only what crosses a wire into staging; False: the launch copies
+        the local moves into staging too and the commit copies every changing
+        slot back. None: in place where the Triton kernel runs (CUDA). On one
+        GPU that halves the bytes a chunk moves: each changing slot is read
+        and written once, at the commit.
 
     Every rank must make the same calls at the same steps.
     """
@@ -186,9 +207,12 @@ class StagedApply:
         max_batch_bytes: int,
         buffers: RearrangeBuffers | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        in_place: bool | None = None,
     ) -> None:
         staged_steps(phy2log.shape[0], layers_per_step)
         timeout = check_timeout(timeout)
+        if in_place is not None and not isinstance(in_place, bool):
+            raise TypeError(f"in_place must be a bool or None, got {type(in_place).__name__}")
         self._maps = (phy2log, log2phy, logcnt)
         self.num_layers = phy2log.shape[0]
         self.layers_per_step = layers_per_step
@@ -204,6 +228,7 @@ class StagedApply:
         #: Views of the staging buffer's and the weights' slots (with the staging buffer).
         self._layout: CopyLayout | None = None
         self._cuda = self.device.type == "cuda"
+        self.in_place = (self._cuda and triton_available()) if in_place is None else in_place
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
         #: K layers of this rank's slots, allocated by the first prepare and kept.
         self._staging: list[list[torch.Tensor]] = []
@@ -304,7 +329,12 @@ class StagedApply:
                 pass
         changed = _changed_runs(old, new, self._rank, self._world_size)
         copies: list[ChunkCopies | None] = []
-        for chunk in range(self.num_chunks):
+        programs: list[SlotMoves] = []
+        for layer in range(self.num_layers if self.in_place else 0):
+            programs.append(plan_slot_moves(old[layer], new[layer], self._rank, self._world_size))
+            if layer % 4 == 3:
+                time.sleep(0)  # lets the serving thread take the interpreter lock
+        for chunk in range(0 if self.in_place else self.num_chunks):
             rows = self.chunk(chunk)
             try:
                 assert self._layout is not None  # made with the staging buffer
@@ -324,7 +354,8 @@ class StagedApply:
             wire=wire,
             wired=wired,
             local=local,
-            copies=tuple(copies),
+            copies=tuple(copies) if copies else (None,) * self.num_chunks,
+            programs=tuple(programs),
         )
 
     def begin(self, move: StagedMove, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
@@ -444,11 +475,19 @@ class StagedApply:
                 if len(staging) != len(rows):
                     raise ValueError("expert_weights must have one entry per layer")
                 live = [expert_weights[layer] for layer in rows]
-                self._copies = self._chunk_copies(move, live)
-                # This rank's local copies, laid out ahead: one call per dtype.
                 begun = time.perf_counter()
-                issue(self._copies.launch)
-                self._moved.append(_local_stats(self._copies.count, time.perf_counter() - begun))
+                if self.in_place:
+                    # The local moves wait for the commit; the programs go to the
+                    # device here, on the side stream, which the commit waits for.
+                    moves = _check_in_place(move, rows, live, staging)
+                    for layer in rows:
+                        move.programs[layer].on(self.device)
+                else:
+                    self._copies = self._chunk_copies(move, live)
+                    # This rank's local copies, laid out ahead: one call per dtype.
+                    issue(self._copies.launch)
+                    moves = self._copies.count
+                self._moved.append(_local_stats(moves, time.perf_counter() - begun))
             except Exception as exc:
                 # The move below then refuses no weights on every rank (its
                 # agreement), instead of the others waiting for this rank.
@@ -523,10 +562,17 @@ class StagedApply:
             # those of every expert staying on this GPU): only the others are
             # copied, laid out ahead on the weights the launch checked.
             copies, live = self._copies, [expert_weights[layer] for layer in rows]
-            if copies is None or not copies.fits(live):
-                assert self._layout is not None  # the launch had one
-                copies = self._layout.lay_out(rows, live, move.local, move.changed)
-            issue(copies.commit)
+            if self.in_place:
+                # The launch checked these tensors against staging; the
+                # wire's receives are in staging, the local moves read the slots.
+                for layer, tensors, stage in zip(rows, live, self._staging, strict=False):
+                    for tensor, buffer in zip(tensors, stage, strict=True):
+                        apply_slot_moves(tensor, buffer, move.programs[layer])
+            else:
+                if copies is None or not copies.fits(live):
+                    assert self._layout is not None  # the launch had one
+                    copies = self._layout.lay_out(rows, live, move.local, move.changed)
+                issue(copies.commit)
             part = slice(rows.start, rows.stop)
             news = (move.phy2log, move.log2phy, move.logcnt)
             for target, new in zip(self._maps, news, strict=True):
@@ -557,6 +603,27 @@ def _logcnt_of(phy2log: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     counts = np.zeros((layers, experts), dtype=np.int64)
     np.add.at(counts, (np.arange(layers)[:, None], phy2log.numpy()), 1)
     return torch.from_numpy(counts)
+
+
+def _check_in_place(
+    move: StagedMove,
+    rows: range,
+    live: Sequence[Sequence[torch.Tensor]],
+    staging: Sequence[Sequence[torch.Tensor]],
+) -> int:
+    """The chunk's local moves; ValueError unless every layer's tensors match staging's."""
+    if len(move.programs) <= rows.stop - 1:
+        raise ValueError("the staged move has no in-place program for these layers")
+    for tensors, stage in zip(live, staging, strict=True):
+        if len(tensors) != len(stage) or any(
+            not isinstance(t, torch.Tensor) or t.shape != b.shape or t.dtype != b.dtype
+            for t, b in zip(tensors, stage, strict=False)
+        ):
+            raise ValueError(
+                "expert_weights must have, per layer, tensors of the first layer's shapes "
+                "and dtypes (the staging buffer's)"
+            )
+    return sum(int((move.programs[layer].ops[:, 1] != FROM_STAGING).sum()) for layer in rows)
 
 
 def _local_stats(copies: int, seconds: float) -> RearrangeStats:

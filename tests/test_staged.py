@@ -32,7 +32,11 @@ INTERVAL, DELAY = 8, 1
 
 
 def _balancer(
-    world: int, layers_per_step: int | None, device: str = "cpu", keep_slots: bool = False
+    world: int,
+    layers_per_step: int | None,
+    device: str = "cpu",
+    keep_slots: bool = False,
+    in_place: bool | None = None,
 ) -> ExpertBalancer:
     return ExpertBalancer(
         LAYERS,
@@ -45,7 +49,7 @@ def _balancer(
         step_interval=INTERVAL,
         apply_delay=DELAY,
         layers_per_step=layers_per_step,
-        rearrange=RearrangeOptions(keep_slots=keep_slots),
+        rearrange=RearrangeOptions(keep_slots=keep_slots, in_place=in_place),
     )
 
 
@@ -86,11 +90,16 @@ def _check_step(balancer: ExpertBalancer, weights, rank: int, world: int, ids_by
 
 
 def _serve(
-    rank: int, world: int, layers_per_step: int | None, device: str = "cpu", keep: bool = False
+    rank: int,
+    world: int,
+    layers_per_step: int | None,
+    device: str = "cpu",
+    keep: bool = False,
+    in_place: bool | None = None,
 ):
     """Serve 2 intervals plus the apply; check every step. Returns (balancer, weights, load,
     steps at which each layer changed, steps step() returned True)."""
-    balancer = _balancer(world, layers_per_step, device, keep)
+    balancer = _balancer(world, layers_per_step, device, keep, in_place)
     weights = [[w.to(device) for w in layer] for layer in _weights(balancer.phy2log, rank, world)]
     generator = torch.Generator().manual_seed(7 + rank)
     load = torch.zeros(LAYERS, EXPERTS, dtype=torch.int64)
@@ -182,10 +191,15 @@ def _same_on_every_rank(tensor: torch.Tensor) -> bool:
     return all(torch.equal(g, tensor) for g in gathered)
 
 
-def _two_rank_schedule(rank: int, world: int, port: int, layers_per_step: int, keep: bool) -> None:
+def _two_rank_schedule(
+    rank: int, world: int, port: int, layers_per_step: int, keep: bool, in_place: bool = False
+) -> None:
     _init(rank, world, port)
     try:
-        balancer, _, load, changed, applied_at = _serve(rank, world, layers_per_step, keep=keep)
+        balancer, _, load, changed, applied_at = _serve(
+            rank, world, layers_per_step, keep=keep, in_place=in_place
+        )
+        assert balancer._staged is not None and balancer._staged.in_place is in_place
         _check_schedule(changed, applied_at, layers_per_step)
         dist.all_reduce(load)
         spec = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
@@ -210,6 +224,30 @@ def test_two_ranks_every_step_each_layer_wholly_old_or_new(layers_per_step, keep
     # keep: kept slots, so many slots keep their expert and a commit copies only the others.
     args = (2, _free_port(), layers_per_step, keep)
     mp.spawn(_two_rank_schedule, args=args, nprocs=2, join=True)
+
+
+@pytest.mark.parametrize(("layers_per_step", "keep"), [(1, False), (2, True)])
+def test_two_ranks_in_place_commits_keep_each_layer_wholly_old_or_new(layers_per_step, keep):
+    # The commit runs each layer's moves in place (the torch path of slot_moves on
+    # the CPU, the same program as the Triton kernel's): received experts from staging.
+    args = (2, _free_port(), layers_per_step, keep, True)
+    mp.spawn(_two_rank_schedule, args=args, nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("layers_per_step", [1, 2, 4])
+def test_one_rank_in_place_commits_keep_each_layer_wholly_old_or_new(layers_per_step):
+    balancer, _, _, changed, applied_at = _serve(0, 1, layers_per_step, in_place=True)
+    assert balancer._staged is not None and balancer._staged.in_place
+    _check_schedule(changed, applied_at, layers_per_step)
+    # Nothing crosses a wire on one rank: every move was an in-place local one.
+    moved = balancer.stats.last_rearrange
+    assert moved is not None and moved.experts_received == 0 and moved.local_copies > 0
+    balancer.close()
+
+
+def test_in_place_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match="in_place must be a bool or None"):
+        RearrangeOptions(in_place=1)
 
 
 def _wire_map(old: torch.Tensor, new: torch.Tensor, world: int) -> torch.Tensor:
