@@ -57,7 +57,7 @@ FROM_SLOT, FROM_STAGING, FROM_SAVED = 0, 1, 2
 
 # Bytes of one row each kernel program moves per move, and its warps.
 # Chosen on an H200 with benchmarks/probe_permute.py (see the README).
-_BLOCK_BYTES = 16384
+_BLOCK_BYTES = 4096
 _NUM_WARPS = 4
 _PREFETCH = True
 _MAX_BLOCKS = 65535  # CUDA's limit on the grid's second dimension
