@@ -37,7 +37,10 @@ tell the others at once:
   (sends nobody will receive, receives nobody will send). The guard aborts the
   group's communicator (``ProcessGroup.abort()``), which frees NCCL kernels
   stuck on the GPU, and marks the group faulted: later guarded calls on it
-  raise at once. Recreate the group before moving weights again.
+  raise at once. Recreate the group before moving weights again. Work that
+  outlives its call (a staged apply's vote, issued after a move that returned
+  without the host waiting for its messages) is faulted the same way, by
+  :meth:`GroupGuard.fault`, when its own deadline expires.
 
 Errors (``eplb.production.errors``): AgreementError (a ValueError: nothing
 was touched), GroupFault (another rank failed, or a wait expired) and
@@ -75,6 +78,7 @@ __all__ = [
     "GuardedCall",
     "abort_group",
     "check_timeout",
+    "fault_of",
 ]
 
 #: Seconds one wait of a guarded call may take (see :func:`check_timeout`).
@@ -110,6 +114,17 @@ def check_timeout(timeout: object) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     return seconds
+
+
+def fault_of(group: dist.ProcessGroup | None) -> str | None:
+    """Why ``group`` faulted (None: it has not, or torch.distributed is not initialized).
+
+    Cheap (no store, no communication): for code that issues a collective on
+    the group outside a guarded call and must refuse a faulted group at once.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return _faulted.get(group if group is not None else dist.group.WORLD)
 
 
 def abort_group(group: dist.ProcessGroup | None) -> bool:
@@ -234,6 +249,45 @@ class GroupGuard:
         """Why this group faulted in an earlier call (None: it has not)."""
         return _faulted.get(self.key)
 
+    def mark_faulted(self, reason: str) -> bool:
+        """Mark the group faulted and, with ``abort_on_fault``, abort its communicator.
+
+        Later guarded calls on the group raise GroupFault at once (the first
+        reason is kept). Returns whether the communicator was aborted
+        (:func:`abort_group`: NCCL only). A single rank has nothing to fault.
+        """
+        if self.world_size == 1:
+            return False
+        with _registry_lock:
+            _faulted.setdefault(self.key, reason)
+        return abort_group(self.group) if self.abort_on_fault else False
+
+    def fault(self, reason: str, failed: Sequence[int] | None = None) -> bool:
+        """Fault the group outside a guarded call: what a call that fails after its agreement does.
+
+        For work a guarded call left behind it on the device (a collective
+        queued after a move that returned without waiting for its messages)
+        whose own deadline expired: posts ``reason`` on the failure board under
+        the next call's number, so that a rank entering that call (the next
+        guarded call of every rank) raises GroupFault at once instead of
+        waiting for this one; then :meth:`mark_faulted` (faulted, and the NCCL
+        communicator aborted: its kernels stuck on a dead peer end).
+
+        failed: the ranks the failure is about, as for :meth:`GuardedCall.fail`
+            (None: this rank). Returns whether the communicator was aborted.
+        """
+        if self.world_size == 1:
+            return False
+        with _registry_lock:
+            number = _counters.get(self.key, 0)
+        call = GuardedCall(self, "fault", number)
+        try:
+            call.fail(reason, failed)  # best effort within one second
+        finally:
+            if call._executor is not None:
+                call._executor.shutdown()
+        return self.mark_faulted(reason)
+
     def call(self, name: str) -> GuardedCall:
         """The next guarded call on this group (every rank must make the same calls)."""
         if self.world_size > 1 and self.key in _faulted:
@@ -306,10 +360,7 @@ class GuardedCall:
                     about = exc.failed_ranks if isinstance(exc, GroupFault) else None
                     self.fail(f"{type(exc).__name__}: {exc}", about)
                 if self.agreed:
-                    with _registry_lock:
-                        _faulted.setdefault(self.guard.key, f"{self.name} #{self.number}: {exc}")
-                    if self.guard.abort_on_fault:
-                        abort_group(self.guard.group)
+                    self.guard.mark_faulted(f"{self.name} #{self.number}: {exc}")
         finally:
             # Never wait here for a store request stuck on a frozen store host,
             # nor for a work: its wait ends by its own deadline.
