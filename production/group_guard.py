@@ -282,7 +282,7 @@ class GroupGuard:
             number = _counters.get(self.key, 0)
         call = GuardedCall(self, "fault", number)
         try:
-            call.fail(reason, failed)  # best effort within one second
+            call.fail(reason, failed, group_faulted=True)  # best effort within one second
         finally:
             if call._executor is not None:
                 call._executor.shutdown()
@@ -411,12 +411,17 @@ class GuardedCall:
 
     # ------------------------------------------------------------------ failure board
 
-    def fail(self, reason: str, failed: Sequence[int] | None = None) -> None:
+    def fail(
+        self, reason: str, failed: Sequence[int] | None = None, *, group_faulted: bool = False
+    ) -> None:
         """Post this rank's failure on the board (once; a second call does nothing).
 
         failed: the ranks the failure is about: this rank (None, the default),
             or, when this rank only relays another's failure or a deadline,
             the ranks it names (possibly none).
+        group_faulted: this rank faulted the group (:meth:`GroupGuard.fault`):
+            a rank that reads the post marks the group faulted too, so that its
+            later calls refuse at once as well.
 
         Best effort within one second: a failing rank must not hang on a frozen store.
         """
@@ -428,6 +433,7 @@ class GuardedCall:
             {
                 "text": f"rank {rank} failed: {reason}",
                 "failed": [rank] if failed is None else [int(r) for r in failed],
+                "faulted": bool(group_faulted),
             }
         )
         key, count = self._key("failed", rank), self._key("failures")
@@ -452,10 +458,17 @@ class GuardedCall:
         return posted
 
     def _raise_posted(self, posted: list[dict[str, Any]]) -> None:
-        """GroupFault naming the failed ranks the posts name (relays name the original)."""
+        """GroupFault naming the failed ranks the posts name (relays name the original).
+
+        A post of a rank that faulted the group (outside a call: its
+        communicator may be aborted) faults it here too, even before the agreement.
+        """
         if posted:
+            text = "; ".join(post["text"] for post in posted)
+            if any(post.get("faulted") for post in posted):
+                self.guard.mark_faulted(f"{self.name} #{self.number}: {text}")
             raise self._fault(
-                "; ".join(post["text"] for post in posted),
+                text,
                 tuple(sorted({r for post in posted for r in post["failed"]})),
                 False,
                 None,
