@@ -527,29 +527,37 @@ class StagedApply:
     def _await_vote(self) -> list[int]:
         """Ranks that do not hold the chunk, once every rank voted (bounded wait).
 
-        Past ``timeout`` the group is faulted (posted on its failure board,
-        marked, its NCCL communicator aborted: the move's messages and the vote
-        may be stuck on a dead peer), then StagedApplyError.
+        Past ``timeout``, or if the vote itself fails (gloo: a peer's connection
+        closed), the group is faulted (:meth:`_vote_failed`).
         """
         deadline = time.monotonic() + self.timeout
-        while not self._vote_done():
-            if time.monotonic() > deadline:
-                reason = (
-                    f"the other ranks' votes on layers {_span(self.chunk(self._chunk))} did not "
-                    f"come within {self.timeout:g} s"
-                )
-                peers = [rank for rank in range(self._world_size) if rank != self._rank]
-                guard = GroupGuard(self.group, timeout=self.timeout)
-                guard.fault(f"staged apply: {reason}", peers)
-                self._fail(
-                    f"{reason}; the process group is faulted (NCCL: aborted), recreate it",
-                    late=True,
-                )
-            time.sleep(_POLL_SECONDS)
-        if self._vote is not None:
-            self._vote.wait()
+        layers = _span(self.chunk(self._chunk))
+        try:
+            while not self._vote_done():
+                if time.monotonic() > deadline:
+                    self._vote_failed(
+                        f"the other ranks' votes on layers {layers} did not come within "
+                        f"{self.timeout:g} s"
+                    )
+                time.sleep(_POLL_SECONDS)
+            if self._vote is not None:
+                self._vote.wait()
+        except StagedApplyError:
+            raise
+        except Exception as exc:
+            self._failure = self._failure or exc
+            self._vote_failed(f"the vote on layers {layers} failed ({type(exc).__name__}: {exc})")
         self._voting = False
         return [rank for rank, flag in enumerate(self._host_flags.tolist()) if flag]
+
+    def _vote_failed(self, reason: str) -> None:
+        """Fault the group, then StagedApplyError: the move's messages and the vote may
+        be stuck on a dead peer (on CUDA the vote is the host's only wait for them), so
+        the group is posted on its failure board, marked faulted and its NCCL
+        communicator aborted (:meth:`GroupGuard.fault`)."""
+        peers = [rank for rank in range(self._world_size) if rank != self._rank]
+        GroupGuard(self.group, timeout=self.timeout).fault(f"staged apply: {reason}", peers)
+        self._fail(f"{reason}; the process group is faulted (NCCL: aborted), recreate it", True)
 
     def _vote_done(self) -> bool:
         if self._voted is not None:
