@@ -14,7 +14,8 @@ tell the others at once:
   call ``n`` writes ``rank r failed: <reason>`` under call ``n``'s keys; every
   wait of the others polls the board (one store round trip every
   ``board_interval`` seconds, never on the fast path) and raises as soon as it
-  sees it: well under the timeout.
+  sees it: well under the timeout. A post by :meth:`GroupGuard.fault` (the
+  poster faulted the group) faults the group on the reader too.
 - **Deadlines**: each wait (a ``torch.distributed`` work, a CUDA event, the
   agreement) gives up ``timeout`` seconds after it began. The calling thread
   never blocks in a collective: it polls CUDA events (``query()``), and a gloo
