@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Everything that needs GPUs, in one call on a 2-GPU H200 machine (device tool,
 # kind nvidia-h200-x2). Logs go to $OUT (the device tool brings them back).
-#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 serving-graph serving1-graph serving1-service placement placement-steps guard
+#   bash benchmarks/run_gpu_suite.sh [parts...]   parts: tests transfer rearrange rearrange-hp rearrange-kept rearrange-slots rearrange-ahead rearrange-ahead-slots example serving serving1 serving-graph serving1-graph serving1-service placement placement-steps guard staged-fault
 # (serving: bench_serving.py on 2 ranks; serving1: on 1 GPU, for a single-GPU machine;
 #  serving-graph, serving1-graph: the same with the forward pass replayed from a CUDA graph
 #  (serving-graph also with the migration-aware placement); serving1-service: apply_delay 2, so
 #  that the placement runs in the placement service, eager forward;
 #  placement: the placement cores on the host CPU, one thread, with bench_compiled_steps.py;
 #  placement-steps: bench_compiled_steps.py alone (default allocator and forced mmap);
-#  guard: group_guard's CUDA checks, and with 2 GPUs a NCCL weight move in which one rank raises, then freezes)
+#  guard: group_guard's CUDA checks, and with 2 GPUs a NCCL weight move in which one rank raises, then freezes;
+#  staged-fault: with 2 GPUs, a staged apply over NCCL in which rank 1 freezes or dies mid-chunk)
 # The real loads travel in .data/ (an ignored copy made by the caller).
 # BENCH_FLAGS: extra flags for every bench_rearrange.py run (e.g. "--repeats 5").
 set -uo pipefail
@@ -46,6 +47,7 @@ for part in $parts; do
     placement) { python3 benchmarks/bench_warm_up.py && python3 benchmarks/bench_rebalance.py --slow-repeats 1 && python3 benchmarks/bench_gil.py --busy python,torch --shapes "DeepSeek-V3 R=288,Kimi-K2 R=448" && python3 benchmarks/bench_compiled_steps.py && python3 benchmarks/bench_compiled_steps.py --mmap-threshold 4096; } 2>&1 | tee "$OUT/placement.log" ;;
     placement-steps) { python3 benchmarks/bench_compiled_steps.py && python3 benchmarks/bench_compiled_steps.py --mmap-threshold 4096; } 2>&1 | tee "$OUT/placement_steps.log" ;;
     guard) python3 benchmarks/check_group_guard.py 2>&1 | tee "$OUT/guard.log" ;;
+    staged-fault) python3 benchmarks/check_staged_faults.py 2>&1 | tee "$OUT/staged_fault.log" ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

@@ -14,7 +14,8 @@ tell the others at once:
   call ``n`` writes ``rank r failed: <reason>`` under call ``n``'s keys; every
   wait of the others polls the board (one store round trip every
   ``board_interval`` seconds, never on the fast path) and raises as soon as it
-  sees it: well under the timeout.
+  sees it: well under the timeout. A post by :meth:`GroupGuard.fault` (the
+  poster faulted the group) faults the group on the reader too.
 - **Deadlines**: each wait (a ``torch.distributed`` work, a CUDA event, the
   agreement) gives up ``timeout`` seconds after it began. The calling thread
   never blocks in a collective: it polls CUDA events (``query()``), and a gloo
@@ -37,7 +38,10 @@ tell the others at once:
   (sends nobody will receive, receives nobody will send). The guard aborts the
   group's communicator (``ProcessGroup.abort()``), which frees NCCL kernels
   stuck on the GPU, and marks the group faulted: later guarded calls on it
-  raise at once. Recreate the group before moving weights again.
+  raise at once. Recreate the group before moving weights again. Work that
+  outlives its call (a staged apply's vote, issued after a move that returned
+  without the host waiting for its messages) is faulted the same way, by
+  :meth:`GroupGuard.fault`, when its own deadline expires.
 
 Errors (``eplb.production.errors``): AgreementError (a ValueError: nothing
 was touched), GroupFault (another rank failed, or a wait expired) and
@@ -75,6 +79,7 @@ __all__ = [
     "GuardedCall",
     "abort_group",
     "check_timeout",
+    "fault_of",
 ]
 
 #: Seconds one wait of a guarded call may take (see :func:`check_timeout`).
@@ -110,6 +115,17 @@ def check_timeout(timeout: object) -> float:
     if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
     return seconds
+
+
+def fault_of(group: dist.ProcessGroup | None) -> str | None:
+    """Why ``group`` faulted (None: it has not, or torch.distributed is not initialized).
+
+    Cheap (no store, no communication): for code that issues a collective on
+    the group outside a guarded call and must refuse a faulted group at once.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return _faulted.get(group if group is not None else dist.group.WORLD)
 
 
 def abort_group(group: dist.ProcessGroup | None) -> bool:
@@ -234,6 +250,45 @@ class GroupGuard:
         """Why this group faulted in an earlier call (None: it has not)."""
         return _faulted.get(self.key)
 
+    def mark_faulted(self, reason: str) -> bool:
+        """Mark the group faulted and, with ``abort_on_fault``, abort its communicator.
+
+        Later guarded calls on the group raise GroupFault at once (the first
+        reason is kept). Returns whether the communicator was aborted
+        (:func:`abort_group`: NCCL only). A single rank has nothing to fault.
+        """
+        if self.world_size == 1:
+            return False
+        with _registry_lock:
+            _faulted.setdefault(self.key, reason)
+        return abort_group(self.group) if self.abort_on_fault else False
+
+    def fault(self, reason: str, failed: Sequence[int] | None = None) -> bool:
+        """Fault the group outside a guarded call: what a call that fails after its agreement does.
+
+        For work a guarded call left behind it on the device (a collective
+        queued after a move that returned without waiting for its messages)
+        whose own deadline expired: posts ``reason`` on the failure board under
+        the next call's number, so that a rank entering that call (the next
+        guarded call of every rank) raises GroupFault at once instead of
+        waiting for this one; then :meth:`mark_faulted` (faulted, and the NCCL
+        communicator aborted: its kernels stuck on a dead peer end).
+
+        failed: the ranks the failure is about, as for :meth:`GuardedCall.fail`
+            (None: this rank). Returns whether the communicator was aborted.
+        """
+        if self.world_size == 1:
+            return False
+        with _registry_lock:
+            number = _counters.get(self.key, 0)
+        call = GuardedCall(self, "fault", number)
+        try:
+            call.fail(reason, failed, group_faulted=True)  # best effort within one second
+        finally:
+            if call._executor is not None:
+                call._executor.shutdown()
+        return self.mark_faulted(reason)
+
     def call(self, name: str) -> GuardedCall:
         """The next guarded call on this group (every rank must make the same calls)."""
         if self.world_size > 1 and self.key in _faulted:
@@ -306,10 +361,7 @@ class GuardedCall:
                     about = exc.failed_ranks if isinstance(exc, GroupFault) else None
                     self.fail(f"{type(exc).__name__}: {exc}", about)
                 if self.agreed:
-                    with _registry_lock:
-                        _faulted.setdefault(self.guard.key, f"{self.name} #{self.number}: {exc}")
-                    if self.guard.abort_on_fault:
-                        abort_group(self.guard.group)
+                    self.guard.mark_faulted(f"{self.name} #{self.number}: {exc}")
         finally:
             # Never wait here for a store request stuck on a frozen store host,
             # nor for a work: its wait ends by its own deadline.
@@ -360,12 +412,17 @@ class GuardedCall:
 
     # ------------------------------------------------------------------ failure board
 
-    def fail(self, reason: str, failed: Sequence[int] | None = None) -> None:
+    def fail(
+        self, reason: str, failed: Sequence[int] | None = None, *, group_faulted: bool = False
+    ) -> None:
         """Post this rank's failure on the board (once; a second call does nothing).
 
         failed: the ranks the failure is about: this rank (None, the default),
             or, when this rank only relays another's failure or a deadline,
             the ranks it names (possibly none).
+        group_faulted: this rank faulted the group (:meth:`GroupGuard.fault`):
+            a rank that reads the post marks the group faulted too, so that its
+            later calls refuse at once as well.
 
         Best effort within one second: a failing rank must not hang on a frozen store.
         """
@@ -377,6 +434,7 @@ class GuardedCall:
             {
                 "text": f"rank {rank} failed: {reason}",
                 "failed": [rank] if failed is None else [int(r) for r in failed],
+                "faulted": bool(group_faulted),
             }
         )
         key, count = self._key("failed", rank), self._key("failures")
@@ -401,10 +459,17 @@ class GuardedCall:
         return posted
 
     def _raise_posted(self, posted: list[dict[str, Any]]) -> None:
-        """GroupFault naming the failed ranks the posts name (relays name the original)."""
+        """GroupFault naming the failed ranks the posts name (relays name the original).
+
+        A post of a rank that faulted the group (outside a call: its
+        communicator may be aborted) faults it here too, even before the agreement.
+        """
         if posted:
+            text = "; ".join(post["text"] for post in posted)
+            if any(post.get("faulted") for post in posted):
+                self.guard.mark_faulted(f"{self.name} #{self.number}: {text}")
             raise self._fault(
-                "; ".join(post["text"] for post in posted),
+                text,
                 tuple(sorted({r for post in posted for r in post["failed"]})),
                 False,
                 None,

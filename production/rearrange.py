@@ -37,8 +37,9 @@ How it keeps the link busy and the result exact:
   block), so every dtype ships exactly; slot copies are issued as lists through
   ``torch._foreach_copy_`` (fused kernels on CUDA, memcpy on the CPU).
 
-Modules, one per responsibility: this one holds the public calls, their input
-checks and the ranks' agreement; :mod:`.rearrange_plan` what moves where;
+Modules, one per responsibility: this one holds the public calls and the
+ranks' agreement; :mod:`.rearrange_checks` the input checks;
+:mod:`.rearrange_plan` what moves where;
 :mod:`.rearrange_schedule` when (steps, messages, writes, ring sizing; host
 only); :mod:`.rearrange_executor` how on the device (streams, events, rings,
 copy batches); :mod:`.transport` which wire (the only P2P calls). Whether a
@@ -52,8 +53,6 @@ import contextlib
 import functools
 import gc
 import hashlib
-import math
-import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -66,18 +65,17 @@ import torch.distributed as dist
 from .errors import RearrangeError
 from .group_guard import DEFAULT_TIMEOUT, GroupGuard, check_timeout
 from .rearrange_buffers import RearrangeBuffers, check_buffers
+from .rearrange_checks import check_host_wait, check_input
 from .rearrange_executor import run_steps
 from .rearrange_plan import (
     RearrangePlan,
-    check_keeps_experts,
-    check_maps,
     keep_experts_in_place,
     plan_checked,
     plan_rearrangement,
 )
 from .rearrange_progress import MoveProgress
 from .rearrange_schedule import Layout, Step, program_messages, program_writes
-from .slot_work import SlotWork, bit_view
+from .slot_work import SlotWork
 from .transport import (
     TorchDistributedTransport,
     on_device,
@@ -151,6 +149,7 @@ def rearrange_expert_weights(
     prepared: PreparedRearrangement | None = None,
     timeout: float | None = None,
     into: Sequence[Sequence[torch.Tensor]] | None = None,
+    host_wait: bool = True,
 ) -> RearrangeStats:
     """Rewrite this rank's expert slots in place for a new placement (collective).
 
@@ -192,6 +191,10 @@ def rearrange_expert_weights(
         experts (their weights stay where they are). None: in place. Every
         rank passes one or none. (A staged rebalance moves into its staging
         buffer so, only the slots whose expert crosses a wire.)
+    host_wait: False: on CUDA, return without the host waiting for this rank's
+        last messages (see below). Only with ``into`` on CUDA tensors: a
+        ValueError naming the rule otherwise, on every rank before anything
+        is done. The ranks need not agree on it (it changes no message).
 
     After the call, slot s of layer l holds bit for bit what expert
     ``new_phy2log[l, s]`` held before. Every rank must call it.
@@ -210,6 +213,18 @@ def rearrange_expert_weights(
     messages have completed (not for the copies queued after them; not at all
     when this rank sends and receives nothing).
 
+    With ``host_wait=False`` that wait is skipped, and a return then means
+    only this: every rank agreed and issued its whole move (queued on the
+    device; no rank raised while issuing it). Whether the messages arrive is
+    not known: work queued afterwards on the current stream runs after the
+    move's writes into ``into`` if they do, and never if a peer froze or died
+    (its kernels wait). No later error comes from this call: the caller must
+    bound its own wait for an event recorded after it (a staged apply's vote
+    does) and, when that expires, fault the group
+    (:meth:`~eplb.production.group_guard.GroupGuard.fault`). ``into`` then
+    holds unknown contents; ``expert_weights`` are only read, never written,
+    so they stay as they were whatever happens.
+
     Python's cyclic garbage collector is paused during the call (and resumed if
     it was on): a collection in the middle, triggered by the call's many small
     objects, stalls this rank's host for milliseconds, and the other rank waits.
@@ -226,6 +241,7 @@ def rearrange_expert_weights(
             prepared,
             timeout,
             into,
+            host_wait,
         )
 
 
@@ -309,7 +325,7 @@ def prepare_rearrangement(
     """
     start = time.perf_counter()
     rank, world_size = rank_and_size(group)
-    old, new, layout, _ = _check_input(
+    old, new, layout, _ = check_input(
         old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes, into
     )
     key = _digest(old, new, layout.signature, world_size)
@@ -405,6 +421,7 @@ def _rearrange(
     prepared: PreparedRearrangement | None,
     timeout: object,
     into: Sequence[Sequence[torch.Tensor]] | None,
+    host_wait: object,
 ) -> RearrangeStats:
     start = time.perf_counter()
     try:
@@ -417,10 +434,12 @@ def _rearrange(
     def check() -> tuple[_Checked, dict[str, object]]:
         if bad_timeout is not None:
             raise bad_timeout
-        old, new, layout, on = _check_input(
+        check_host_wait(host_wait, into, None)
+        old, new, layout, on = check_input(
             old_phy2log, new_phy2log, expert_weights, world_size, max_batch_bytes, into
         )
         device = on or torch.device("cpu")
+        check_host_wait(host_wait, into, device)
         check_buffers(buffers, group, device)
         key = _digest(old, new, layout.signature, world_size)
         if prepared is not None:
@@ -478,6 +497,7 @@ def _rearrange(
                         prepared._finish_schedule,
                         buffers.allocating() if buffers is not None else contextlib.nullcontext,
                         progress=progress,
+                        host_wait=bool(host_wait),
                     )
                 call.finish()
             except BaseException:
@@ -550,144 +570,6 @@ def warmup_rearrangement(
     """
     seconds = check_timeout(DEFAULT_TIMEOUT if timeout is None else timeout)
     return warm_up_group(group, device, seconds)
-
-
-def _check_input(
-    old_phy2log: object,
-    new_phy2log: object,
-    expert_weights: object,
-    world_size: int,
-    max_batch_bytes: object,
-    into: object = None,
-) -> tuple[np.ndarray, np.ndarray, Layout, torch.device | None]:
-    """The checks :func:`rearrange_expert_weights` and :func:`prepare_rearrangement` share.
-
-    Returns both maps on the host, the weights' layout and their device (with
-    ``into``, the layout's signature says so: the write schedule differs).
-    """
-    old, new = _maps_to_host(old_phy2log, new_phy2log, world_size)
-    if into is None:
-        # In place, an expert the new map drops would be overwritten and lost;
-        # with ``into`` the weights are only read, so nothing is lost.
-        check_keeps_experts(old, new)
-    layout, device = _check_weights(expert_weights, old.shape, world_size)
-    if into is not None:
-        into_layout, into_device = _check_weights(into, old.shape, world_size, "into")
-        if into_layout.signature != layout.signature or into_device != device:
-            raise ValueError(
-                f"into must hold the same tensor shapes and dtypes on the same device as "
-                f"expert_weights: into has {into_layout.signature} on {into_device}, "
-                f"expert_weights {layout.signature} on {device}"
-            )
-        layout = Layout(layout.slot_nbytes, f"{layout.signature} into others")
-    if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, numbers.Integral):
-        raise TypeError(f"max_batch_bytes must be an int, got {type(max_batch_bytes).__name__}")
-    if max_batch_bytes < 1:
-        raise ValueError(f"max_batch_bytes must be >= 1, got {max_batch_bytes}")
-    return old, new, layout, device
-
-
-def _maps_to_host(
-    old_phy2log: object, new_phy2log: object, world_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Both maps, checked, as host int64 arrays (one device-to-host copy where both are on one)."""
-    for name, phy2log in (("old_phy2log", old_phy2log), ("new_phy2log", new_phy2log)):
-        if not isinstance(phy2log, (torch.Tensor, np.ndarray)):
-            raise TypeError(
-                f"{name} must be a torch.Tensor (or numpy.ndarray), got {type(phy2log).__name__}"
-            )
-        if isinstance(phy2log, torch.Tensor) and (
-            phy2log.is_floating_point() or phy2log.is_complex() or phy2log.dtype == torch.bool
-        ):
-            raise TypeError(f"{name} must hold integers, got dtype {phy2log.dtype}")
-    if (
-        isinstance(old_phy2log, torch.Tensor)
-        and isinstance(new_phy2log, torch.Tensor)
-        and old_phy2log.device == new_phy2log.device
-        and old_phy2log.device.type != "cpu"
-        and old_phy2log.shape == new_phy2log.shape
-    ):
-        both = torch.stack((old_phy2log.to(torch.int64), new_phy2log.to(torch.int64))).cpu()
-        return check_maps(both[0].numpy(), both[1].numpy(), world_size)
-    old = old_phy2log.detach().cpu() if isinstance(old_phy2log, torch.Tensor) else old_phy2log
-    new = new_phy2log.detach().cpu() if isinstance(new_phy2log, torch.Tensor) else new_phy2log
-    return check_maps(old, new, world_size)
-
-
-def _check_weights(
-    expert_weights: object,
-    map_shape: tuple[int, ...],
-    world_size: int,
-    name: str = "expert_weights",
-) -> tuple[Layout, torch.device | None]:
-    """Validate ``expert_weights`` (argument ``name``) against the maps' shape and world size."""
-    if isinstance(expert_weights, torch.Tensor) or not isinstance(expert_weights, Sequence):
-        raise TypeError(
-            f"{name} must be a list (per layer) of lists of tensors, got "
-            f"{type(expert_weights).__name__}"
-        )
-    num_layers, num_slots = (int(d) for d in map_shape)
-    if len(expert_weights) != num_layers:
-        raise ValueError(
-            f"{name} must have one entry per layer of the maps: got {len(expert_weights)} "
-            f"layers, the maps have {num_layers}"
-        )
-    if num_slots % world_size:
-        raise ValueError(
-            f"the group size must divide the number of slots: R={num_slots} % world_size="
-            f"{world_size} != 0"
-        )
-    per_rank = num_slots // world_size
-    template: list[tuple[tuple[int, ...], torch.dtype]] | None = None
-    device: torch.device | None = None
-    for layer, tensors in enumerate(expert_weights):
-        if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-            raise TypeError(
-                f"{name}[{layer}] must be a list of tensors, got {type(tensors).__name__}"
-            )
-        signature = []
-        for index, tensor in enumerate(tensors):
-            where = f"{name}[{layer}][{index}]"
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"{where} must be a torch.Tensor, got {type(tensor).__name__}")
-            if tensor.dim() < 1 or tensor.shape[0] != per_rank:
-                raise ValueError(
-                    f"{where} must have first dimension R / world_size = {num_slots} / "
-                    f"{world_size} = {per_rank}, got shape {tuple(tensor.shape)}"
-                )
-            device = device or tensor.device
-            if tensor.device != device:
-                raise ValueError(
-                    f"all expert weights must be on one device: {where} is on {tensor.device}, "
-                    f"{name}[0][0] on {device}"
-                )
-            try:
-                if template is None:  # later layers must match these dtypes
-                    bit_view(tensor)
-            except (KeyError, RuntimeError) as exc:
-                raise TypeError(
-                    f"{where} has dtype {tensor.dtype}, which cannot be moved as bits"
-                ) from exc
-            signature.append((tuple(tensor.shape), tensor.dtype))
-        if template is None:
-            template = signature
-        elif signature != template:
-            raise ValueError(
-                f"every layer must hold the same list of tensor shapes and dtypes: {name}"
-                f"[{layer}] has {_describe(signature)}, {name}[0] has {_describe(template)}"
-            )
-    template = template or []
-    return Layout(
-        slot_nbytes=tuple(
-            math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
-            for shape, dtype in template
-        ),
-        signature=_describe(template),
-    ), device
-
-
-def _describe(signature: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> str:
-    return "[" + ", ".join(f"{dtype} {list(shape)}" for shape, dtype in signature) + "]"
 
 
 def _digest(old: np.ndarray, new: np.ndarray, signature: str, world_size: int) -> int:

@@ -222,6 +222,7 @@ def run_steps(
     allocating: Callable[[], AbstractContextManager[object]],
     streams: Streams | None = None,
     progress: MoveProgress | None = None,
+    host_wait: bool = True,
 ) -> dict[str, float]:
     """Move every step: the wire moves step k while step k + 1 is packed and older steps written.
 
@@ -244,12 +245,18 @@ def run_steps(
     progress: told as each step's writes are issued and (their event) done;
         when this raises, it says which layers the move left new, old or mixed.
 
-    On CUDA the host returns once this rank's last messages have completed
-    (:meth:`Transport.wait_device`, within the transport's deadline; at once
-    when this rank has none): a peer that froze or died is noticed here, not
-    by a stream that never finishes.
-    The writes queued after them may still be running. Whatever fails is
-    raised as is; the caller reports the layers from ``progress``.
+    host_wait: on CUDA, the host returns once this rank's last messages have
+        completed (:meth:`Transport.wait_device`, within the transport's
+        deadline; at once when this rank has none): a peer that froze or died
+        is noticed here, not by a stream that never finishes. False: the host
+        returns once everything is queued, without that wait (nor ``progress``
+        settled): a dead peer then leaves the streams waiting, and the caller
+        must bound its own wait for work queued after this (a staged apply's
+        vote does). No effect on the CPU, where every step's messages are
+        waited for by :meth:`Transport.wait` (gloo's work is not stream-ordered).
+
+    The writes queued after the messages may still be running. Whatever fails
+    is raised as is; the caller reports the layers from ``progress``.
     """
     begun = time.perf_counter()
     slots = slot_work.slots
@@ -332,7 +339,8 @@ def run_steps(
         streams.wait("current", which)
     phases.mark("total", end=True)
     last = sent[-1] if sent else None
-    if streams.cuda and last is not None and any(step.sends or step.recvs for step in steps):
+    messages = any(step.sends or step.recvs for step in steps)
+    if host_wait and streams.cuda and last is not None and messages:
         # The only host wait of the move: no success is reported before this
         # rank's messages have arrived (a dead peer would leave them pending).
         # Without messages (one rank, or none of this rank's in this move) no

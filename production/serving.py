@@ -57,7 +57,7 @@ from .balancer_state import (
     pad_replicas,
 )
 from .errors import move_failed_once_begun
-from .group_guard import GroupGuard
+from .group_guard import fault_of
 from .migration import rebalance_experts_migration_aware
 from .placement_service import PlacementInFlight, load_arrived, service_for
 from .rearrange import (
@@ -711,6 +711,4 @@ class ExpertBalancer:
 
 def _group_faulted(group: dist.ProcessGroup | None) -> bool:
     """Whether a failed guarded call faulted ``group`` (later moves on it are refused)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return False
-    return GroupGuard(group).faulted is not None
+    return fault_of(group) is not None

@@ -16,15 +16,19 @@ step, so that no forward pass waits for the whole weight move:
    staging, with no order among the copies and no cycle to break; its own
    pack, wire and write streams wait for the side stream and the side stream
    waits for them); a chunk where nothing crosses a wire on any rank makes no
-   such call (no rank does). Then the vote: an all-reduce of "this rank holds
-   the chunk" over the EP group, also on the side stream, so it completes
-   only once every rank's move has. The live slots and maps are not touched:
+   such call (no rank does). On CUDA that call returns once every rank has
+   issued its move (``host_wait=False``): the host does not wait for the
+   chunk's messages, which are queued behind the forward pass in flight. Then
+   the vote: an all-reduce of "this rank holds the chunk" over the EP group,
+   also on the side stream, so it completes only once every rank's move has.
+   The live slots and maps are not touched:
    forward pass ``n + 1`` runs on the compute stream with the old weights and
    maps of those layers. The first chunk's wire move is planned ahead with
    the placement (:meth:`StagedApply.prepare`, on the balancer's worker
    thread); each later chunk's is planned by its launch.
 2. Commit (step ``n + 1``): the host waits for the vote (at most ``timeout``
-   seconds; on CUDA it has normally long completed). If every rank holds the
+   seconds; on CUDA it has normally long completed): on CUDA the one host
+   wait of a chunk, covering its messages too. If every rank holds the
    chunk, the compute stream waits for the vote's event (only this: it
    follows the move) and then, on the compute stream, copies staging into the
    slots and the new ``phy2log``/``log2phy``/``logcnt`` rows of those layers
@@ -57,11 +61,23 @@ their pinned host copy and the events) are allocated once too.
 Failure: nothing is written before every rank has voted that it holds the
 chunk, so if any rank fails (its move raises, or it stops answering and the
 vote does not complete within ``timeout``), every rank's layers are either
-wholly old or wholly new, the same layers on every rank, with maps that match.
-:class:`StagedApplyError` lists them; the balancer's maps then describe the
-weights exactly. A vote cannot be withdrawn, so a rank that votes only after
-the others' timeout may still commit that chunk; its own error, at its next
-collective, then lists it as new.
+wholly old or wholly new, with maps that match. :class:`StagedApplyError`
+lists them; the balancer's maps then describe the weights exactly. A move
+that raises raises on every rank (its guarded call's one outcome) and faults
+the group there. A vote that does not complete within ``timeout`` (a peer
+froze or died, before or after its move: on CUDA the move's messages are
+waited for only through the vote) faults the group on the rank that waited:
+:meth:`~eplb.production.group_guard.GroupGuard.fault` posts it on the group's
+failure board, marks the group faulted and aborts its NCCL communicator (the
+move's and the vote's kernels stuck on the peer end); later guarded calls,
+and later launches, on that group then refuse at once. A vote cannot be
+withdrawn, so the ranks may differ by one chunk: a rank whose vote completed
+(a peer that was late, not dead, or whose vote landed as the others' deadline
+expired) commits that chunk while the rank that timed out does not. The
+former learns of it at its next collective on the group: at once in a guarded
+call (the failure board), else when that collective's own deadline expires;
+its error then lists that chunk as new. Each rank's error is exact about its
+own layers.
 
 The glossary (phy2log, log2phy, logcnt, slot, rank) is in ``eplb.reference``.
 """
@@ -76,8 +92,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import move_failed_once_begun
-from .group_guard import DEFAULT_TIMEOUT, check_timeout
+from .errors import GroupFault, move_failed_once_begun
+from .group_guard import DEFAULT_TIMEOUT, GroupGuard, check_timeout, fault_of
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -119,8 +135,8 @@ class StagedApplyError(RuntimeError):
 
     layers_new: layers holding the new placement (weights and maps) on this rank.
     layers_old: layers holding the old one on this rank. No layer is mixed. The
-        same on every rank, unless a rank answered the vote only after the
-        others' ``timeout``: it may then have committed one chunk more.
+        same on every rank, unless a vote did not complete in time on some
+        rank: a rank whose vote completed may then have committed one chunk more.
     """
 
     def __init__(self, message: str, layers_new: Sequence[int], layers_old: Sequence[int]) -> None:
@@ -184,7 +200,8 @@ class StagedApply:
     group: the EP process group (None: the world, or a single rank).
     max_batch_bytes, buffers: passed to every chunk's move.
     timeout: seconds any wait of a chunk's move, and a commit's wait for the
-        other ranks' votes, may take (default ``group_guard.DEFAULT_TIMEOUT``).
+        other ranks' votes (on CUDA: for the chunk's messages too), may take
+        (default ``group_guard.DEFAULT_TIMEOUT``); a vote past it faults the group.
     in_place: the commit runs each layer's slot moves in place
         (:func:`eplb.production.slot_moves.apply_slot_moves`) and the launch
         moves only what crosses a wire into staging; False: the launch copies
@@ -465,13 +482,15 @@ class StagedApply:
         assert self._move is not None
         move, rows = self._move, self.chunk(self._chunk)
         staging = self._staging[: len(rows)]
-        self._failure = None
+        self._failure = self._refused()
         # The staging buffer is written only after the last commit's copies out
         # of it (the side stream waits for them); the move reads the live slots
         # and writes staging, so it needs no copy of them first and no order
         # among its local copies.
         with _on_stream(self._side, self._committed), torch.no_grad():
             try:
+                if self._failure is not None:
+                    raise self._failure
                 if len(staging) != len(rows):
                     raise ValueError("expert_weights must have one entry per layer")
                 live = [expert_weights[layer] for layer in rows]
@@ -506,6 +525,10 @@ class StagedApply:
                             prepared=move.first if self._chunk == 0 and staging else None,
                             timeout=self.timeout,
                             into=staging,
+                            # CUDA: the vote, queued after the move, is the
+                            # host's one wait for its messages (with a
+                            # deadline that faults the group).
+                            host_wait=not self._cuda,
                         )
                     )
                 except Exception as exc:  # reported by every rank at the commit, after the vote
@@ -528,20 +551,52 @@ class StagedApply:
                 self._voted.record(self._side)
             self._voting = True
 
+    def _refused(self) -> GroupFault | None:
+        """A GroupFault if an earlier failure faulted the group: no collective is issued on it."""
+        reason = fault_of(self.group) if self._world_size > 1 else None
+        if reason is None:
+            return None
+        return GroupFault(
+            f"staged apply: the process group faulted earlier ({reason}); recreate it",
+            rank=self._rank,
+            failed_ranks=(),
+            timed_out=False,
+        )
+
     def _await_vote(self) -> list[int]:
-        """Ranks that do not hold the chunk, once every rank voted (bounded wait)."""
+        """Ranks that do not hold the chunk, once every rank voted (bounded wait).
+
+        Past ``timeout``, or if the vote itself fails (gloo: a peer's connection
+        closed), the group is faulted (:meth:`_vote_failed`).
+        """
         deadline = time.monotonic() + self.timeout
-        while not self._vote_done():
-            if time.monotonic() > deadline:
-                self._fail(
-                    f"the other ranks' votes on layers {_span(self.chunk(self._chunk))} did not "
-                    f"come within {self.timeout:g} s"
-                )
-            time.sleep(_POLL_SECONDS)
-        if self._vote is not None:
-            self._vote.wait()
+        layers = _span(self.chunk(self._chunk))
+        try:
+            while not self._vote_done():
+                if time.monotonic() > deadline:
+                    self._vote_failed(
+                        f"the other ranks' votes on layers {layers} did not come within "
+                        f"{self.timeout:g} s"
+                    )
+                time.sleep(_POLL_SECONDS)
+            if self._vote is not None:
+                self._vote.wait()
+        except StagedApplyError:
+            raise
+        except Exception as exc:
+            self._failure = self._failure or exc
+            self._vote_failed(f"the vote on layers {layers} failed ({type(exc).__name__}: {exc})")
         self._voting = False
         return [rank for rank, flag in enumerate(self._host_flags.tolist()) if flag]
+
+    def _vote_failed(self, reason: str) -> None:
+        """Fault the group, then StagedApplyError: the move's messages and the vote may
+        be stuck on a dead peer (on CUDA the vote is the host's only wait for them), so
+        the group is posted on its failure board, marked faulted and its NCCL
+        communicator aborted (:meth:`GroupGuard.fault`)."""
+        peers = [rank for rank in range(self._world_size) if rank != self._rank]
+        GroupGuard(self.group, timeout=self.timeout).fault(f"staged apply: {reason}", peers)
+        self._fail(f"{reason}; the process group is faulted (NCCL: aborted), recreate it", True)
 
     def _vote_done(self) -> bool:
         if self._voted is not None:
@@ -583,13 +638,20 @@ class StagedApply:
         phy2log[part] = move.phy2log[part]
         logcnt[part] = move.logcnt[part]
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, late: bool = False) -> None:
+        """StagedApplyError for the chunk in flight. late: a vote did not come in time,
+        so a rank whose vote completed may have committed the chunk."""
         rows = self.chunk(self._chunk)
         new, old = list(range(rows.start)), list(range(rows.start, self.num_layers))
         cause = self._failure
         self.cancel()
+        where = (
+            f"On this rank (a rank whose vote completed may also hold layers {_span(rows)} new)"
+            if late
+            else "On every rank"
+        )
         raise StagedApplyError(
-            f"staged rebalance stopped: {reason}; nothing of them was written. On every rank, "
+            f"staged rebalance stopped: {reason}; nothing of them was written. {where}, "
             f"layers {_span(new)} hold the new placement and layers {_span(old)} the old one, "
             "each with matching maps (none is mixed)",
             new,

@@ -304,11 +304,13 @@ class _WaitingTransport(RecordingTransport):
         self.host_waits.append(what)
 
 
+@pytest.mark.parametrize("host_wait", [True, False])
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_the_host_waits_for_the_last_messages_only_where_there_are_messages(ranks):
+def test_the_host_waits_for_the_last_messages_only_where_there_are_messages(ranks, host_wait):
     # A peer that froze leaves this rank's messages pending: the host waits for
     # them, within the deadline. Without messages (one rank) nothing can hold
     # the move up, and waiting would only wait for the work queued before it.
+    # host_wait=False (a staged launch on CUDA): never; its vote is that wait.
     old, new, layout, _ = _case(4, ranks, 1 << 20)
     plan = plan_rearrangement(old, new, ranks)
     steps = program(plan, layout, 0, 1 << 20)
@@ -324,7 +326,10 @@ def test_the_host_waits_for_the_last_messages_only_where_there_are_messages(rank
         lambda: None,
         contextlib.nullcontext,
         streams,
+        host_wait=host_wait,
     )
     messages = any(step.sends or step.recvs for step in steps)
     assert messages == (ranks > 1)
-    assert transport.host_waits == (["this rank's last messages"] if messages else [])
+    waited = messages and host_wait
+    assert transport.host_waits == (["this rank's last messages"] if waited else [])
+    assert races(streams.ops) == []  # ordered by events alone, either way

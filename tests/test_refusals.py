@@ -119,3 +119,26 @@ def test_reset_refuses_a_huge_id_by_position():
     ):
         balancer.reset(phy2log)
     balancer.close()
+
+
+@pytest.mark.parametrize(
+    ("host_wait", "into", "error", "match"),
+    [
+        (False, False, ValueError, r"host_wait=False needs into="),
+        (False, True, ValueError, r"host_wait=False needs CUDA tensors, got cpu"),
+        (0, True, TypeError, r"host_wait must be a bool, got int"),
+    ],
+)
+def test_a_move_skips_its_host_wait_only_into_other_tensors_on_cuda(host_wait, into, error, match):
+    # Without into= the live slots would be left in an unknown state; on gloo
+    # the messages complete only inside a host wait. Refused before any write.
+    new = OLD[:, ::-1].copy()
+    weights = _weights()
+    before = [[t.clone() for t in layer] for layer in weights]
+    target = [[torch.full_like(t, -1.0) for t in layer] for layer in weights] if into else None
+    with pytest.raises(error, match=match):
+        rearrange_expert_weights(
+            torch.from_numpy(OLD), torch.from_numpy(new), weights, into=target, host_wait=host_wait
+        )
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(weights, before, strict=True))
+    assert target is None or all((layer[0] == -1).all() for layer in target)

@@ -4,6 +4,7 @@ the final placement is SPEC's; a rank failing before a commit leaves every rank 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -21,8 +22,10 @@ from eplb.production import (
     RearrangeOptions,
     StagedApply,
     StagedApplyError,
+    group_guard,
 )
-from eplb.production.errors import RearrangeError
+from eplb.production.errors import GroupFault, RearrangeError
+from eplb.production.rearrange import RearrangeStats
 from eplb.production.transport import TorchDistributedTransport
 from eplb.reference import rebalance_experts
 
@@ -514,6 +517,22 @@ def test_a_rank_refusing_its_weights_at_a_launch_fails_every_rank_untouched():
     mp.spawn(_bad_weights_on_one_rank, args=(2, _free_port()), nprocs=2, join=True)
 
 
+def _staged_apply(
+    rank: int, world: int, layers_per_step: int
+) -> tuple[ExpertBalancer, StagedApply, list[list[torch.Tensor]], staged_module.StagedMove]:
+    """A StagedApply (timeout 1 s) on a balancer's maps, this rank's weights, a prepared move."""
+    balancer = _balancer(world, None)  # its static maps and initial placement
+    maps = (balancer.phy2log, balancer.log2phy, balancer.logcnt)
+    staged = StagedApply(*maps, layers_per_step, max_batch_bytes=1 << 20, timeout=1.0)
+    weights = _weights(balancer.phy2log, rank, world)
+    load = torch.arange(LAYERS * EXPERTS).reshape(LAYERS, EXPERTS) % 7 + 1
+    phy2log, log2phy, logcnt = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
+    padded = torch.full(maps[1].shape, -1, dtype=torch.int64)
+    padded[..., : log2phy.shape[2]] = torch.from_numpy(log2phy)
+    new = (torch.from_numpy(phy2log), padded, torch.from_numpy(logcnt))
+    return balancer, staged, weights, staged.prepare(balancer.phy2log.clone(), new, weights)
+
+
 def _silent_rank(rank: int, world: int, port: int) -> None:
     """Rank 1 stalls 4 s after its move, before voting; rank 0 must give up after 1 s."""
     _init(rank, world, port)
@@ -525,17 +544,8 @@ def _silent_rank(rank: int, world: int, port: int) -> None:
         return moved
 
     try:
-        balancer = _balancer(world, None)  # its static maps and initial placement
-        maps = (balancer.phy2log, balancer.log2phy, balancer.logcnt)
-        staged = StagedApply(*maps, 2, max_batch_bytes=1 << 20, timeout=1.0)
-        weights = _weights(balancer.phy2log, rank, world)
-        load = torch.arange(LAYERS * EXPERTS).reshape(LAYERS, EXPERTS) % 7 + 1
-        phy2log, log2phy, logcnt = rebalance_experts(load.numpy(), SLOTS, GROUPS, 1, world)
-        padded = torch.full(maps[1].shape, -1, dtype=torch.int64)
-        padded[..., : log2phy.shape[2]] = torch.from_numpy(log2phy)
-        old = balancer.phy2log.clone()
-        new = (torch.from_numpy(phy2log), padded, torch.from_numpy(logcnt))
-        move = staged.prepare(old, new, weights)
+        balancer, staged, weights, move = _staged_apply(rank, world, 2)
+        old = move.old_phy2log
         if rank == 1:
             staged_module.rearrange_expert_weights = stalling
         staged.begin(move, weights)
@@ -558,6 +568,96 @@ def _silent_rank(rank: int, world: int, port: int) -> None:
 
 def test_a_rank_that_stops_answering_fails_the_commit_within_the_timeout():
     mp.spawn(_silent_rank, args=(2, _free_port()), nprocs=2, join=True)
+
+
+class _Event:
+    """A CUDA event's stand-in: query() is True for the first ``completes`` records only."""
+
+    def __init__(self, completes: int) -> None:
+        self.records, self.completes = 0, completes
+
+    def record(self, stream: object = None) -> None:
+        self.records += 1
+
+    def query(self) -> bool:
+        return self.records <= self.completes
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_a_staged_launch_leaves_the_host_wait_for_its_messages_to_the_vote_on_cuda(cuda):
+    # On CUDA the launch's move must not wait on the host for its messages (they
+    # are queued behind the forward pass in flight): the vote, with its deadline,
+    # is that wait. gloo's messages complete only in a host wait: it stays.
+    _, staged, weights, move = _staged_apply(0, 1, 2)
+    move = dataclasses.replace(move, wired=(True,) * len(move.wired))  # as if a chunk crossed
+    calls = []
+
+    def spy(old, new, live, group, **kwargs):
+        calls.append(kwargs)
+        return RearrangeStats(0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+
+    real = staged_module.rearrange_expert_weights
+    staged_module.rearrange_expert_weights = spy
+    try:
+        if cuda:  # the launch's CUDA branch; no streams (None: host order)
+            staged._cuda, staged._voted = True, _Event(1)
+        staged.begin(move, weights)
+    finally:
+        staged_module.rearrange_expert_weights = real
+    assert len(calls) == 1 and calls[0]["host_wait"] is (not cuda)
+    assert calls[0]["into"] == staged._staging[:2]
+
+
+def _vote_never_completes(rank: int, world: int, port: int) -> None:
+    """Rank 0's vote on chunk 1 (layers 3..4) never completes; rank 1's does."""
+    _init(rank, world, port)
+    aborted = []
+    real_abort = group_guard.abort_group
+
+    def abort(group):
+        aborted.append(group)
+        return real_abort(group)
+
+    group_guard.abort_group = abort
+    balancer, staged, weights, move = _staged_apply(rank, world, 3)
+    if rank == 0:
+        staged._voted = _Event(1)  # chunk 0's vote completes, chunk 1's never
+    staged.begin(move, weights)
+    assert not staged.advance(weights)  # commits chunk 0, launches chunk 1
+    if rank == 0:
+        with pytest.raises(StagedApplyError, match="did not come within 1 s") as info:
+            staged.advance(weights)
+        assert "faulted" in str(info.value) and "may also hold layers 3..4" in str(info.value)
+        assert info.value.layers_new == (0, 1, 2) and info.value.layers_old == (3, 4)
+        assert torch.equal(balancer.phy2log[:3], move.phy2log[:3])
+        assert torch.equal(balancer.phy2log[3:], move.old_phy2log[3:])
+        # Faulted the way a failed guarded call is: aborted (gloo: a no-op), marked.
+        assert aborted == [None] and group_guard.fault_of(None) is not None
+        with pytest.raises(GroupFault, match="faulted in an earlier call"):
+            production.warmup_rearrangement(timeout=30)
+        staged._voted = None  # back to the CPU's vote: none is issued on a faulted group
+        staged.begin(move, weights)
+        assert staged._vote is None
+        with pytest.raises(StagedApplyError) as refused:
+            staged.advance(weights)
+        assert "faulted earlier" in str(refused.value.__cause__)
+    else:
+        # Its vote completed (rank 0 voted; only rank 0's host did not see it): it
+        # commits the chunk rank 0 gave up on, and learns of the fault at its next
+        # guarded call from the failure board, at once, not by a deadline.
+        assert staged.advance(weights) and torch.equal(balancer.phy2log, move.phy2log)
+        with pytest.raises(GroupFault, match="rank 0 failed: staged apply") as fault:
+            production.warmup_rearrangement(timeout=30)
+        assert not fault.value.timed_out and group_guard.fault_of(None) is not None
+        assert aborted == [None]  # faulted here too (NCCL: aborted)
+    group_guard.abort_group = real_abort
+    dist.barrier()
+    balancer.close()
+    dist.destroy_process_group()
+
+
+def test_a_vote_past_the_timeout_faults_the_group_and_later_calls_refuse_at_once():
+    mp.spawn(_vote_never_completes, args=(2, _free_port()), nprocs=2, join=True)
 
 
 @pytest.mark.parametrize(
