@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -95,14 +95,14 @@ import torch.distributed as dist
 from .errors import GroupFault, move_failed_once_begun
 from .group_guard import DEFAULT_TIMEOUT, GroupGuard, check_timeout, fault_of
 from .rearrange import (
-    PreparedRearrangement,
     RearrangeBuffers,
     RearrangeStats,
     prepare_rearrangement,
     rearrange_expert_weights,
 )
-from .slot_moves import FROM_STAGING, SlotMoves, apply_slot_moves, plan_slot_moves, triton_available
+from .slot_moves import SlotMoves, apply_slot_moves, plan_slot_moves, triton_available
 from .staged_copies import ChunkCopies, CopyLayout, issue, local_sources
+from .staged_move import StagedMove, changed_runs, check_in_place, logcnt_of
 
 __all__ = [
     "StagedApply",
@@ -143,51 +143,6 @@ class StagedApplyError(RuntimeError):
         super().__init__(message)
         self.layers_new = tuple(layers_new)
         self.layers_old = tuple(layers_old)
-
-
-@dataclass(frozen=True)
-class StagedMove:
-    """A placement ready to apply in chunks (host tensors, from :meth:`StagedApply.prepare`).
-
-    old_phy2log: [layers, R] int64, the placement the weights hold when it begins.
-    old_logcnt: [layers, E] int64, its replicas per expert.
-    phy2log: [layers, R] int64, the new placement.
-    log2phy: [layers, E, max_replicas] int64, its slots per expert, -1 padded.
-    logcnt: [layers, E] int64, its replicas per expert.
-    first: this rank's share of the first chunk's wire move, worked out ahead
-        (None: planned in the call, as every later chunk's is, by its launch;
-        or the first chunk has nothing to send or receive).
-    changed: per layer, the runs ``(first, end)`` of this rank's slots (local
-        indices) whose expert changes: the only slots a commit writes.
-    wire: [layers, R] int64, ``phy2log`` with every slot that some rank fills
-        by a local copy (its new expert is already on that rank) left at its old
-        expert: the map each chunk's call to ``rearrange_expert_weights`` gets,
-        so that it moves only what crosses a wire (receives, and copies from a
-        received slot). The same on every rank.
-    wired: per chunk, whether any slot of any rank crosses a wire: without, no
-        rank makes the chunk's call (none would send or receive anything).
-    local: per layer, this rank's local copies: ``(destinations, sources)``,
-        local slot indices, the source the lowest old slot of this rank
-        holding the destination's new expert.
-    copies: per chunk, the copies of :meth:`StagedApply.prepare`'s weights laid
-        out ahead (None where that failed, or with ``in_place``: the launch lays
-        them out).
-    programs: with ``in_place``, per layer, this rank's in-place moves
-        (:func:`eplb.production.slot_moves.plan_slot_moves`); else empty.
-    """
-
-    old_phy2log: torch.Tensor
-    old_logcnt: torch.Tensor
-    phy2log: torch.Tensor
-    log2phy: torch.Tensor
-    logcnt: torch.Tensor
-    first: PreparedRearrangement | None
-    changed: tuple[tuple[tuple[int, int], ...], ...]
-    wire: torch.Tensor
-    wired: tuple[bool, ...]
-    local: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
-    copies: tuple[ChunkCopies | None, ...]
-    programs: tuple[SlotMoves, ...] = ()
 
 
 class StagedApply:
@@ -344,7 +299,7 @@ class StagedApply:
                 )
             except (TypeError, ValueError):
                 pass
-        changed = _changed_runs(old, new, self._rank, self._world_size)
+        changed = changed_runs(old, new, self._rank, self._world_size)
         copies: list[ChunkCopies | None] = []
         programs: list[SlotMoves] = []
         for layer in range(self.num_layers if self.in_place else 0):
@@ -361,7 +316,7 @@ class StagedApply:
                 copies.append(None)
             # Lets the serving thread take the interpreter lock between chunks.
             time.sleep(0)
-        old_logcnt = _logcnt_of(old_phy2log, new_maps[2])
+        old_logcnt = logcnt_of(old_phy2log, new_maps[2])
         return StagedMove(
             old_phy2log,
             old_logcnt,
@@ -498,7 +453,7 @@ class StagedApply:
                 if self.in_place:
                     # The local moves wait for the commit; the programs go to the
                     # device here, on the side stream, which the commit waits for.
-                    moves = _check_in_place(move, rows, live, staging)
+                    moves = check_in_place(move, rows, live, staging)
                     for layer in rows:
                         move.programs[layer].on(self.device)
                 else:
@@ -659,55 +614,9 @@ class StagedApply:
         ) from cause
 
 
-def _logcnt_of(phy2log: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[L, E] int64 replicas per expert of host ``phy2log`` (E from ``like``)."""
-    layers, experts = like.shape
-    counts = np.zeros((layers, experts), dtype=np.int64)
-    np.add.at(counts, (np.arange(layers)[:, None], phy2log.numpy()), 1)
-    return torch.from_numpy(counts)
-
-
-def _check_in_place(
-    move: StagedMove,
-    rows: range,
-    live: Sequence[Sequence[torch.Tensor]],
-    staging: Sequence[Sequence[torch.Tensor]],
-) -> int:
-    """The chunk's local moves; ValueError unless every layer's tensors match staging's."""
-    if len(move.programs) <= rows.stop - 1:
-        raise ValueError("the staged move has no in-place program for these layers")
-    for tensors, stage in zip(live, staging, strict=True):
-        if len(tensors) != len(stage) or any(
-            not isinstance(t, torch.Tensor) or t.shape != b.shape or t.dtype != b.dtype
-            for t, b in zip(tensors, stage, strict=False)
-        ):
-            raise ValueError(
-                "expert_weights must have, per layer, tensors of the first layer's shapes "
-                "and dtypes (the staging buffer's)"
-            )
-    return sum(int((move.programs[layer].ops[:, 1] != FROM_STAGING).sum()) for layer in rows)
-
-
 def _local_stats(copies: int, seconds: float) -> RearrangeStats:
     """A chunk's local copies, counted as a move's."""
     return RearrangeStats(0, 0, 0, 0, copies, 0, 0, 0, seconds)
-
-
-def _changed_runs(
-    old: np.ndarray, new: np.ndarray, rank: int, world_size: int
-) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Per layer, runs (first, end) of this rank's local slots where ``new`` differs from ``old``.
-
-    old, new: [layers, R] int, two placements.
-    """
-    local = old.shape[1] // world_size
-    mine = slice(rank * local, (rank + 1) * local)
-    changed = np.pad(old[:, mine] != new[:, mine], ((0, 0), (1, 1)))
-    runs = []
-    for row in changed:
-        edges = np.flatnonzero(row[1:] != row[:-1])  # starts and ends alternate
-        runs.append(tuple(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)))
-    return tuple(runs)
 
 
 def _span(layers: Sequence[int]) -> str:
