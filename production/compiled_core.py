@@ -34,7 +34,7 @@ from numba import types
 
 from . import compiled_rows
 from .compiled_rows import jit as _jit
-from .compiled_rows import pack_row, replicate_row, tree_leaves
+from .compiled_rows import pack_row, pack_tree_size, replicate_row, tree_leaves
 
 __all__ = [
     "CACHED",
@@ -68,9 +68,9 @@ def _space(
     slots = num_phy // num_nodes
     items = max(num_groups, slots)  # the longest row sorted
     packs = max(num_nodes, num_gpus // num_nodes)
-    pack_tree = 2 * tree_leaves(packs)
+    pack_tree = pack_tree_size(packs)
     replica_tree = 2 * tree_leaves(per_node)
-    f64 = (num_logical, num_groups, per_node, slots, packs, replica_tree)
+    f64 = (num_logical, num_groups, per_node, slots, replica_tree)
     i64 = (items, items, pack_tree)
     i32 = (
         items, num_groups, num_groups, num_logical, slots, slots, per_node, slots, slots,
@@ -132,7 +132,7 @@ def _hierarchy(
     slots_per_gpu = num_phy // num_gpus
     f, q, s = _space(num_logical, num_phy, num_groups, num_nodes, num_gpus)
     load, group_load, node_load = _cut(f64, f, 0), _cut(f64, f, 1), _cut(f64, f, 2)
-    slot_load, total, replica_value = _cut(f64, f, 3), _cut(f64, f, 4), _cut(f64, f, 5)
+    slot_load, replica_value = _cut(f64, f, 3), _cut(f64, f, 4)
     keys, spare, tree_key = _cut(i64, q, 0), _cut(i64, q, 1), _cut(i64, q, 2)
     order, group_pack, group_rank = _cut(i32, s, 0), _cut(i32, s, 1), _cut(i32, s, 2)
     mlog2log, phy2mlog, replica_rank = _cut(i32, s, 3), _cut(i32, s, 4), _cut(i32, s, 5)
@@ -151,7 +151,7 @@ def _hierarchy(
         # Step 2: groups to nodes.
         pack_row(
             group_load, num_nodes, group_pack, group_rank,
-            order, keys, spare, total, counts, tree_key, tree_index,
+            order, keys, spare, counts, tree_key, tree_index,
         )  # fmt: skip
         # Step 3: node-local order; the loops run over (group, offset) rather
         # than dividing each index: an integer division costs more than the step.
@@ -172,7 +172,7 @@ def _hierarchy(
             # Step 6: slots to GPUs within the node.
             pack_row(
                 slot_load, gpus_per_node, gpu_pack, gpu_rank,
-                order, keys, spare, total, counts, tree_key, tree_index,
+                order, keys, spare, counts, tree_key, tree_index,
             )  # fmt: skip
             # Step 7: back to physical slots and logical experts.
             for slot in range(slots):
@@ -222,15 +222,15 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     num_rows, num_items = weight.shape
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank = np.empty((num_rows, num_items), dtype=np.int64)
-    tree = 2 * tree_leaves(num_packs)
+    tree = pack_tree_size(num_packs)
     order = np.empty(num_items, dtype=np.int32)
     keys, spare = np.empty(num_items, dtype=np.int64), np.empty(num_items, dtype=np.int64)
-    total, counts = np.empty(num_packs, dtype=np.float64), np.empty(num_packs, dtype=np.int32)
+    counts = np.empty(num_packs, dtype=np.int32)
     tree_key, tree_index = np.empty(tree, dtype=np.int64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
         pack_row(
             weight[row], num_packs, pack[row], rank[row],
-            order, keys, spare, total, counts, tree_key, tree_index,
+            order, keys, spare, counts, tree_key, tree_index,
         )  # fmt: skip
     return pack, rank
 
