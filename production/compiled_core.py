@@ -34,7 +34,7 @@ from numba import types
 
 from . import compiled_rows
 from .compiled_rows import jit as _jit
-from .compiled_rows import pack_row, pack_tree_size, replicate_row, tree_leaves
+from .compiled_rows import pack_row, replicate_row, tree_size
 
 __all__ = [
     "CACHED",
@@ -68,10 +68,10 @@ def _space(
     slots = num_phy // num_nodes
     items = max(num_groups, slots)  # the longest row sorted
     packs = max(num_nodes, num_gpus // num_nodes)
-    pack_tree = pack_tree_size(packs)
-    replica_tree = 2 * tree_leaves(per_node)
-    f64 = (num_logical, num_groups, per_node, slots, replica_tree)
-    i64 = (items, items, pack_tree)
+    pack_tree = tree_size(packs)
+    replica_tree = tree_size(per_node)
+    f64 = (num_logical, num_groups, per_node, slots)
+    i64 = (items, items, pack_tree, replica_tree)
     i32 = (
         items, num_groups, num_groups, num_logical, slots, slots, per_node, slots, slots,
         packs, pack_tree, replica_tree,
@@ -132,8 +132,9 @@ def _hierarchy(
     slots_per_gpu = num_phy // num_gpus
     f, q, s = _space(num_logical, num_phy, num_groups, num_nodes, num_gpus)
     load, group_load, node_load = _cut(f64, f, 0), _cut(f64, f, 1), _cut(f64, f, 2)
-    slot_load, replica_value = _cut(f64, f, 3), _cut(f64, f, 4)
+    slot_load = _cut(f64, f, 3)
     keys, spare, tree_key = _cut(i64, q, 0), _cut(i64, q, 1), _cut(i64, q, 2)
+    replica_key = _cut(i64, q, 3)
     order, group_pack, group_rank = _cut(i32, s, 0), _cut(i32, s, 1), _cut(i32, s, 2)
     mlog2log, phy2mlog, replica_rank = _cut(i32, s, 3), _cut(i32, s, 4), _cut(i32, s, 5)
     mlogcnt, gpu_pack, gpu_rank = _cut(i32, s, 6), _cut(i32, s, 7), _cut(i32, s, 8)
@@ -164,7 +165,7 @@ def _hierarchy(
             # Step 4: replicate within the node.
             for local in range(per_node):
                 node_load[local] = load[mlog2log[base + local]]
-            replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_value, replica_index)
+            replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_key, replica_index)
             # Step 5: the load each slot carries.
             for slot in range(slots):
                 local = phy2mlog[slot]
@@ -222,7 +223,7 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     num_rows, num_items = weight.shape
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank = np.empty((num_rows, num_items), dtype=np.int64)
-    tree = pack_tree_size(num_packs)
+    tree = tree_size(num_packs)
     order = np.empty(num_items, dtype=np.int32)
     keys, spare = np.empty(num_items, dtype=np.int64), np.empty(num_items, dtype=np.int64)
     counts = np.empty(num_packs, dtype=np.int32)
@@ -253,10 +254,10 @@ def replicate_experts(
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     rank = np.empty((num_rows, num_phy), dtype=np.int64)
     logcnt = np.empty((num_rows, num_log), dtype=np.int64)
-    tree = 2 * tree_leaves(num_log)
-    tree_value, tree_index = np.empty(tree, dtype=np.float64), np.empty(tree, dtype=np.int32)
+    tree = tree_size(num_log)
+    tree_key, tree_index = np.empty(tree, dtype=np.int64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
-        replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_value, tree_index)
+        replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_key, tree_index)
     return phy2log, rank, logcnt
 
 

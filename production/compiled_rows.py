@@ -35,10 +35,9 @@ __all__ = [
     "CACHED",
     "jit",
     "pack_row",
-    "pack_tree_size",
     "replicate_row",
     "sort_descending",
-    "tree_leaves",
+    "tree_size",
 ]
 
 #: True when the compiled code is cached on disk; False when no cache directory
@@ -72,8 +71,8 @@ def jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
 #: Rows up to this long are sorted by counting (``_rank_block``); longer ones
 #: in blocks of at most this many, then merged.
 _RANK_BLOCK = 64
-#: Up to this many packs, the totals live in registers (``_pack_few``); up to
-#: its square, in blocks of this many (``_pack_blocks``); more go through a tree.
+#: Up to this many packs, the keys live in registers (``_pack_few``); more, and
+#: the experts of ``replicate_row``, in a tree of this many ways.
 _BLOCK = 8
 #: Bit pattern of +inf. Non-negative doubles (+inf included) are ordered like
 #: their bit patterns read as int64.
@@ -83,18 +82,28 @@ _FULL = 0x7FFFFFFFFFFFFFFF
 
 
 @jit()
-def tree_leaves(count: int) -> int:
-    """The smallest power of two >= ``count``: the leaves of a tournament tree over ``count``."""
-    leaves = 1
-    while leaves < count:
-        leaves *= 2
-    return leaves
+def _tree_width(count: int) -> int:
+    """The leaves of an eight-way tree over ``count``: the smallest power of 8 >= ``count``."""
+    width = _BLOCK
+    while width < count:
+        width *= _BLOCK
+    return width
 
 
 @jit()
-def pack_tree_size(num_packs: int) -> int:
-    """The length of ``pack_row``'s ``tree_key`` and ``tree_index`` for ``num_packs`` packs."""
-    return max(2 * tree_leaves(num_packs), _BLOCK * (_BLOCK + 1))
+def _tree_top(width: int) -> int:
+    """Where the top level (the eight entries below the root) of a ``width``-leaf tree starts."""
+    top = 0
+    while width > _BLOCK:
+        top += width
+        width //= _BLOCK
+    return top
+
+
+@jit()
+def tree_size(count: int) -> int:
+    """The length of the key (int64) and index (int32) arrays of a tree over ``count`` leaves."""
+    return _tree_top(_tree_width(count)) + _BLOCK
 
 
 # --- a stable descending sort --------------------------------------------------------------
@@ -307,89 +316,73 @@ def _pack_few(
 
 
 @jit()
-def _pack_blocks(
-    values: np.ndarray, order: np.ndarray, first: int, per_pack: int,
-    pack: np.ndarray, rank: np.ndarray, counts: np.ndarray, key: np.ndarray,
-    block_index: np.ndarray,
-) -> None:  # fmt: skip
-    """``pack_row``'s greedy for up to 64 packs: eight blocks of eight, and each block's lowest.
+def _tree_build(key: np.ndarray, index: np.ndarray, width: int) -> None:
+    """Fill the levels of an eight-way tree whose ``width`` leaves' keys are set.
 
-    key: [72] int64: the keys of packs 0..63 after the first round (padding
-        full), then the lowest key of each block; block_index: [>= 8] int32,
-        the pack that holds it.
-
-    The lowest of the block minima, the lower block on equal keys, is the
-    lexicographic minimum of (key, pack) over all packs: SPEC.md's choice. A
-    choice changes one pack, so only its block's minimum is found again:
-    two tournaments of eight per item instead of a tree's six matches.
+    key: [tree_size] int64, index: [tree_size] int32. The leaves (``width``, a
+    power of 8, padding full) come first, then each level above: one entry per
+    block of eight below, holding the block's lowest key and the leaf it
+    belongs to (the lower entry's on equal keys). The root, the lowest of the
+    top level's eight, is not stored. Each entry's blocks lie in leaf order,
+    so by induction an entry is the lexicographic minimum of (key, leaf) over
+    its leaves: SPEC.md's smallest value, lowest index on ties.
     """
-    block_key = key[_BLOCK * _BLOCK :]
-    for b in range(_BLOCK):
-        block_key[b], block_index[b] = _lowest_in_block(key, b * _BLOCK)
-    for k in range(first, values.size):
-        item = order[k]
-        lowest, b = _lowest_of_eight(
-            block_key[0], block_key[1], block_key[2], block_key[3],
-            block_key[4], block_key[5], block_key[6], block_key[7],
-        )  # fmt: skip
-        best = block_index[b]
-        full = _place(item, best, pack, rank, counts, per_pack)
-        key[best] = _added(lowest, values[item], full)
-        block_key[b], block_index[b] = _lowest_in_block(key, b * _BLOCK)
+    for j in range(width):
+        index[j] = j
+    start = 0
+    while width > _BLOCK:
+        for b in range(width // _BLOCK):
+            lowest, at = _lowest_in_block(key, start + b * _BLOCK)
+            key[start + width + b] = lowest
+            index[start + width + b] = index[at]
+        start += width
+        width //= _BLOCK
 
 
 @jit()
-def _replay_min(tree_key: np.ndarray, tree_index: np.ndarray, leaf: int, key: int) -> None:
-    """Set leaf ``leaf``'s key and replay the matches above it, for the smallest (key, index).
+def _tree_set(key: np.ndarray, index: np.ndarray, width: int, leaf: int, new: int) -> None:
+    """Give leaf ``leaf`` the key ``new`` and find again the entries above it.
 
-    tree_key: [2 * M] int64, tree_index: [2 * M] int32: leaf ``j`` of pack j at
-        ``M + j``; node ``i`` holds the winner of nodes ``2i`` and ``2i + 1``.
-
-    The lexicographic minimum of (key, index) is SPEC.md's rule: the smallest
-    total, the lowest index on equal totals. Keys and indices live in the
-    nodes, so a match reads its sibling only (no indirection through the
-    totals), and the winner travels up in registers.
+    One tournament of eight per level (one for 64 leaves, two for 512), each
+    without branches, where a binary tree replays ``log2`` matches one after
+    the other.
     """
-    node = leaf
-    index = tree_index[node]
-    tree_key[node] = key
-    while node > 1:
-        other_key = tree_key[node ^ 1]
-        other_index = tree_index[node ^ 1]
-        # "&" and "|", not "and" and "or", and selects: no branch to mispredict.
-        other = (other_key < key) | ((other_key == key) & (other_index < index))
-        key = other_key if other else key
-        index = other_index if other else index
-        node >>= 1
-        tree_key[node] = key
-        tree_index[node] = index
+    key[leaf] = new
+    start, position = 0, leaf
+    while width > _BLOCK:
+        lowest, at = _lowest_in_block(key, start + (position & ~(_BLOCK - 1)))
+        start += width
+        position //= _BLOCK
+        key[start + position] = lowest
+        index[start + position] = index[at]
+        width //= _BLOCK
+
+
+@jit()
+def _tree_root(key: np.ndarray, index: np.ndarray, top: int) -> tuple[int, int]:
+    """(lowest key, its leaf) of the tree whose top level starts at ``top`` (``_tree_top``)."""
+    lowest, at = _lowest_in_block(key, top)
+    return lowest, index[at]
 
 
 @jit()
 def _pack_tree(
-    tree_key: np.ndarray, tree_index: np.ndarray, values: np.ndarray, order: np.ndarray,
-    first: int, per_pack: int, pack: np.ndarray, rank: np.ndarray, counts: np.ndarray,
+    values: np.ndarray, order: np.ndarray, first: int, per_pack: int,
+    pack: np.ndarray, rank: np.ndarray, counts: np.ndarray,
+    key: np.ndarray, index: np.ndarray, width: int,
 ) -> None:  # fmt: skip
-    """``pack_row``'s greedy for more than 64 packs: a tournament tree over the packs' keys.
+    """``pack_row``'s greedy for more than eight packs: an eight-way tree of the packs' keys.
 
-    tree_key: [2 * leaves] int64, its second half the keys after the first
-    round (padding full), ``leaves`` a power of two; tree_index: [2 * leaves]
-    int32. A choice changes one leaf and replays its ``log2(leaves)``
-    matches, reading only siblings, without branches.
+    key, index: [tree_size] the tree (``_tree_build``), its ``width`` leaves
+    the packs' keys after the first round (padding full).
     """
-    leaves = tree_key.size // 2
-    for j in range(leaves):
-        tree_index[leaves + j] = j
-    for node in range(leaves - 1, 0, -1):
-        # The left child (lower indices) wins unless the right one is strictly smaller.
-        right = tree_key[2 * node + 1] < tree_key[2 * node]
-        tree_key[node] = tree_key[2 * node + right]
-        tree_index[node] = tree_index[2 * node + right]
+    _tree_build(key, index, width)
+    top = _tree_top(width)
     for k in range(first, values.size):
         item = order[k]
-        best = tree_index[1]
+        lowest, best = _tree_root(key, index, top)
         full = _place(item, best, pack, rank, counts, per_pack)
-        _replay_min(tree_key, tree_index, leaves + best, _added(tree_key[1], values[item], full))
+        _tree_set(key, index, width, best, _added(lowest, values[item], full))
 
 
 @jit()
@@ -411,14 +404,14 @@ def pack_row(
     pack, rank: [n] int (out), each item's pack and its position in that pack.
     order: [>= n] int32, keys, spare: [>= n] int64: the sort's work space.
     counts: [>= num_packs] int32: the items in each pack.
-    tree_key: [>= pack_tree_size(num_packs)] int64, tree_index: the same, int32:
+    tree_key: [>= tree_size(num_packs)] int64, tree_index: the same, int32:
         the greedy's work space.
 
     A pack's key is its float64 total's bits (ordered as the totals, +inf
     included), or ``_FULL`` once it holds ``n / num_packs`` items: the
     smallest (key, pack) is SPEC.md's choice, the lightest pack with room,
     the lowest index on equal totals. Up to eight packs are searched in
-    registers, up to 64 in blocks of eight, more through a tree.
+    registers, more in an eight-way tree.
     """
     n = values.size
     per_pack = n // num_packs
@@ -428,12 +421,7 @@ def pack_row(
             rank[i] = 0
         return
     sort_descending(values, order, keys, spare)
-    # The packs' keys (padded with full ones to the path's width) start at
-    # tree_key[0], or at tree_key[width] for the tree, whose leaves are its second half.
-    width = _BLOCK if num_packs <= _BLOCK else _BLOCK * _BLOCK
-    if num_packs > _BLOCK * _BLOCK:
-        width = tree_leaves(num_packs)
-    leaf = tree_key[width : 2 * width] if num_packs > _BLOCK * _BLOCK else tree_key[:width]
+    width = _tree_width(num_packs)
     # The first round needs no search: while the items weigh more than 0,
     # item k finds packs 0..k-1 above 0.0 and packs k.. at 0.0, so it goes to
     # pack k, the lowest index among the smallest totals (0.0 + w == w).
@@ -442,21 +430,17 @@ def pack_row(
         item = order[first]
         pack[item] = first
         rank[item] = 0
-        leaf[first] = np.float64(values[item]).view(np.int64)
+        tree_key[first] = np.float64(values[item]).view(np.int64)
         counts[first] = 1
         first += 1
     for p in range(first, width):
-        leaf[p] = 0 if p < num_packs else _FULL  # 0: the bits of 0.0
+        tree_key[p] = 0 if p < num_packs else _FULL  # 0: the bits of 0.0
     for p in range(first, num_packs):
         counts[p] = 0
     if num_packs <= _BLOCK:
-        _pack_few(values, order, first, per_pack, pack, rank, counts, leaf)
-    elif num_packs <= _BLOCK * _BLOCK:
-        key = tree_key[: _BLOCK * (_BLOCK + 1)]  # the 64 packs', then the 8 blocks' minima
-        _pack_blocks(values, order, first, per_pack, pack, rank, counts, key, tree_index)
+        _pack_few(values, order, first, per_pack, pack, rank, counts, tree_key)
     else:
-        key, index = tree_key[: 2 * width], tree_index[: 2 * width]
-        _pack_tree(key, index, values, order, first, per_pack, pack, rank, counts)
+        _pack_tree(values, order, first, per_pack, pack, rank, counts, tree_key, tree_index, width)
 
 
 @jit()
@@ -465,7 +449,7 @@ def replicate_row(
     phy2log: np.ndarray,
     rank: np.ndarray,
     count: np.ndarray,
-    tree_value: np.ndarray,
+    tree_key: np.ndarray,
     tree_index: np.ndarray,
 ) -> None:
     """SPEC.md primitive 2 on one row: give the ``num_phy - n`` extra slots to the hottest experts.
@@ -473,11 +457,12 @@ def replicate_row(
     weight: [n] float64, the load of each expert.
     phy2log, rank: [num_phy] int (out), the expert and replica rank of each slot.
     count: [n] int (out), the replica count of each expert.
-    tree_value: [>= 2 * leaves] float64, tree_index: [>= 2 * leaves] int32, ``leaves``
-        the power of two >= n: a tournament tree for the largest ``W / count``.
+    tree_key: [>= tree_size(n)] int64, tree_index: the same, int32: an
+        eight-way tree for the largest ``W / count``.
 
-    A match goes to the larger value, the lower index on equal values (-0.0
-    equals 0.0 here, as in the reference); padding leaves weigh -1.0, below every load.
+    An expert's key is its ``W / count``'s bits negated (``+ 0.0`` first, so
+    -0.0 equals 0.0, as in the reference): the smallest (key, expert) is the
+    largest value, the lowest index on equal values. Padding leaves are full.
     """
     n = weight.size
     num_phy = phy2log.size
@@ -487,32 +472,23 @@ def replicate_row(
         count[e] = 1
     if num_phy == n:
         return
-    leaves = tree_leaves(n)
-    for j in range(leaves):
+    width = _tree_width(n)
+    for j in range(width):
         # float64 division by the count, as SPEC.md: W / 1 == W.
-        tree_value[leaves + j] = weight[j] if j < n else -1.0
-        tree_index[leaves + j] = j
-    for node in range(leaves - 1, 0, -1):
-        left_value, right_value = tree_value[2 * node], tree_value[2 * node + 1]
-        right = right_value > left_value
-        tree_value[node] = right_value if right else left_value
-        tree_index[node] = tree_index[2 * node + 1] if right else tree_index[2 * node]
+        tree_key[j] = _negated_key(weight[j]) if j < n else _FULL
+    _tree_build(tree_key, tree_index, width)
+    top = _tree_top(width)
     for slot in range(n, num_phy):
-        best = tree_index[1]
+        best = _tree_root(tree_key, tree_index, top)[1]
         replicas = count[best]
         phy2log[slot] = best
         rank[slot] = replicas
         count[best] = replicas + 1
-        value = weight[best] / np.float64(replicas + 1)
-        index = best
-        node = leaves + best
-        tree_value[node] = value
-        while node > 1:
-            other_value = tree_value[node ^ 1]
-            other_index = tree_index[node ^ 1]
-            other = (other_value > value) | ((other_value == value) & (other_index < index))
-            value = other_value if other else value
-            index = other_index if other else index
-            node >>= 1
-            tree_value[node] = value
-            tree_index[node] = index
+        new = _negated_key(weight[best] / np.float64(replicas + 1))
+        _tree_set(tree_key, tree_index, width, best, new)
+
+
+@jit()
+def _negated_key(value: float) -> int:
+    """``-bits(value + 0.0)``: ordered against the values of other experts, reversed."""
+    return -np.float64(value + 0.0).view(np.int64)

@@ -72,9 +72,9 @@ KINDS = ("ties", "subnormal", "near max", "zeros", "last bits", "random")
     ids=lambda v: str(v),
 )
 def test_balanced_packing_is_the_reference(kind: str, items: int, packs: int) -> None:
-    # Each path of the greedy: up to 8 packs in registers, up to 64 in blocks
-    # of eight (17, 32, 64), more in a tree (65, 100); rows longer than 64
-    # are sorted in blocks and merged (72, 130, 200, 448, odd lengths included).
+    # Each path of the greedy: up to 8 packs in registers, more in an
+    # eight-way tree of two levels (17, 32, 64) or three (65, 100); rows longer
+    # than 64 are sorted in blocks and merged (72, 130, 200, 448, odd ones too).
     weight = _rows(np.random.default_rng(items * packs), kind, (6, items))
     got = _core().balanced_packing(weight, packs)
     want = reference.balanced_packing(weight, packs)
