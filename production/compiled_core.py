@@ -50,6 +50,8 @@ _I64_2D = types.int64[:, ::1]
 _F64_1D = types.float64[::1]
 _I64_1D = types.int64[::1]
 _I32_1D = types.int32[::1]
+#: The largest finite float64: a load above it is +inf.
+_MAX = np.finfo(np.float64).max
 
 
 # --- the hierarchy, one layer at a time in one work space -----------------------------------
@@ -166,10 +168,14 @@ def _hierarchy(
             for local in range(per_node):
                 node_load[local] = load[mlog2log[base + local]]
             replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_key, replica_index)
-            # Step 5: the load each slot carries.
-            for slot in range(slots):
+            # Step 5: the load each slot carries. Slot s < per_node holds expert
+            # s, and W / 1 == W; an expert with more replicas has one among the
+            # extra slots, which writes W / count (its final count) to both.
+            for local in range(per_node):
+                slot_load[local] = node_load[local]
+            for slot in range(per_node, slots):
                 local = phy2mlog[slot]
-                slot_load[slot] = node_load[local] / np.float64(mlogcnt[local])
+                slot_load[slot] = slot_load[local] = node_load[local] / np.float64(mlogcnt[local])
             # Step 6: slots to GPUs within the node.
             pack_row(
                 slot_load, gpus_per_node, gpu_pack, gpu_rank,
@@ -330,14 +336,15 @@ def _placement(
     a new one of the length needed, and the five are returned for the next call.
     """
     num_layers, num_logical = weight.shape
-    # Step 1: the value rules.
-    for layer in range(num_layers):
-        for e in range(num_logical):
-            value = np.float64(weight[layer, e])
-            if not (np.isfinite(value) and value >= 0.0):
-                empty = np.empty((0, 0), dtype=np.int64)
-                none = np.empty((0, 0, 0), dtype=np.int64)
-                return False, empty, none, empty, f64, i64, i32, ranks, out
+    # Step 1: the value rules. NaN fails both comparisons; counting without a
+    # branch lets the loop run on vectors.
+    invalid = 0
+    for value in weight.ravel():
+        invalid += not ((value >= 0.0) & (value <= _MAX))
+    if invalid:
+        empty = np.empty((0, 0), dtype=np.int64)
+        none = np.empty((0, 0, 0), dtype=np.int64)
+        return False, empty, none, empty, f64, i64, i32, ranks, out
     # Step 2: the policy choice; the global policy is the hierarchy with one group and one node.
     groups, nodes = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
     f, q, s = _space(num_logical, num_replicas, groups, nodes, num_gpus)
