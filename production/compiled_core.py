@@ -90,7 +90,7 @@ def _need(lengths: tuple[int, ...]) -> int:
     return need
 
 
-@_jit()
+@_jit(inline=True)
 def _cut(buffer: np.ndarray, lengths: tuple[int, ...], which: int) -> np.ndarray:
     """The ``which``-th of the consecutive views of ``buffer`` with the given lengths."""
     start = 0
@@ -203,7 +203,7 @@ def _work_space(
     )
 
 
-@_jit()
+@_jit(inline=True)
 def _fill_log2phy(phy2log: np.ndarray, phyrank: np.ndarray, log2phy: np.ndarray) -> None:
     """log2phy[l, phy2log[l, s], phyrank[l, s]] = s; log2phy: [L, E, K] int64 filled with -1."""
     num_layers, num_slots = phy2log.shape

@@ -26,7 +26,7 @@ disk where a cache folder is writable; ``CACHED`` says whether it is).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
@@ -45,7 +45,7 @@ __all__ = [
 CACHED = True
 
 
-def jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
+def jit(*signatures: Any, inline: bool = False) -> Callable[[Callable[..., Any]], Any]:
     """``numba.njit(signatures, nogil=True, cache=True)``, in memory where no cache dir is writable.
 
     The signatures compile when this module is imported (or load from the
@@ -53,17 +53,25 @@ def jit(*signatures: Any) -> Callable[[Callable[..., Any]], Any]:
     ``cache=True`` with a RuntimeError when neither the package folder nor its
     user cache folder (``NUMBA_CACHE_DIR``) is writable, as in a read-only
     install: then the code is compiled without a cache.
+
+    ``inline=True`` inlines a helper into its callers in numba's IR. A call
+    that stays a call takes a reference to each array argument and drops it
+    on return, two atomic operations per array, which numba removes only
+    within one function: for a row primitive called per node with nine
+    arrays, more than its loop of eight packs costs. Each inlined copy
+    compiles anew, so only the helpers on the per-row path are inlined.
     """
 
     def wrap(function: Callable[..., Any]) -> Any:
         global CACHED
         # Helpers without signatures compile with (and are cached in) their callers.
         listed = list(signatures) if signatures else None
+        how: Literal["always", "never"] = "always" if inline else "never"
         try:
-            return numba.njit(listed, nogil=True, cache=True)(function)
+            return numba.njit(listed, nogil=True, cache=True, inline=how)(function)
         except RuntimeError:
             CACHED = False
-            return numba.njit(listed, nogil=True, cache=False)(function)
+            return numba.njit(listed, nogil=True, cache=False, inline=how)(function)
 
     return wrap
 
@@ -109,7 +117,7 @@ def tree_size(count: int) -> int:
 # --- a stable descending sort --------------------------------------------------------------
 
 
-@jit()
+@jit(inline=True)
 def _rank_block(keys: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
     """Sort ``keys[start:stop]`` (distinct) ascending into ``out[start:stop]`` by counting.
 
@@ -129,7 +137,7 @@ def _rank_block(keys: np.ndarray, out: np.ndarray, start: int, stop: int) -> Non
         target[place] = key
 
 
-@jit()
+@jit(inline=True)
 def _merge_halves(
     source: np.ndarray, target: np.ndarray, start: int, middle: int, stop: int
 ) -> None:
@@ -161,7 +169,7 @@ def _merge_halves(
         target[front] = source[left] if left <= left_end else source[right]
 
 
-@jit()
+@jit(inline=True)
 def sort_descending(
     values: np.ndarray, order: np.ndarray, keys: np.ndarray, spare: np.ndarray
 ) -> None:
@@ -252,7 +260,7 @@ def _lowest_of_eight(
     return _pick(a, ia, c, ic)
 
 
-@jit()
+@jit(inline=True)
 def _lowest_in_block(key: np.ndarray, start: int) -> tuple[int, int]:
     """``_lowest_of_eight`` of ``key[start : start + 8]``, as (key, index into ``key``)."""
     lowest, at = _lowest_of_eight(
@@ -281,7 +289,7 @@ def _added(key: int, value: float, full: bool) -> int:
     return total | (_FULL & -np.int64(full))
 
 
-@jit()
+@jit(inline=True)
 def _place(
     item: int, best: int, pack: np.ndarray, rank: np.ndarray, counts: np.ndarray, per_pack: int
 ) -> bool:
@@ -293,7 +301,7 @@ def _place(
     return count + 1 == per_pack
 
 
-@jit()
+@jit(inline=True)
 def _pack_few(
     values: np.ndarray, order: np.ndarray, first: int, per_pack: int,
     pack: np.ndarray, rank: np.ndarray, counts: np.ndarray, key: np.ndarray,
@@ -339,7 +347,7 @@ def _tree_build(key: np.ndarray, index: np.ndarray, width: int) -> None:
         width //= _BLOCK
 
 
-@jit()
+@jit(inline=True)
 def _tree_set(key: np.ndarray, index: np.ndarray, width: int, leaf: int, new: int) -> None:
     """Give leaf ``leaf`` the key ``new`` and find again the entries above it.
 
@@ -358,7 +366,7 @@ def _tree_set(key: np.ndarray, index: np.ndarray, width: int, leaf: int, new: in
         width //= _BLOCK
 
 
-@jit()
+@jit(inline=True)
 def _tree_root(key: np.ndarray, index: np.ndarray, top: int) -> tuple[int, int]:
     """(lowest key, its leaf) of the tree whose top level starts at ``top`` (``_tree_top``)."""
     lowest, at = _lowest_in_block(key, top)
@@ -385,7 +393,7 @@ def _pack_tree(
         _tree_set(key, index, width, best, _added(lowest, values[item], full))
 
 
-@jit()
+@jit(inline=True)
 def pack_row(
     values: np.ndarray,
     num_packs: int,
@@ -443,7 +451,7 @@ def pack_row(
         _pack_tree(values, order, first, per_pack, pack, rank, counts, tree_key, tree_index, width)
 
 
-@jit()
+@jit(inline=True)
 def replicate_row(
     weight: np.ndarray,
     phy2log: np.ndarray,
