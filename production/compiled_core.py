@@ -34,7 +34,7 @@ from numba import types
 
 from . import compiled_rows
 from .compiled_rows import jit as _jit
-from .compiled_rows import pack_row, replicate_row, tree_leaves
+from .compiled_rows import pack_row, replicate_row, tree_size
 
 __all__ = [
     "CACHED",
@@ -52,6 +52,8 @@ _I64_2D = types.int64[:, ::1]
 _F64_1D = types.float64[::1]
 _I64_1D = types.int64[::1]
 _I32_1D = types.int32[::1]
+#: The largest finite float64: a load above it is +inf.
+_MAX = np.finfo(np.float64).max
 
 
 # --- the hierarchy, one layer at a time in one work space -----------------------------------
@@ -70,10 +72,10 @@ def _space(
     slots = num_phy // num_nodes
     items = max(num_groups, slots)  # the longest row sorted
     packs = max(num_nodes, num_gpus // num_nodes)
-    pack_tree = 2 * tree_leaves(packs)
-    replica_tree = 2 * tree_leaves(per_node)
-    f64 = (num_logical, num_groups, per_node, slots, packs, replica_tree)
-    i64 = (items, items, pack_tree)
+    pack_tree = tree_size(packs)
+    replica_tree = tree_size(per_node)
+    f64 = (num_logical, num_groups, per_node, slots)
+    i64 = (items, items, pack_tree, replica_tree)
     i32 = (
         items, num_groups, num_groups, num_logical, slots, slots, per_node, slots, slots,
         packs, pack_tree, replica_tree,
@@ -90,7 +92,7 @@ def _need(lengths: tuple[int, ...]) -> int:
     return need
 
 
-@_jit()
+@_jit(inline=True)
 def _cut(buffer: np.ndarray, lengths: tuple[int, ...], which: int) -> np.ndarray:
     """The ``which``-th of the consecutive views of ``buffer`` with the given lengths."""
     start = 0
@@ -134,8 +136,9 @@ def _hierarchy(
     slots_per_gpu = num_phy // num_gpus
     f, q, s = _space(num_logical, num_phy, num_groups, num_nodes, num_gpus)
     load, group_load, node_load = _cut(f64, f, 0), _cut(f64, f, 1), _cut(f64, f, 2)
-    slot_load, total, replica_value = _cut(f64, f, 3), _cut(f64, f, 4), _cut(f64, f, 5)
+    slot_load = _cut(f64, f, 3)
     keys, spare, tree_key = _cut(i64, q, 0), _cut(i64, q, 1), _cut(i64, q, 2)
+    replica_key = _cut(i64, q, 3)
     order, group_pack, group_rank = _cut(i32, s, 0), _cut(i32, s, 1), _cut(i32, s, 2)
     mlog2log, phy2mlog, replica_rank = _cut(i32, s, 3), _cut(i32, s, 4), _cut(i32, s, 5)
     mlogcnt, gpu_pack, gpu_rank = _cut(i32, s, 6), _cut(i32, s, 7), _cut(i32, s, 8)
@@ -153,7 +156,7 @@ def _hierarchy(
         # Step 2: groups to nodes.
         pack_row(
             group_load, num_nodes, group_pack, group_rank,
-            order, keys, spare, total, counts, tree_key, tree_index,
+            order, keys, spare, counts, tree_key, tree_index,
         )  # fmt: skip
         # Step 3: node-local order; the loops run over (group, offset) rather
         # than dividing each index: an integer division costs more than the step.
@@ -166,15 +169,19 @@ def _hierarchy(
             # Step 4: replicate within the node.
             for local in range(per_node):
                 node_load[local] = load[mlog2log[base + local]]
-            replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_value, replica_index)
-            # Step 5: the load each slot carries.
-            for slot in range(slots):
+            replicate_row(node_load, phy2mlog, replica_rank, mlogcnt, replica_key, replica_index)
+            # Step 5: the load each slot carries. Slot s < per_node holds expert
+            # s, and W / 1 == W; an expert with more replicas has one among the
+            # extra slots, which writes W / count (its final count) to both.
+            for local in range(per_node):
+                slot_load[local] = node_load[local]
+            for slot in range(per_node, slots):
                 local = phy2mlog[slot]
-                slot_load[slot] = node_load[local] / np.float64(mlogcnt[local])
+                slot_load[slot] = slot_load[local] = node_load[local] / np.float64(mlogcnt[local])
             # Step 6: slots to GPUs within the node.
             pack_row(
                 slot_load, gpus_per_node, gpu_pack, gpu_rank,
-                order, keys, spare, total, counts, tree_key, tree_index,
+                order, keys, spare, counts, tree_key, tree_index,
             )  # fmt: skip
             # Step 7: back to physical slots and logical experts.
             for slot in range(slots):
@@ -198,7 +205,7 @@ def _work_space(
     )
 
 
-@_jit()
+@_jit(inline=True)
 def _fill_log2phy(phy2log: np.ndarray, phyrank: np.ndarray, log2phy: np.ndarray) -> None:
     """log2phy[l, phy2log[l, s], phyrank[l, s]] = s; log2phy: [L, E, K] int64 filled with -1."""
     num_layers, num_slots = phy2log.shape
@@ -224,15 +231,15 @@ def balanced_packing(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np
     num_rows, num_items = weight.shape
     pack = np.empty((num_rows, num_items), dtype=np.int64)
     rank = np.empty((num_rows, num_items), dtype=np.int64)
-    tree = 2 * tree_leaves(num_packs)
+    tree = tree_size(num_packs)
     order = np.empty(num_items, dtype=np.int32)
     keys, spare = np.empty(num_items, dtype=np.int64), np.empty(num_items, dtype=np.int64)
-    total, counts = np.empty(num_packs, dtype=np.float64), np.empty(num_packs, dtype=np.int32)
+    counts = np.empty(num_packs, dtype=np.int32)
     tree_key, tree_index = np.empty(tree, dtype=np.int64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
         pack_row(
             weight[row], num_packs, pack[row], rank[row],
-            order, keys, spare, total, counts, tree_key, tree_index,
+            order, keys, spare, counts, tree_key, tree_index,
         )  # fmt: skip
     return pack, rank
 
@@ -255,10 +262,10 @@ def replicate_experts(
     phy2log = np.empty((num_rows, num_phy), dtype=np.int64)
     rank = np.empty((num_rows, num_phy), dtype=np.int64)
     logcnt = np.empty((num_rows, num_log), dtype=np.int64)
-    tree = 2 * tree_leaves(num_log)
-    tree_value, tree_index = np.empty(tree, dtype=np.float64), np.empty(tree, dtype=np.int32)
+    tree = tree_size(num_log)
+    tree_key, tree_index = np.empty(tree, dtype=np.int64), np.empty(tree, dtype=np.int32)
     for row in range(num_rows):
-        replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_value, tree_index)
+        replicate_row(weight[row], phy2log[row], rank[row], logcnt[row], tree_key, tree_index)
     return phy2log, rank, logcnt
 
 
@@ -333,14 +340,15 @@ def placement_into(
     relies on it: its caller reads the results from the ``out`` it passed).
     """
     num_layers, num_logical = weight.shape
-    # Step 1: the value rules.
-    for layer in range(num_layers):
-        for e in range(num_logical):
-            value = np.float64(weight[layer, e])
-            if not (np.isfinite(value) and value >= 0.0):
-                empty = np.empty((0, 0), dtype=np.int64)
-                none = np.empty((0, 0, 0), dtype=np.int64)
-                return False, empty, none, empty, f64, i64, i32, ranks, out
+    # Step 1: the value rules. NaN fails both comparisons; counting without a
+    # branch lets the loop run on vectors.
+    invalid = 0
+    for value in weight.ravel():
+        invalid += not ((value >= 0.0) & (value <= _MAX))
+    if invalid:
+        empty = np.empty((0, 0), dtype=np.int64)
+        none = np.empty((0, 0, 0), dtype=np.int64)
+        return False, empty, none, empty, f64, i64, i32, ranks, out
     # Step 2: the policy choice; the global policy is the hierarchy with one group and one node.
     groups, nodes = (num_groups, num_nodes) if num_groups % num_nodes == 0 else (1, 1)
     f, q, s = _space(num_logical, num_replicas, groups, nodes, num_gpus)

@@ -4,17 +4,20 @@
 node, in one work space that every row rewrites:
 
 - ``sort_descending``: the order of a stable descending sort (equal weights
-  keep ascending index), by one int64 key per item: runs of eight sorted by
-  a branch-free network, then branch-free merges;
-- ``pack_row``: SPEC.md primitive 1 (balanced packing). The first round
-  needs no search; then up to ``LINEAR_MAX_PACKS`` packs are scanned, more
-  (Kimi-K2's 448 slots into 64 GPUs) go through a tournament tree whose
-  nodes hold the winner's key (the total's bits) and index: a choice changes
-  one leaf and replays its ``log2(m)`` matches, reading only siblings,
-  without branches. The lexicographic minimum of (total, index) is SPEC.md's
-  rule: the smallest total among packs with room, the lowest index on ties
-  (``+inf`` totals of loads near the float64 maximum included);
-- ``replicate_row``: SPEC.md primitive 2, the largest ``W / count`` by the same tree.
+  keep ascending index), by one int64 key per item: blocks of up to 64 keys
+  sorted by counting (each key's place is the number of keys below it:
+  independent comparisons, which compile to vector instructions), then
+  merged two runs at a time from both ends at once;
+- ``pack_row``: SPEC.md primitive 1 (balanced packing). Each pack has an
+  int64 key, its float64 total's bits (ordered as the totals) or a "full"
+  key above them all; the smallest (key, pack) is SPEC.md's choice, the
+  lightest pack with room and the lowest index on equal totals (``+inf``
+  totals of loads near the float64 maximum included). The first round needs
+  no search; then up to eight packs' keys live in registers and a
+  tournament of three rounds picks one, up to 64 live in blocks of eight
+  with each block's minimum, more (a tournament tree) replay one leaf's
+  ``log2(m)`` matches. None of them branches on the loads;
+- ``replicate_row``: SPEC.md primitive 2, the largest ``W / count`` by a tournament tree.
 
 ``jit`` is the numba decorator of both modules (``nogil=True``, cached on
 disk where a cache folder is writable; ``CACHED`` says whether it is).
@@ -23,19 +26,18 @@ disk where a cache folder is writable; ``CACHED`` says whether it is).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numba
 import numpy as np
 
 __all__ = [
     "CACHED",
-    "LINEAR_MAX_PACKS",
     "jit",
     "pack_row",
     "replicate_row",
     "sort_descending",
-    "tree_leaves",
+    "tree_size",
 ]
 
 #: True when the compiled code is cached on disk; False when no cache directory
@@ -43,7 +45,9 @@ __all__ = [
 CACHED = True
 
 
-def jit(*signatures: Any, nogil: bool = True) -> Callable[[Callable[..., Any]], Any]:
+def jit(
+    *signatures: Any, nogil: bool = True, inline: bool = False
+) -> Callable[[Callable[..., Any]], Any]:
     """``numba.njit(signatures, nogil=nogil, cache=True)``, in memory without a cache dir.
 
     The signatures compile when this module is imported (or load from the
@@ -51,119 +55,123 @@ def jit(*signatures: Any, nogil: bool = True) -> Callable[[Callable[..., Any]], 
     ``cache=True`` with a RuntimeError when neither the package folder nor its
     user cache folder (``NUMBA_CACHE_DIR``) is writable, as in a read-only
     install: then the code is compiled without a cache.
+
+    ``inline=True`` inlines a helper into its callers in numba's IR. A call
+    that stays a call takes a reference to each array argument and drops it
+    on return, two atomic operations per array, which numba removes only
+    within one function: for a row primitive called per node with nine
+    arrays, more than its loop of eight packs costs. Each inlined copy
+    compiles anew, so only the helpers on the per-row path are inlined.
     """
 
     def wrap(function: Callable[..., Any]) -> Any:
         global CACHED
         # Helpers without signatures compile with (and are cached in) their callers.
         listed = list(signatures) if signatures else None
+        how: Literal["always", "never"] = "always" if inline else "never"
         try:
-            return numba.njit(listed, nogil=nogil, cache=True)(function)
+            return numba.njit(listed, nogil=nogil, cache=True, inline=how)(function)
         except RuntimeError:
             CACHED = False
-            return numba.njit(listed, nogil=nogil, cache=False)(function)
+            return numba.njit(listed, nogil=nogil, cache=False, inline=how)(function)
 
     return wrap
 
 
-#: Packs up to this many are searched by a scan, more by a tournament tree.
-LINEAR_MAX_PACKS = 16
-#: Rows whose largest weight times their length is below this cannot make any
-#: float64 pack total overflow (as in the numpy core).
-_SAFE_ROW_TOTAL = 2.0**1000
+#: Rows up to this long are sorted by counting (``_rank_block``); longer ones
+#: in blocks of at most this many, then merged.
+_RANK_BLOCK = 64
+#: Up to this many packs, the keys live in registers (``_pack_few``); more, and
+#: the experts of ``replicate_row``, in a tree of this many ways.
+_BLOCK = 8
 #: Bit pattern of +inf. Non-negative doubles (+inf included) are ordered like
 #: their bit patterns read as int64.
 _INF_BITS = 0x7FF0000000000000
-#: The tree key of a full pack (and of a padding leaf): above every total's bits, +inf's included.
+#: The key of a full pack (and of a padding one): above every total's bits, +inf's included.
 _FULL = 0x7FFFFFFFFFFFFFFF
-#: Run length of ``sort_descending`` before its merges (sorted by ``_sort_eight``).
-_RUN = 8
 
 
 @jit()
-def tree_leaves(count: int) -> int:
-    """The smallest power of two >= ``count``: the leaves of a tournament tree over ``count``."""
-    leaves = 1
-    while leaves < count:
-        leaves *= 2
-    return leaves
+def _tree_width(count: int) -> int:
+    """The leaves of an eight-way tree over ``count``: the smallest power of 8 >= ``count``."""
+    width = _BLOCK
+    while width < count:
+        width *= _BLOCK
+    return width
+
+
+@jit()
+def _tree_top(width: int) -> int:
+    """Where the top level (the eight entries below the root) of a ``width``-leaf tree starts."""
+    top = 0
+    while width > _BLOCK:
+        top += width
+        width //= _BLOCK
+    return top
+
+
+@jit()
+def tree_size(count: int) -> int:
+    """The length of the key (int64) and index (int32) arrays of a tree over ``count`` leaves."""
+    return _tree_top(_tree_width(count)) + _BLOCK
 
 
 # --- a stable descending sort --------------------------------------------------------------
 
 
-@jit()
-def _sort_eight(keys: np.ndarray, start: int) -> None:
-    """Sort ``keys[start : start + 8]`` ascending by Batcher's network of 19 compare-exchanges.
+@jit(inline=True)
+def _rank_block(keys: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """Sort ``keys[start:stop]`` (distinct) ascending into ``out[start:stop]`` by counting.
 
-    Branch-free (each exchange is a min and a max): an insertion sort's
-    comparisons of random keys mispredict about half the time (measured: the
-    network sorts 72 keys in about two thirds of the time).
+    A key's place is the number of keys below it. The ``n^2`` comparisons
+    have no branch and no dependency between them, so they compile to vector
+    compares (8 int64 lanes with AVX-512): for up to ``_RANK_BLOCK`` keys this
+    beats a merge sort, whose every step waits on the previous one.
     """
-    a0, a1, a2, a3 = keys[start], keys[start + 1], keys[start + 2], keys[start + 3]
-    a4, a5, a6, a7 = keys[start + 4], keys[start + 5], keys[start + 6], keys[start + 7]
-    a0, a1, a2, a3 = min(a0, a1), max(a0, a1), min(a2, a3), max(a2, a3)
-    a4, a5, a6, a7 = min(a4, a5), max(a4, a5), min(a6, a7), max(a6, a7)
-    a0, a2, a1, a3 = min(a0, a2), max(a0, a2), min(a1, a3), max(a1, a3)
-    a4, a6, a5, a7 = min(a4, a6), max(a4, a6), min(a5, a7), max(a5, a7)
-    a1, a2, a5, a6 = min(a1, a2), max(a1, a2), min(a5, a6), max(a5, a6)
-    a0, a4, a1, a5 = min(a0, a4), max(a0, a4), min(a1, a5), max(a1, a5)
-    a2, a6, a3, a7 = min(a2, a6), max(a2, a6), min(a3, a7), max(a3, a7)
-    a2, a4, a3, a5 = min(a2, a4), max(a2, a4), min(a3, a5), max(a3, a5)
-    a1, a2, a3, a4 = min(a1, a2), max(a1, a2), min(a3, a4), max(a3, a4)
-    a5, a6 = min(a5, a6), max(a5, a6)
-    keys[start], keys[start + 1], keys[start + 2], keys[start + 3] = a0, a1, a2, a3
-    keys[start + 4], keys[start + 5], keys[start + 6], keys[start + 7] = a4, a5, a6, a7
+    block = keys[start:stop]  # views: the inner loop vectorizes on a plain 0..n range
+    target = out[start:stop]
+    n = block.size
+    for i in range(n):
+        key = block[i]
+        place = 0
+        for j in range(n):
+            place += block[j] < key
+        target[place] = key
 
 
-@jit()
-def _sort_keys(keys: np.ndarray, spare: np.ndarray) -> np.ndarray:
-    """Sort ``keys`` ascending: runs of eight by a network, then merges; returns the sorted array.
+@jit(inline=True)
+def _merge_halves(
+    source: np.ndarray, target: np.ndarray, start: int, middle: int, stop: int
+) -> None:
+    """Merge the sorted runs ``source[start:middle]`` and ``source[middle:stop]`` into ``target``.
 
-    keys, spare: [n] int64, distinct; both are overwritten, the result is one of them.
-
-    The merges pick with a select rather than a branch (the comparison of two
-    loads mispredicts half the time); a short last run is insertion-sorted.
+    The runs' lengths differ by at most one. Two independent chains run at
+    once: the front one takes the smaller head, the back one the larger tail,
+    each ``(stop - start) // 2`` times, without branches. Neither reads past
+    its runs: taking ``h`` from the front exhausts a run of ``h`` or more
+    items at its last step at the earliest (and likewise at the back); an odd
+    total leaves one item, in whichever run still holds one.
     """
-    n = keys.size
-    for start in range(0, n, _RUN):
-        stop = min(start + _RUN, n)
-        if stop - start == _RUN:
-            _sort_eight(keys, start)
-            continue
-        for i in range(start + 1, stop):
-            key = keys[i]
-            j = i
-            while j > start and keys[j - 1] > key:
-                keys[j] = keys[j - 1]
-                j -= 1
-            keys[j] = key
-    source, target = keys, spare
-    width = _RUN
-    while width < n:
-        for start in range(0, n, 2 * width):
-            middle = min(start + width, n)
-            stop = min(start + 2 * width, n)
-            left, right, out = start, middle, start
-            while left < middle and right < stop:
-                left_key, right_key = source[left], source[right]
-                take_right = right_key < left_key
-                target[out] = right_key if take_right else left_key
-                right += take_right
-                left += 1 - take_right
-                out += 1
-            for i in range(left, middle):
-                target[out] = source[i]
-                out += 1
-            for i in range(right, stop):
-                target[out] = source[i]
-                out += 1
-        source, target = target, source
-        width *= 2
-    return source
+    left, right, front = start, middle, start
+    left_end, right_end, back = middle - 1, stop - 1, stop - 1
+    for _ in range((stop - start) // 2):
+        left_key, right_key = source[left], source[right]
+        take_right = right_key < left_key
+        target[front] = right_key if take_right else left_key
+        right += take_right
+        left += 1 - take_right
+        front += 1
+        left_key, right_key = source[left_end], source[right_end]
+        take_left = left_key > right_key
+        target[back] = left_key if take_left else right_key
+        left_end -= take_left
+        right_end -= 1 - take_left
+        back -= 1
+    if (stop - start) & 1:
+        target[front] = source[left] if left <= left_end else source[right]
 
 
-@jit()
+@jit(inline=True)
 def sort_descending(
     values: np.ndarray, order: np.ndarray, keys: np.ndarray, spare: np.ndarray
 ) -> None:
@@ -181,6 +189,10 @@ def sort_descending(
     come out by index. Two different values that agree on every kept bit may
     come out in the wrong order, which shows as a rise in the sorted values:
     such a row is sorted again with the index as the tie-break, exactly.
+
+    The keys are sorted in ``2^k`` blocks of at most ``_RANK_BLOCK`` (block
+    ``i`` starts at ``i * n // 2^k``, so all runs of a level differ in length
+    by at most one) by counting, then merged level by level.
     """
     n = values.size
     shift = 1
@@ -191,11 +203,23 @@ def sort_descending(
     for i in range(n):
         # "+ 0.0": -0.0 becomes 0.0, so that equal values have equal bits.
         keys[i] = ((_INF_BITS - np.float64(values[i] + 0.0).view(np.int64)) & ~low) | i
-    sorted_keys = _sort_keys(keys, spare)
+    blocks = 1
+    while n > blocks * _RANK_BLOCK:
+        blocks *= 2
+    for b in range(blocks):
+        _rank_block(keys, spare, b * n // blocks, (b + 1) * n // blocks)
+    source, target = spare, keys
+    width = 1
+    while width < blocks:
+        for b in range(0, blocks, 2 * width):
+            start, middle = b * n // blocks, (b + width) * n // blocks
+            _merge_halves(source, target, start, middle, (b + 2 * width) * n // blocks)
+        source, target = target, source
+        width *= 2
     rises = False
     previous = np.inf
     for i in range(n):
-        item = sorted_keys[i] & low
+        item = source[i] & low
         order[i] = item
         rises |= values[item] > previous
         previous = values[item]
@@ -210,33 +234,168 @@ def sort_descending(
 
 
 @jit()
-def _replay_min(tree_key: np.ndarray, tree_index: np.ndarray, leaf: int, key: int) -> None:
-    """Set leaf ``leaf``'s key and replay the matches above it, for the smallest (key, index).
+def _pick(key: int, index: int, other_key: int, other_index: int) -> tuple[int, int]:
+    """The smaller of (key, index) and (other_key, other_index), ``other_index`` the higher.
 
-    tree_key: [2 * M] int64, tree_index: [2 * M] int32: leaf ``j`` of pack j at
-        ``M + j``; node ``i`` holds the winner of nodes ``2i`` and ``2i + 1``.
-
-    The lexicographic minimum of (key, index) is SPEC.md's rule: the smallest
-    total, the lowest index on equal totals. Keys and indices live in the
-    nodes, so a match reads its sibling only (no indirection through the
-    totals), and the winner travels up in registers.
+    The higher index wins only when its key is strictly smaller: SPEC.md's
+    lowest index among equal totals. A select, not a branch.
     """
-    node = leaf
-    index = tree_index[node]
-    tree_key[node] = key
-    while node > 1:
-        other_key = tree_key[node ^ 1]
-        other_index = tree_index[node ^ 1]
-        # "&" and "|", not "and" and "or", and selects: no branch to mispredict.
-        other = (other_key < key) | ((other_key == key) & (other_index < index))
-        key = other_key if other else key
-        index = other_index if other else index
-        node >>= 1
-        tree_key[node] = key
-        tree_index[node] = index
+    other = other_key < key
+    return (other_key if other else key), (other_index if other else index)
 
 
 @jit()
+def _lowest_of_eight(
+    k0: int, k1: int, k2: int, k3: int, k4: int, k5: int, k6: int, k7: int
+) -> tuple[int, int]:
+    """(smallest key, its position 0..7; the lowest position on equal keys), by a tournament.
+
+    Three rounds of independent matches, each match's left side holding the
+    lower positions: about a third of the latency of a scan over eight.
+    """
+    a, ia = _pick(k0, 0, k1, 1)
+    b, ib = _pick(k2, 2, k3, 3)
+    c, ic = _pick(k4, 4, k5, 5)
+    d, id_ = _pick(k6, 6, k7, 7)
+    a, ia = _pick(a, ia, b, ib)
+    c, ic = _pick(c, ic, d, id_)
+    return _pick(a, ia, c, ic)
+
+
+@jit(inline=True)
+def _lowest_in_block(key: np.ndarray, start: int) -> tuple[int, int]:
+    """``_lowest_of_eight`` of ``key[start : start + 8]``, as (key, index into ``key``)."""
+    lowest, at = _lowest_of_eight(
+        key[start], key[start + 1], key[start + 2], key[start + 3],
+        key[start + 4], key[start + 5], key[start + 6], key[start + 7],
+    )  # fmt: skip
+    return lowest, start + at
+
+
+@jit()
+def _keep_or_put(key: int, new: int, chosen: int, position: int) -> int:
+    """``new`` when ``chosen == position``, else ``key``: by masks (a select chain on one
+    index compiles to a jump table, whose indirect jump mispredicts)."""
+    mask = -np.int64(chosen == position)
+    return (new & mask) | (key & ~mask)
+
+
+@jit()
+def _added(key: int, value: float, full: bool) -> int:
+    """The key of a pack of total bits ``key`` after ``value`` arrives; ``_FULL`` if now full.
+
+    float64 addition, as SPEC.md; the sum is >= 0 (or +inf), so its bits
+    have no sign bit and ``| _FULL`` is ``_FULL``.
+    """
+    total = np.float64(np.int64(key).view(np.float64) + value).view(np.int64)
+    return total | (_FULL & -np.int64(full))
+
+
+@jit(inline=True)
+def _place(
+    item: int, best: int, pack: np.ndarray, rank: np.ndarray, counts: np.ndarray, per_pack: int
+) -> bool:
+    """Item ``item`` joins pack ``best`` at its next rank; True when that fills the pack."""
+    count = counts[best]
+    pack[item] = best
+    rank[item] = count
+    counts[best] = count + 1
+    return count + 1 == per_pack
+
+
+@jit(inline=True)
+def _pack_few(
+    values: np.ndarray, order: np.ndarray, first: int, per_pack: int,
+    pack: np.ndarray, rank: np.ndarray, counts: np.ndarray, key: np.ndarray,
+) -> None:  # fmt: skip
+    """``pack_row``'s greedy for up to eight packs: the keys of all eight in registers.
+
+    key: [8] int64, each pack's key after the first round (padding full). The
+    key a choice changes is replaced by masks, so the loop has no branch and
+    no memory round trip between one choice and the next.
+    """
+    k0, k1, k2, k3, k4, k5, k6, k7 = key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7]
+    for k in range(first, values.size):
+        item = order[k]
+        lowest, best = _lowest_of_eight(k0, k1, k2, k3, k4, k5, k6, k7)
+        new = _added(lowest, values[item], _place(item, best, pack, rank, counts, per_pack))
+        k0, k1 = _keep_or_put(k0, new, best, 0), _keep_or_put(k1, new, best, 1)
+        k2, k3 = _keep_or_put(k2, new, best, 2), _keep_or_put(k3, new, best, 3)
+        k4, k5 = _keep_or_put(k4, new, best, 4), _keep_or_put(k5, new, best, 5)
+        k6, k7 = _keep_or_put(k6, new, best, 6), _keep_or_put(k7, new, best, 7)
+
+
+@jit()
+def _tree_build(key: np.ndarray, index: np.ndarray, width: int) -> None:
+    """Fill the levels of an eight-way tree whose ``width`` leaves' keys are set.
+
+    key: [tree_size] int64, index: [tree_size] int32. The leaves (``width``, a
+    power of 8, padding full) come first, then each level above: one entry per
+    block of eight below, holding the block's lowest key and the leaf it
+    belongs to (the lower entry's on equal keys). The root, the lowest of the
+    top level's eight, is not stored. Each entry's blocks lie in leaf order,
+    so by induction an entry is the lexicographic minimum of (key, leaf) over
+    its leaves: SPEC.md's smallest value, lowest index on ties.
+    """
+    for j in range(width):
+        index[j] = j
+    start = 0
+    while width > _BLOCK:
+        for b in range(width // _BLOCK):
+            lowest, at = _lowest_in_block(key, start + b * _BLOCK)
+            key[start + width + b] = lowest
+            index[start + width + b] = index[at]
+        start += width
+        width //= _BLOCK
+
+
+@jit(inline=True)
+def _tree_set(key: np.ndarray, index: np.ndarray, width: int, leaf: int, new: int) -> None:
+    """Give leaf ``leaf`` the key ``new`` and find again the entries above it.
+
+    One tournament of eight per level (one for 64 leaves, two for 512), each
+    without branches, where a binary tree replays ``log2`` matches one after
+    the other.
+    """
+    key[leaf] = new
+    start, position = 0, leaf
+    while width > _BLOCK:
+        lowest, at = _lowest_in_block(key, start + (position & ~(_BLOCK - 1)))
+        start += width
+        position //= _BLOCK
+        key[start + position] = lowest
+        index[start + position] = index[at]
+        width //= _BLOCK
+
+
+@jit(inline=True)
+def _tree_root(key: np.ndarray, index: np.ndarray, top: int) -> tuple[int, int]:
+    """(lowest key, its leaf) of the tree whose top level starts at ``top`` (``_tree_top``)."""
+    lowest, at = _lowest_in_block(key, top)
+    return lowest, index[at]
+
+
+@jit()
+def _pack_tree(
+    values: np.ndarray, order: np.ndarray, first: int, per_pack: int,
+    pack: np.ndarray, rank: np.ndarray, counts: np.ndarray,
+    key: np.ndarray, index: np.ndarray, width: int,
+) -> None:  # fmt: skip
+    """``pack_row``'s greedy for more than eight packs: an eight-way tree of the packs' keys.
+
+    key, index: [tree_size] the tree (``_tree_build``), its ``width`` leaves
+    the packs' keys after the first round (padding full).
+    """
+    _tree_build(key, index, width)
+    top = _tree_top(width)
+    for k in range(first, values.size):
+        item = order[k]
+        lowest, best = _tree_root(key, index, top)
+        full = _place(item, best, pack, rank, counts, per_pack)
+        _tree_set(key, index, width, best, _added(lowest, values[item], full))
+
+
+@jit(inline=True)
 def pack_row(
     values: np.ndarray,
     num_packs: int,
@@ -245,7 +404,6 @@ def pack_row(
     order: np.ndarray,
     keys: np.ndarray,
     spare: np.ndarray,
-    total: np.ndarray,
     counts: np.ndarray,
     tree_key: np.ndarray,
     tree_index: np.ndarray,
@@ -255,16 +413,15 @@ def pack_row(
     values: [n] float64, the weight of each item.
     pack, rank: [n] int (out), each item's pack and its position in that pack.
     order: [>= n] int32, keys, spare: [>= n] int64: the sort's work space.
-    total: [>= num_packs] float64, counts: [>= num_packs] int32: pack totals and sizes.
-    tree_key: [>= 2 * leaves] int64, tree_index: [>= 2 * leaves] int32, ``leaves``
-        the power of two >= num_packs: the tree, for more than
-        ``LINEAR_MAX_PACKS`` packs.
+    counts: [>= num_packs] int32: the items in each pack.
+    tree_key: [>= tree_size(num_packs)] int64, tree_index: the same, int32:
+        the greedy's work space.
 
-    Up to ``LINEAR_MAX_PACKS`` packs are scanned, the float totals compared
-    with ``<``: a full pack's total becomes +inf (NaN where a total could
-    itself overflow to +inf), which never wins. More packs go through a
-    tournament tree whose keys are the totals' bits (ordered as the totals)
-    and ``_FULL`` for a full pack.
+    A pack's key is its float64 total's bits (ordered as the totals, +inf
+    included), or ``_FULL`` once it holds ``n / num_packs`` items: the
+    smallest (key, pack) is SPEC.md's choice, the lightest pack with room,
+    the lowest index on equal totals. Up to eight packs are searched in
+    registers, more in an eight-way tree.
     """
     n = values.size
     per_pack = n // num_packs
@@ -274,6 +431,7 @@ def pack_row(
             rank[i] = 0
         return
     sort_descending(values, order, keys, spare)
+    width = _tree_width(num_packs)
     # The first round needs no search: while the items weigh more than 0,
     # item k finds packs 0..k-1 above 0.0 and packs k.. at 0.0, so it goes to
     # pack k, the lowest index among the smallest totals (0.0 + w == w).
@@ -282,74 +440,26 @@ def pack_row(
         item = order[first]
         pack[item] = first
         rank[item] = 0
-        total[first] = values[item]
+        tree_key[first] = np.float64(values[item]).view(np.int64)
         counts[first] = 1
         first += 1
+    for p in range(first, width):
+        tree_key[p] = 0 if p < num_packs else _FULL  # 0: the bits of 0.0
     for p in range(first, num_packs):
-        total[p] = 0.0
         counts[p] = 0
-    if num_packs > LINEAR_MAX_PACKS:
-        leaves = tree_leaves(num_packs)
-        for j in range(leaves):
-            # Totals' bits; padding leaves (on the right) are full packs.
-            tree_key[leaves + j] = np.float64(total[j]).view(np.int64) if j < num_packs else _FULL
-            tree_index[leaves + j] = j
-        for node in range(leaves - 1, 0, -1):
-            # The left child (lower indices) wins unless the right one is strictly smaller.
-            right = tree_key[2 * node + 1] < tree_key[2 * node]
-            tree_key[node] = tree_key[2 * node + right]
-            tree_index[node] = tree_index[2 * node + right]
-        for k in range(first, n):
-            item = order[k]
-            best = tree_index[1]
-            count = counts[best]
-            pack[item] = best
-            rank[item] = count
-            count += 1
-            counts[best] = count
-            total[best] += values[item]
-            key = _FULL if count == per_pack else np.float64(total[best]).view(np.int64)
-            _replay_min(tree_key, tree_index, leaves + best, key)
-        return
-    largest = 0.0
-    for i in range(n):
-        largest = max(largest, values[i])
-    if largest * n < _SAFE_ROW_TOTAL:
-        # No total can overflow: +inf marks a full pack, and a plain "<" passes over it.
-        for k in range(first, n):
-            item = order[k]
-            best, lowest = 0, total[0]
-            for p in range(1, num_packs):
-                if total[p] < lowest:
-                    best, lowest = p, total[p]
-            count = counts[best]
-            pack[item] = best
-            rank[item] = count
-            counts[best] = count + 1
-            total[best] = np.inf if count + 1 == per_pack else total[best] + values[item]
-        return
-    # Totals may reach +inf: NaN marks a full pack ("right beats left when
-    # right < left or left is NaN"), so an open +inf pack still wins by index.
-    for k in range(first, n):
-        item = order[k]
-        best, lowest = 0, total[0]
-        for p in range(1, num_packs):
-            if (total[p] < lowest) | (lowest != lowest):
-                best, lowest = p, total[p]
-        count = counts[best]
-        pack[item] = best
-        rank[item] = count
-        counts[best] = count + 1
-        total[best] = np.nan if count + 1 == per_pack else total[best] + values[item]
+    if num_packs <= _BLOCK:
+        _pack_few(values, order, first, per_pack, pack, rank, counts, tree_key)
+    else:
+        _pack_tree(values, order, first, per_pack, pack, rank, counts, tree_key, tree_index, width)
 
 
-@jit()
+@jit(inline=True)
 def replicate_row(
     weight: np.ndarray,
     phy2log: np.ndarray,
     rank: np.ndarray,
     count: np.ndarray,
-    tree_value: np.ndarray,
+    tree_key: np.ndarray,
     tree_index: np.ndarray,
 ) -> None:
     """SPEC.md primitive 2 on one row: give the ``num_phy - n`` extra slots to the hottest experts.
@@ -357,11 +467,12 @@ def replicate_row(
     weight: [n] float64, the load of each expert.
     phy2log, rank: [num_phy] int (out), the expert and replica rank of each slot.
     count: [n] int (out), the replica count of each expert.
-    tree_value: [>= 2 * leaves] float64, tree_index: [>= 2 * leaves] int32, ``leaves``
-        the power of two >= n: a tournament tree for the largest ``W / count``.
+    tree_key: [>= tree_size(n)] int64, tree_index: the same, int32: an
+        eight-way tree for the largest ``W / count``.
 
-    A match goes to the larger value, the lower index on equal values (-0.0
-    equals 0.0 here, as in the reference); padding leaves weigh -1.0, below every load.
+    An expert's key is its ``W / count``'s bits negated (``+ 0.0`` first, so
+    -0.0 equals 0.0, as in the reference): the smallest (key, expert) is the
+    largest value, the lowest index on equal values. Padding leaves are full.
     """
     n = weight.size
     num_phy = phy2log.size
@@ -371,32 +482,23 @@ def replicate_row(
         count[e] = 1
     if num_phy == n:
         return
-    leaves = tree_leaves(n)
-    for j in range(leaves):
+    width = _tree_width(n)
+    for j in range(width):
         # float64 division by the count, as SPEC.md: W / 1 == W.
-        tree_value[leaves + j] = weight[j] if j < n else -1.0
-        tree_index[leaves + j] = j
-    for node in range(leaves - 1, 0, -1):
-        left_value, right_value = tree_value[2 * node], tree_value[2 * node + 1]
-        right = right_value > left_value
-        tree_value[node] = right_value if right else left_value
-        tree_index[node] = tree_index[2 * node + 1] if right else tree_index[2 * node]
+        tree_key[j] = _negated_key(weight[j]) if j < n else _FULL
+    _tree_build(tree_key, tree_index, width)
+    top = _tree_top(width)
     for slot in range(n, num_phy):
-        best = tree_index[1]
+        best = _tree_root(tree_key, tree_index, top)[1]
         replicas = count[best]
         phy2log[slot] = best
         rank[slot] = replicas
         count[best] = replicas + 1
-        value = weight[best] / np.float64(replicas + 1)
-        index = best
-        node = leaves + best
-        tree_value[node] = value
-        while node > 1:
-            other_value = tree_value[node ^ 1]
-            other_index = tree_index[node ^ 1]
-            other = (other_value > value) | ((other_value == value) & (other_index < index))
-            value = other_value if other else value
-            index = other_index if other else index
-            node >>= 1
-            tree_value[node] = value
-            tree_index[node] = index
+        new = _negated_key(weight[best] / np.float64(replicas + 1))
+        _tree_set(tree_key, tree_index, width, best, new)
+
+
+@jit()
+def _negated_key(value: float) -> int:
+    """``-bits(value + 0.0)``: ordered against the values of other experts, reversed."""
+    return -np.float64(value + 0.0).view(np.int64)

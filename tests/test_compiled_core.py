@@ -68,12 +68,13 @@ KINDS = ("ties", "subnormal", "near max", "zeros", "last bits", "random")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     ("items", "packs"),
-    [(8, 8), (8, 4), (72, 8), (16, 2), (448, 64), (96, 32), (34, 17)],
+    [(8, 8), (8, 4), (72, 8), (16, 2), (448, 64), (96, 32), (34, 17), (200, 100), (130, 65)],
     ids=lambda v: str(v),
 )
 def test_balanced_packing_is_the_reference(kind: str, items: int, packs: int) -> None:
-    # Up to 16 packs are scanned and more go through the tree; near-max rows
-    # use the tree whatever the number of packs.
+    # Each path of the greedy: up to 8 packs in registers, more in an
+    # eight-way tree of two levels (17, 32, 64) or three (65, 100); rows longer
+    # than 64 are sorted in blocks and merged (72, 130, 200, 448, odd ones too).
     weight = _rows(np.random.default_rng(items * packs), kind, (6, items))
     got = _core().balanced_packing(weight, packs)
     want = reference.balanced_packing(weight, packs)
