@@ -43,13 +43,23 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from eplb._validation import EplbConfig, validate_config, validate_weight
 
 from . import cores
+from .group_guard import GroupGuard
 from .rebalance import prepare_weight
 
-__all__ = ["PlacementService", "placement_service_error"]
+__all__ = [
+    "LoadTimeout",
+    "PlacementInFlight",
+    "PlacementService",
+    "fault_load_group",
+    "load_arrived",
+    "placement_service_error",
+    "service_for",
+]
 
 _STOP, _REQUEST = b"\x00", 1
 T = TypeVar("T")
@@ -346,6 +356,22 @@ def service_for(
     return PlacementService(*config), None
 
 
+class LoadTimeout(TimeoutError):
+    """The window's load, all-reduced over the EP group, did not reach the host in time."""
+
+
+def fault_load_group(group: dist.ProcessGroup | None, cause: BaseException, timeout: float) -> None:
+    """Fault ``group`` after its load all-reduce failed (expired or broke), as a guarded
+    call's failure does: post on the failure board, mark the group faulted (later
+    guarded calls on it refuse at once) and abort its NCCL communicator, whose
+    pending all-reduce would otherwise spin on a dead peer. One rank: nothing to do.
+    """
+    guard = GroupGuard(group, timeout=timeout)
+    if guard.world_size > 1:
+        peers = [rank for rank in range(guard.world_size) if rank != guard.rank]
+        guard.fault(f"the load's all-reduce over the EP group failed: {cause}", peers)
+
+
 def load_arrived(copied: torch.cuda.Event | None, deadline: float, timeout: float) -> bool:
     """Whether the load's copy to the host is done (``copied``: its event, None: no copy).
 
@@ -356,7 +382,7 @@ def load_arrived(copied: torch.cuda.Event | None, deadline: float, timeout: floa
     if copied is None or copied.query():
         return True
     if time.monotonic() > deadline:
-        raise TimeoutError(
+        raise LoadTimeout(
             f"the load's all-reduce over the EP group did not complete within "
             f"{timeout:g} s: a rank froze or died"
         )

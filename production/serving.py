@@ -59,7 +59,13 @@ from .balancer_state import (
 from .errors import move_failed_once_begun
 from .group_guard import fault_of
 from .migration import rebalance_experts_migration_aware
-from .placement_service import PlacementInFlight, load_arrived, service_for
+from .placement_service import (
+    LoadTimeout,
+    PlacementInFlight,
+    fault_load_group,
+    load_arrived,
+    service_for,
+)
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -130,11 +136,11 @@ class ExpertBalancer:
       A GroupFault (a rank did not reach the agreement) is handled the same way.
     - The load's all-reduce not completing within the timeout (a rank froze
       or died before the move) raises the backend's error (gloo: its
-      ``wait(timeout)``'s RuntimeError, at the interval step) or TimeoutError
-      (CUDA: at the apply). No weight was touched, but the group's
-      collective is left pending: recreate the group and call
-      ``reset(phy2log, group=new_group)``. That all-reduce is not a guarded
-      call: it neither posts on the failure board nor aborts NCCL.
+      ``wait(timeout)``'s RuntimeError, at the interval step) or
+      ``placement_service.LoadTimeout``, a TimeoutError (CUDA: at the apply).
+      No weight was touched; the group is faulted as by a failed guarded call
+      (posted on the failure board, marked faulted, NCCL aborted): recreate
+      the group and call ``reset(group=new_group)``.
     - A placement computation that raises, or a move refused before any
       weight was touched (TypeError/ValueError on the refusing rank,
       AgreementError on the others): routing goes on with the old maps and
@@ -521,6 +527,7 @@ class ExpertBalancer:
                     work.wait(timeout=timedelta(seconds=self.rearrange.timeout))
                 except Exception as exc:
                     self.error = exc
+                    fault_load_group(self.group, exc, self.rearrange.timeout)
                     raise
         else:
             ready = torch.cuda.Event()
@@ -664,6 +671,8 @@ class ExpertBalancer:
             )
         except BaseException as exc:
             self.error = exc
+            if isinstance(exc, LoadTimeout):
+                fault_load_group(self.group, exc, self.rearrange.timeout)
             raise
         self._install(plan.phy2log, plan.log2phy, plan.logcnt)
         self._record(plan, moved, time.perf_counter() - start)
