@@ -26,19 +26,18 @@ posted by a failed move has not reached its deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 import traceback
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from rank_report import report_then_wait
 
 from eplb.production import rearrange_expert_weights, warmup_rearrangement
 from eplb.production.errors import AgreementError, GroupFault, RearrangeError
@@ -144,10 +143,7 @@ def main() -> None:
             report["traceback"] = traceback.format_exc()
     report["elapsed"] = time.monotonic() - start
     report["held"] = held(layers)
-    Path(out, f"{rank}.json.tmp").write_text(json.dumps(report))
-    Path(out, f"{rank}.json.tmp").rename(Path(out, f"{rank}.json"))
-    time.sleep(300)  # until the test kills every rank (see the module docstring)
-    os._exit(0)
+    report_then_wait(out, rank, report)
 
 
 if __name__ == "__main__":

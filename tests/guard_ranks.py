@@ -11,17 +11,16 @@ misbehave; every rank writes what it raised, and when, to OUT_DIR/RANK.json.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 import traceback
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rank_report import report_then_wait
 
 from eplb.production.errors import AgreementError, GroupFault, RearrangeError
 from eplb.production.group_guard import GroupGuard, GuardedCall
@@ -117,12 +116,7 @@ def main() -> None:
             report["traceback"] = traceback.format_exc()
     report["elapsed"] = time.monotonic() - start
     report["faulted"] = guard.faulted
-    Path(out, f"{rank}.json.tmp").write_text(json.dumps(report))
-    Path(out, f"{rank}.json.tmp").rename(Path(out, f"{rank}.json"))
-    # Stay alive until the test kills every rank: a rank that exits closes its
-    # gloo pairs (and rank 0 the store), which would tell the others too early.
-    time.sleep(300)
-    os._exit(0)
+    report_then_wait(out, rank, report)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,16 @@ fault_ranks.py on why no rank exits by itself).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from rank_report import report_then_wait
 
 from eplb.production import ExpertBalancer, RearrangeOptions
 from eplb.production.group_guard import fault_of
@@ -74,10 +73,7 @@ def main() -> None:
         report["reset"] = "accepted"
     except ValueError as exc:
         report["reset"] = str(exc)
-    Path(out, f"{rank}.json.tmp").write_text(json.dumps(report))
-    Path(out, f"{rank}.json.tmp").rename(Path(out, f"{rank}.json"))
-    time.sleep(300)
-    os._exit(0)
+    report_then_wait(out, rank, report)
 
 
 if __name__ == "__main__":
