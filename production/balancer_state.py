@@ -16,10 +16,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from eplb._validation import check_count
+from eplb._validation import EplbConfig, check_count
+from eplb.metrics import balancedness, gpu_loads
 
 from .group_guard import DEFAULT_TIMEOUT, check_timeout
-from .rearrange import DEFAULT_MAX_BATCH_BYTES, PreparedRearrangement, RearrangeStats
+from .rearrange import (
+    DEFAULT_MAX_BATCH_BYTES,
+    PreparedRearrangement,
+    RearrangeStats,
+    keep_experts_in_place,
+)
 from .staged import StagedMove
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "Plan",
     "RearrangeOptions",
     "as_host_placement",
+    "finish_maps",
     "maps_from_phy2log",
     "pad_replicas",
 ]
@@ -223,3 +230,38 @@ def pad_replicas(log2phy: np.ndarray, max_replicas: int) -> np.ndarray:
     kept = min(max_replicas, log2phy.shape[2])
     out[..., :kept] = log2phy[..., :kept]
     return out
+
+
+def finish_maps(
+    maps: list[torch.Tensor],
+    load: np.ndarray,
+    old: tuple[np.ndarray, np.ndarray],
+    config: EplbConfig,
+    max_replicas: int,
+    *,
+    keep_slots: bool,
+    pin: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    """A computed placement made ready for a balancer: (phy2log, log2phy, logcnt, mean
+    balancedness before, after).
+
+    maps: CPU phy2log [L, R], log2phy [L, E, K], logcnt [L, E] of the new placement.
+    load: [L, E] tokens per logical expert over the window (all ranks).
+    old: phy2log [L, R] and logcnt [L, E] of the placement the weights hold.
+    keep_slots: reorder the new placement's slots within every GPU so that experts
+        staying on a GPU keep their slots (the same loads, far fewer copies).
+    pin: pin the three maps (the balancer's host-to-device copies then do not block).
+    log2phy comes back padded to ``max_replicas``.
+    """
+    phy2log, log2phy, logcnt = maps
+    gpus = config.num_gpus
+    before = balancedness(gpu_loads(load, old[0], old[1], gpus))
+    after = balancedness(gpu_loads(load, phy2log.numpy(), logcnt.numpy(), gpus))
+    if keep_slots:
+        kept = keep_experts_in_place(old[0], phy2log.numpy(), gpus)
+        phy2log, log2phy, logcnt = maps_from_phy2log(kept, config.num_logical_experts, max_replicas)
+    else:
+        log2phy = torch.from_numpy(pad_replicas(log2phy.numpy(), max_replicas))
+    if pin:
+        phy2log, log2phy, logcnt = (t.pin_memory() for t in (phy2log, log2phy, logcnt))
+    return phy2log, log2phy, logcnt, float(before.mean()), float(after.mean())

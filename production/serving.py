@@ -45,7 +45,6 @@ import torch
 import torch.distributed as dist
 
 from eplb._validation import check_count, validate_config, validate_tolerance
-from eplb.metrics import balancedness, gpu_loads
 
 from .balancer_state import (
     BalancerStats,
@@ -53,8 +52,8 @@ from .balancer_state import (
     Plan,
     RearrangeOptions,
     as_host_placement,
+    finish_maps,
     maps_from_phy2log,
-    pad_replicas,
 )
 from .errors import move_failed_once_begun
 from .group_guard import fault_of
@@ -70,7 +69,6 @@ from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
     RearrangeStats,
-    keep_experts_in_place,
     prepare_rearrangement,
     rearrange_expert_weights,
     warmup_rearrangement,
@@ -439,7 +437,7 @@ class ExpertBalancer:
                 "phy2log is required: the last rebalance failed while moving weights; pass "
                 "the placement the weights hold after reloading error.layers_changed"
             )
-        if group is None and _group_faulted(self.group):
+        if group is None and fault_of(self.group) is not None:
             raise ValueError(
                 "group is required: a failed move aborted the process group; pass a new one"
             )
@@ -587,29 +585,16 @@ class ExpertBalancer:
         share of the move (views of the weights' slots, no data read): the apply then
         moves weights at once. seconds: the placement's."""
         start = time.perf_counter()
-        phy2log, log2phy, logcnt = maps
-        load, cfg = self._host_load.numpy(), self.config
         # Main thread changes the host maps only in _apply, after this returns.
-        before = balancedness(
-            gpu_loads(load, self._host_phy2log.numpy(), self._host_logcnt.numpy(), cfg.num_gpus)
+        phy2log, log2phy, logcnt, before, after = finish_maps(
+            maps,
+            self._host_load.numpy(),
+            (self._host_phy2log.numpy(), self._host_logcnt.numpy()),
+            self.config,
+            self.max_replicas,
+            keep_slots=self.rearrange.keep_slots,
+            pin=self._side_stream is not None,
         )
-        after = balancedness(gpu_loads(load, phy2log.numpy(), logcnt.numpy(), cfg.num_gpus))
-        if self.rearrange.keep_slots:
-            # The same experts on each GPU (the same loads), reordered so that
-            # those staying on a GPU keep their slots: they need no copy.
-            kept = keep_experts_in_place(self._host_phy2log.numpy(), phy2log.numpy(), cfg.num_gpus)
-            phy2log, log2phy, logcnt = maps_from_phy2log(
-                kept, cfg.num_logical_experts, self.max_replicas
-            )
-        else:
-            log2phy = torch.from_numpy(pad_replicas(log2phy.numpy(), self.max_replicas))
-        if self._side_stream is not None:
-            # Pinned, so that _install's host-to-device copies do not block.
-            phy2log, log2phy, logcnt = (
-                phy2log.pin_memory(),
-                log2phy.pin_memory(),
-                logcnt.pin_memory(),
-            )
         prepared: PreparedRearrangement | None = None
         staged = None
         if self._staged is not None:
@@ -635,8 +620,8 @@ class ExpertBalancer:
             phy2log,
             log2phy,
             logcnt,
-            float(before.mean()),
-            float(after.mean()),
+            before,
+            after,
             seconds,
             prepared,
             staged,
@@ -716,8 +701,3 @@ class ExpertBalancer:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _group_faulted(group: dist.ProcessGroup | None) -> bool:
-    """Whether a failed guarded call faulted ``group`` (later moves on it are refused)."""
-    return fault_of(group) is not None
