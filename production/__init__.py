@@ -12,6 +12,7 @@ Never imports JAX.
 from .cores import compiled_core_error, resolve_core, warm_up_placement
 from .errors import AgreementError, GroupFault, RearrangeError
 from .migration import rebalance_experts_migration_aware, relabel_for_migration
+from .placement_service import PlacementService, placement_service_error
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -33,6 +34,7 @@ __all__ = [
     "ExpertBalancer",
     "GroupFault",
     "LoadWindow",
+    "PlacementService",
     "PreparedRearrangement",
     "RearrangeBuffers",
     "RearrangeError",
@@ -44,6 +46,7 @@ __all__ = [
     "StagedMove",
     "compiled_core_error",
     "keep_experts_in_place",
+    "placement_service_error",
     "plan_rearrangement",
     "prepare_rearrangement",
     "rearrange_expert_weights",
