@@ -10,7 +10,7 @@ tell the others at once:
   counter this process keeps per group. Every rank makes the same calls in the
   same order (they are collectives), so the numbers agree without talking.
 - **Failure board**: the group's key-value store (the one ``torch.distributed``
-  rendezvoused with, ``ProcessGroup.get_group_store()``). A rank that fails in
+  rendezvoused with, ``ProcessGroup.getgroup_store()``). A rank that fails in
   call ``n`` writes ``rank r failed: <reason>`` under call ``n``'s keys; every
   wait of the others polls the board (one store round trip every
   ``board_interval`` seconds, never on the fast path) and raises as soon as it
@@ -51,11 +51,9 @@ old or possibly mixed.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import numbers
-import queue
 import threading
 import time
 import weakref
@@ -71,6 +69,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import GroupFault
+from .guard_io import DaemonWorker, abort_group, get_all, group_store
 from .verdicts import compare_verdicts, fingerprint
 
 __all__ = [
@@ -128,80 +127,6 @@ def fault_of(group: dist.ProcessGroup | None) -> str | None:
     return _faulted.get(group if group is not None else dist.group.WORLD)
 
 
-def abort_group(group: dist.ProcessGroup | None) -> bool:
-    """Abort ``group``'s NCCL communicator: its pending kernels and operations fail, none hangs.
-
-    Uses ``ProcessGroup.abort()`` (2.13 has it; ``benchmarks/check_group_guard.py``
-    tells for the installed torch), else c10d's ``_abort_process_group``. Only groups
-    with an NCCL backend are aborted: NCCL kernels waiting on a dead peer spin
-    on the GPU forever otherwise. gloo accepts the call but leaves its pending
-    receives pending, so it gains nothing; its waits end by their own deadline.
-    Either way a faulted group is refused by every later guarded call.
-    Returns True if the communicator was aborted; errors while aborting are
-    swallowed: the caller is already raising the reason.
-    """
-    target = group if group is not None else dist.group.WORLD
-    if "nccl" not in str(dist.get_backend(group)):
-        return False
-    abort = getattr(target, "abort", None)
-    if abort is None:  # older torch: the same through c10d's internal helper
-        internal = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if internal is None:
-            return False
-        abort = functools.partial(internal, target)
-    try:
-        abort()
-    except Exception:  # best effort; the caller raises the real failure
-        return False
-    return True
-
-
-def _group_store(group: dist.ProcessGroup | None) -> dist.Store:
-    """The store ``group`` rendezvoused with (keys under the group's own prefix)."""
-    target = group if group is not None else dist.group.WORLD
-    getter = getattr(target, "get_group_store", None)
-    if getter is not None:
-        return getter()
-    internal = getattr(dist.distributed_c10d, "_get_process_group_store", None)
-    if internal is None:
-        raise ValueError("this torch cannot give the group's store: pass store= to GroupGuard")
-    return internal(target)
-
-
-_Request = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
-
-
-class _Worker:
-    """One daemon thread running requests in order, each answered through a Future.
-
-    Not a ThreadPoolExecutor: the interpreter joins those at exit, so a request
-    stuck on a frozen store host (up to the store's 30 min timeout) would keep
-    a failed process from exiting. A daemon thread does not.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name=name, daemon=True).start()
-
-    def _serve(self) -> None:
-        while (request := self._requests.get()) is not None:
-            future, function, args = request
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function(*args))
-                except BaseException as exc:
-                    future.set_exception(exc)
-
-    def submit(self, function: Callable[..., _T], *args: Any) -> Future[_T]:
-        future: Future[_T] = Future()
-        self._requests.put((future, function, args))
-        return future
-
-    def shutdown(self) -> None:
-        """Stop once the requests queued so far have run; never waits for them."""
-        self._requests.put(None)
-
-
 class GroupGuard:
     """Deadlines, a failure board and an agreement for the calls of one group.
 
@@ -209,7 +134,7 @@ class GroupGuard:
         when torch.distributed is not initialized).
     timeout: seconds any one wait of a call may take (:data:`DEFAULT_TIMEOUT`).
     store: the key-value store every rank of the group shares (default: the
-        group's own, ``ProcessGroup.get_group_store()``).
+        group's own, ``ProcessGroup.getgroup_store()``).
     board_interval: seconds between two reads of the failure board while
         waiting: how late a rank learns of another's failure.
     abort_on_fault: abort the communicator when a call fails after its
@@ -243,7 +168,7 @@ class GroupGuard:
             self.rank, self.world_size, self.key = 0, 1, _SINGLE
         self._store = store
         if self._store is None and self.world_size > 1:
-            self._store = _group_store(group)
+            self._store = group_store(group)
 
     @property
     def faulted(self) -> str | None:
@@ -320,13 +245,13 @@ class GuardedCall:
         self.agreed = False
         self._posted = False
         self._verdict: Future[None] | None = None
-        self._executor: _Worker | None = None
-        self._waiter: _Worker | None = None
+        self._executor: DaemonWorker | None = None
+        self._waiter: DaemonWorker | None = None
         if guard.world_size > 1:
             # Store requests block in C++ until the store's own timeout (the
             # group's, 30 min) if its host froze: they run here, the caller only
             # polls their futures against its deadline.
-            self._executor = _Worker("eplb-guard")
+            self._executor = DaemonWorker("eplb-guard")
 
     # ------------------------------------------------------------------ keys
 
@@ -520,7 +445,7 @@ class GuardedCall:
         if not works:
             return
         if self._waiter is None:
-            self._waiter = _Worker("eplb-guard-wait")
+            self._waiter = DaemonWorker("eplb-guard-wait")
         deadline = time.monotonic() + self.guard.timeout
 
         def wait_all() -> None:
@@ -679,7 +604,7 @@ class GuardedCall:
                 True,
                 None,
             )
-        texts = self._result(self._submit(lambda s: _get_all(s, keys)), deadline, "a read")
+        texts = self._result(self._submit(lambda s: get_all(s, keys)), deadline, "a read")
         # Every rank reaches the same verdict from the same posts: none is a failure to post.
         self._posted = True
         compare_verdicts([json.loads(t) for t in texts])
@@ -712,9 +637,3 @@ class GuardedCall:
                 None,
             )
         self.check()
-
-
-def _get_all(store: dist.Store, keys: list[str]) -> list[str]:
-    multi_get = getattr(store, "multi_get", None)
-    raw = multi_get(keys) if multi_get is not None else [store.get(k) for k in keys]
-    return [bytes(v).decode() for v in raw]

@@ -43,20 +43,16 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from eplb._validation import EplbConfig, validate_config, validate_weight
 
 from . import cores
-from .group_guard import GroupGuard
+from .balancer_load import load_arrived
 from .rebalance import prepare_weight
 
 __all__ = [
-    "LoadTimeout",
     "PlacementInFlight",
     "PlacementService",
-    "fault_load_group",
-    "load_arrived",
     "placement_service_error",
     "service_for",
 ]
@@ -354,39 +350,6 @@ def service_for(
     if why is not None:
         return None, why
     return PlacementService(*config), None
-
-
-class LoadTimeout(TimeoutError):
-    """The window's load, all-reduced over the EP group, did not reach the host in time."""
-
-
-def fault_load_group(group: dist.ProcessGroup | None, cause: BaseException, timeout: float) -> None:
-    """Fault ``group`` after its load all-reduce failed (expired or broke), as a guarded
-    call's failure does: post on the failure board, mark the group faulted (later
-    guarded calls on it refuse at once) and abort its NCCL communicator, whose
-    pending all-reduce would otherwise spin on a dead peer. One rank: nothing to do.
-    """
-    guard = GroupGuard(group, timeout=timeout)
-    if guard.world_size > 1:
-        peers = [rank for rank in range(guard.world_size) if rank != guard.rank]
-        guard.fault(f"the load's all-reduce over the EP group failed: {cause}", peers)
-
-
-def load_arrived(copied: torch.cuda.Event | None, deadline: float, timeout: float) -> bool:
-    """Whether the load's copy to the host is done (``copied``: its event, None: no copy).
-
-    Polled, never ``synchronize()``: a peer that died leaves the load's
-    all-reduce pending for ever; past ``deadline`` (``time.monotonic``) this
-    raises TimeoutError naming ``timeout``.
-    """
-    if copied is None or copied.query():
-        return True
-    if time.monotonic() > deadline:
-        raise LoadTimeout(
-            f"the load's all-reduce over the EP group did not complete within "
-            f"{timeout:g} s: a rank froze or died"
-        )
-    return False
 
 
 class PlacementInFlight:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 
 import numpy as np
 import torch
@@ -46,6 +45,7 @@ import torch.distributed as dist
 
 from eplb._validation import check_count, validate_config, validate_tolerance
 
+from .balancer_load import LoadTimeout, fault_load_group, load_arrived, reduce_load
 from .balancer_state import (
     BalancerStats,
     LoadWindow,
@@ -58,13 +58,7 @@ from .balancer_state import (
 from .errors import move_failed_once_begun
 from .group_guard import fault_of
 from .migration import rebalance_experts_migration_aware
-from .placement_service import (
-    LoadTimeout,
-    PlacementInFlight,
-    fault_load_group,
-    load_arrived,
-    service_for,
-)
+from .placement_service import PlacementInFlight, service_for
 from .rearrange import (
     PreparedRearrangement,
     RearrangeBuffers,
@@ -135,7 +129,7 @@ class ExpertBalancer:
     - The load's all-reduce not completing within the timeout (a rank froze
       or died before the move) raises the backend's error (gloo: its
       ``wait(timeout)``'s RuntimeError, at the interval step) or
-      ``placement_service.LoadTimeout``, a TimeoutError (CUDA: at the apply).
+      ``balancer_load.LoadTimeout``, a TimeoutError (CUDA: at the apply).
       No weight was touched; the group is faulted as by a failed guarded call
       (posted on the failure board, marked faulted, NCCL aborted): recreate
       the group and call ``reset(group=new_group)``.
@@ -515,30 +509,18 @@ class ExpertBalancer:
 
     def _start_rebalance(self, expert_weights: Sequence[Sequence[torch.Tensor]]) -> None:
         self._snapshot.copy_(self.window.total)
-        multi_rank = self.num_gpus > 1
-        if self._side_stream is None:
-            if multi_rank:
-                try:
-                    # A rank that froze or died is noticed within the timeout
-                    # (the group's own would stall serving for 30 minutes).
-                    work = dist.all_reduce(self._snapshot, group=self.group, async_op=True)
-                    work.wait(timeout=timedelta(seconds=self.rearrange.timeout))
-                except Exception as exc:
-                    self.error = exc
-                    fault_load_group(self.group, exc, self.rearrange.timeout)
-                    raise
-        else:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-            # The reduction and the copy run on the side stream: the compute
-            # stream never waits for them, and the host does not either.
-            with torch.cuda.stream(self._side_stream):
-                self._side_stream.wait_event(ready)
-                if multi_rank:
-                    dist.all_reduce(self._snapshot, group=self.group)
-                self._host_load.copy_(self._snapshot, non_blocking=True)
-                self._copied = torch.cuda.Event()
-                self._copied.record()
+        try:
+            self._copied = reduce_load(
+                self._snapshot,
+                self._host_load,
+                self.group,
+                self.num_gpus > 1,
+                self._side_stream,
+                self.rearrange.timeout,
+            )
+        except Exception as exc:
+            self.error = exc
+            raise
         self._apply_at = self.stats.steps + self.apply_delay
         if self.placement_service is None:
             self._pending = self._executor.submit(self._plan, expert_weights)

@@ -281,9 +281,11 @@ class StagedApply:
             for rows in map(self.chunk, range(self.num_chunks))
         )
         mine = slice(self._rank * self._local, (self._rank + 1) * self._local)
+        # In place, the programs below make the local moves; the copies' lists are not needed.
         local = tuple(
             (tuple(np.flatnonzero(row).tolist()), tuple((src[row] - mine.start).tolist()))
             for row, src in zip(copied[:, mine], source[:, mine], strict=True)
+            if not self.in_place
         )
         first = None
         rows = self.chunk(0)
@@ -454,7 +456,7 @@ class StagedApply:
                     # The local moves wait for the commit; the programs go to the
                     # device here, on the side stream, which the commit waits for.
                     moves = check_in_place(move, rows, live, staging)
-                    for layer in rows:
+                    for layer in rows if self._cuda else ():  # the CPU runs the host arrays
                         move.programs[layer].on(self.device)
                 else:
                     self._copies = self._chunk_copies(move, live)

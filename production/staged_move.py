@@ -46,7 +46,7 @@ class StagedMove:
         rank makes the chunk's call (none would send or receive anything).
     local: per layer, this rank's local copies: ``(destinations, sources)``,
         local slot indices, the source the lowest old slot of this rank
-        holding the destination's new expert.
+        holding the destination's new expert (empty with ``in_place``).
     copies: per chunk, the copies of :meth:`StagedApply.prepare`'s weights laid
         out ahead (None where that failed, or with ``in_place``: the launch lays
         them out).

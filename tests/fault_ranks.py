@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 import traceback
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from rank_report import report_then_wait
+from rank_report import report_then_wait, start_rank
 
 from eplb.production import rearrange_expert_weights, warmup_rearrangement
 from eplb.production.errors import AgreementError, GroupFault, RearrangeError
@@ -89,15 +86,7 @@ class _Unmeasurable(list):  # type: ignore[type-arg]
 
 
 def main() -> None:
-    scenario, rank_s, world_s, port, timeout_s, out = sys.argv[1:]
-    rank, world, timeout = int(rank_s), int(world_s), float(timeout_s)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(minutes=30),  # the default the guard must beat
-    )
+    scenario, rank, world, timeout, out = start_rank()
     warmup_rearrangement(timeout=timeout)
     old, new = placements(world)
     layers = weights(old, rank)

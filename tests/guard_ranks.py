@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from rank_report import report_then_wait
+from rank_report import report_then_wait, start_rank
 
 from eplb.production.errors import AgreementError, GroupFault, RearrangeError
 from eplb.production.group_guard import GroupGuard, GuardedCall
@@ -69,16 +67,8 @@ def _move(scenario: str, rank: int, world: int, call: GuardedCall) -> list[float
 
 
 def main() -> None:
-    scenario, rank, world, port, timeout, out = sys.argv[1:]
-    rank_i, world_i = int(rank), int(world)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank_i,
-        world_size=world_i,
-        timeout=timedelta(minutes=30),  # the default the guard must beat
-    )
-    guard = GroupGuard(timeout=float(timeout))
+    scenario, rank_i, world_i, timeout, out = start_rank()
+    guard = GroupGuard(timeout=timeout)
     report: dict[str, object] = {"rank": rank_i}
     # A warm-up call: the pairs are connected before anything is timed.
     with guard.call("warm-up") as call:
@@ -116,7 +106,7 @@ def main() -> None:
             report["traceback"] = traceback.format_exc()
     report["elapsed"] = time.monotonic() - start
     report["faulted"] = guard.faulted
-    report_then_wait(out, rank, report)
+    report_then_wait(out, rank_i, report)
 
 
 if __name__ == "__main__":

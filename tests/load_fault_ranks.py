@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from rank_report import report_then_wait
+from rank_report import report_then_wait, start_rank
 
 from eplb.production import ExpertBalancer, RearrangeOptions
 from eplb.production.group_guard import fault_of
@@ -31,15 +29,7 @@ LAYERS, EXPERTS, SLOTS = 3, 4, 4
 
 
 def main() -> None:
-    scenario, rank_s, world_s, port, timeout_s, out = sys.argv[1:]
-    rank, world, timeout = int(rank_s), int(world_s), float(timeout_s)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(minutes=30),  # the default the balancer's deadline must beat
-    )
+    scenario, rank, world, timeout, out = start_rank()
     group = dist.new_group(list(range(world)))
     balancer = ExpertBalancer(
         LAYERS,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from eplb.production.placement_service import LoadTimeout, load_arrived
+from eplb.production.balancer_load import LoadTimeout, load_arrived
 
 SCRIPT = Path(__file__).with_name("load_fault_ranks.py")
 TIMEOUT = 3.0
